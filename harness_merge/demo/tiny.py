@@ -1,0 +1,437 @@
+"""Tiny offline models (~0.3M parameters) for tests and the demo.
+
+Everything is built from configs: no model hub. The tokenizer is byte-level
+(256 symbols, no merges) plus the Qwen2-VL special tokens, so it encodes any
+text. Models are saved with their tokenizer and an image processor that does
+not need torchvision (``Qwen2VLImageProcessorPil`` / ``CLIPImageProcessorPil``).
+
+Loading a saved tiny Qwen2-VL folder::
+
+    processor = AutoProcessor.from_pretrained(path)   # Qwen2VLProcessor
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# ChatML. A message's content is a string or a list of items; image items
+# render as the Qwen2-VL vision placeholder, video items likewise.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}"
+    "{{- item['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Small image budget: a 56x56 image becomes a 4x4 patch grid, 4 LLM tokens.
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 112 * 112
+
+
+def _byte_vocab() -> dict[str, int]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    symbols = sorted(ByteLevel.alphabet(), key=lambda s: ord(s))
+    return {s: i for i, s in enumerate(symbols)}
+
+
+def build_tokenizer():
+    """A byte-level ``Qwen2Tokenizer`` with no merges, the Qwen2-VL special tokens
+    and a ChatML chat template. Ids: 0-255 the bytes, 256-262 the specials in
+    ``SPECIAL_TOKENS`` order (263 ids)."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = _byte_vocab()
+    for t in SPECIAL_TOKENS:
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+    tok.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]}
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 4096
+    tok.padding_side = "left"
+    return tok
+
+
+def _ids(tok) -> dict[str, int]:
+    return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _vocab_size(tok) -> int:
+    # round up to a multiple of 8 (harmless padding rows, friendlier to kernels)
+    n = len(tok)
+    return (n + 7) // 8 * 8
+
+
+def tiny_qwen2vl_config(tok=None):
+    from transformers import Qwen2VLConfig
+
+    tok = tok or build_tokenizer()
+    ids = _ids(tok)
+    text = dict(
+        vocab_size=_vocab_size(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=64,  # output dim of the patch merger = LLM hidden size
+        num_heads=2,
+        mlp_ratio=2,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
+def _image_only_processor_class():
+    """A ``Qwen2VLProcessor`` without its video processor.
+
+    transformers 5.x's ``Qwen2VLProcessor`` requires a video processor, whose
+    classes need torchvision; our CPU torch cannot import torchvision. Images
+    go through exactly the same code (``Qwen2VLProcessor.__call__``)."""
+    from transformers import ProcessorMixin, Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", "<|image_pad|>")
+            self.video_token = getattr(tokenizer, "video_token", "<|video_pad|>")
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return Qwen2VLImageOnlyProcessor
+
+
+def build_qwen2vl_processor(tok=None):
+    """A Qwen2-VL processor with the PIL image processor (no torchvision).
+
+    Returns a real ``Qwen2VLProcessor`` when a video processor can be built
+    (torchvision importable), else the image-only subclass."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = tok or build_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    try:
+        from transformers import Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        return Qwen2VLProcessor(
+            image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=CHAT_TEMPLATE
+        )
+    except Exception:  # torchvision missing: video processors cannot be built
+        cls = _image_only_processor_class()
+        return cls(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+
+def load_processor(path):
+    """Load the processor of a model folder, also without torchvision.
+
+    ``AutoProcessor.from_pretrained`` first; if that fails because the video
+    processor needs torchvision, a Qwen2-VL folder gets the image-only
+    ``Qwen2VLProcessor`` (PIL image processor + tokenizer + chat template)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    cfg = AutoConfig.from_pretrained(path)
+    is_qwen_vl = getattr(cfg, "model_type", None) in ("qwen2_vl", "qwen2_5_vl")
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        if not is_qwen_vl or hasattr(proc, "image_processor"):
+            return proc
+    except Exception:
+        if not is_qwen_vl:
+            raise
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    pp = json.loads(Path(path, "processor_config.json").read_text()) if Path(path, "processor_config.json").exists() else {}
+    ip_cfg = dict(pp.get("image_processor") or {})
+    if not ip_cfg and Path(path, "preprocessor_config.json").exists():
+        ip_cfg = json.loads(Path(path, "preprocessor_config.json").read_text())
+    for k in ("image_processor_type", "processor_class", "backend"):
+        ip_cfg.pop(k, None)
+    tok = AutoTokenizer.from_pretrained(path)
+    template = tok.chat_template
+    ct = Path(path, "chat_template.jinja")
+    if ct.exists():
+        template = ct.read_text()
+    cls = _image_only_processor_class()
+    return cls(image_processor=Qwen2VLImageProcessorPil(**ip_cfg), tokenizer=tok, chat_template=template)
+
+
+def _generation_config(tok):
+    from transformers import GenerationConfig
+
+    ids = _ids(tok)
+    return GenerationConfig(
+        do_sample=False,
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        max_new_tokens=16,
+    )
+
+
+def new_tiny_qwen2vl(seed: int = 0):
+    """(model, processor) in memory, random weights seeded by ``seed``."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    tok = build_tokenizer()
+    _seed(seed)
+    model = Qwen2VLForConditionalGeneration(tiny_qwen2vl_config(tok))
+    model.generation_config = _generation_config(tok)
+    model.eval()
+    return model, build_qwen2vl_processor(tok)
+
+
+def build_tiny_qwen2vl(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2-VL (hidden 64, 2 heads of 32, 2 layers,
+    mrope [4, 6, 6], 1-block vision tower) with tokenizer and processor.
+
+    Load its processor with :func:`load_processor` (``AutoProcessor`` works
+    where torchvision imports)."""
+    model, processor = new_tiny_qwen2vl(seed)
+    return save_model(model, processor, out_dir)
+
+
+def save_model(model, processor_or_tokenizer, out_dir) -> Path:
+    """Save model + processor/tokenizer; an image-only Qwen2-VL processor is
+    recorded as a plain ``Qwen2VLProcessor`` (with a video processor entry) so
+    ``AutoProcessor`` and vLLM load the folder wherever torchvision imports."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor_or_tokenizer.save_pretrained(out)
+    pc = out / "processor_config.json"
+    if pc.exists():
+        d = json.loads(pc.read_text())
+        if d.get("processor_class") == "Qwen2VLImageOnlyProcessor":
+            d["processor_class"] = "Qwen2VLProcessor"
+            ip = d["image_processor"]
+            d["video_processor"] = {
+                "video_processor_type": "Qwen2VLVideoProcessor",
+                "size": dict(ip["size"]),
+                "patch_size": ip["patch_size"],
+                "temporal_patch_size": ip["temporal_patch_size"],
+                "merge_size": ip["merge_size"],
+                "image_mean": ip["image_mean"],
+                "image_std": ip["image_std"],
+            }
+            pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def tiny_llava_config(tok=None):
+    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
+
+    tok = tok or build_tokenizer()
+    ids = _ids(tok)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    text = Qwen2Config(
+        vocab_size=_vocab_size(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=4,
+        tie_word_embeddings=True,
+    )
+
+
+def build_llava_processor(tok=None):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tok = tok or build_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<|image_pad|>",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE.replace(
+            "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"
+        ),
+    )
+
+
+def build_tiny_llava(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random LLaVA (CLIP vision 28px / patch 14 -> 4 image tokens,
+    Qwen2 text hidden 64) with tokenizer and ``LlavaProcessor``."""
+    from transformers import LlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    _seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(tok))
+    model.generation_config = _generation_config(tok)
+    return save_model(model, build_llava_processor(tok), out_dir)
+
+
+def tiny_text_config(tok=None):
+    from transformers import Qwen2Config
+
+    tok = tok or build_tokenizer()
+    ids = _ids(tok)
+    return Qwen2Config(
+        vocab_size=_vocab_size(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_text_lm(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random text-only ``Qwen2ForCausalLM`` with its tokenizer (for lm-eval)."""
+    from transformers import Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    _seed(seed)
+    model = Qwen2ForCausalLM(tiny_text_config(tok))
+    model.generation_config = _generation_config(tok)
+    return save_model(model, tok, out_dir)
+
+
+def _load_for_lora(base_dir):
+    """Load a saved tiny model with the class its config names."""
+    import transformers
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_dir)
+    cls = getattr(transformers, cfg.architectures[0])
+    return cls.from_pretrained(base_dir)
+
+
+def random_lora(
+    base_dir,
+    out_dir,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    std: float = 0.5,
+) -> Path:
+    """Write a PEFT LoRA adapter for ``base_dir`` with random, nonzero A and B.
+
+    ``targets`` are PEFT ``target_modules`` names (suffixes); for vision-language
+    models they are restricted to the language model (vision blocks of Qwen2-VL
+    use a fused ``qkv``, so ``q_proj``/``v_proj`` only match text layers anyway).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_for_lora(base_dir)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=use_rslora,
+        init_lora_weights=True,
+    )
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** 0.5)
+    out = Path(out_dir)
+    pm.save_pretrained(out)
+    return out
