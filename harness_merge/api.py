@@ -1,0 +1,204 @@
+"""The merge API used by the CLI, the harness models and the leaderboard.
+
+``merge(MergeSpec(...)) -> Artifact``: validate, look the result up in the
+content-addressed cache, otherwise stream the merge module by module and write
+the artifact atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import __version__, methods
+from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version
+from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
+from .errors import ArtifactError, MethodParamError
+from .inputs import open_inputs, resolve_ref
+from .merge_loop import iter_merged, validate_plan
+
+log = logging.getLogger("harness_merge")
+
+Format = Literal["auto", "lora", "full"]
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """What to merge. ``params`` may hold strings (from a CLI) or typed values."""
+
+    adapters: tuple[str, ...]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    format: Format = "auto"
+    rank: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(str(a) for a in self.adapters))
+        if self.format not in ("auto", "lora", "full"):
+            raise MethodParamError(f"format must be auto, lora or full, got {self.format!r}")
+        if self.rank is not None and int(self.rank) < 1:
+            raise MethodParamError(f"rank must be >= 1, got {self.rank}")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    kind: Literal["lora", "full"]
+    manifest: dict
+    cache_hit: bool
+
+
+def _resolve_format(spec: MergeSpec, inputs, mspec) -> str:
+    if spec.format == "full" and spec.base is None:
+        raise ArtifactError("format=full writes base + merged update: pass the base model (--base)")
+    if spec.format != "auto":
+        if spec.format == "lora" and spec.rank is None and inputs.kind == "dense":
+            log.warning("LoRA from full checkpoints by exact SVD can be as large as the model; consider --rank")
+        return spec.format
+    if inputs.kind == "dense":
+        return "full"
+    if mspec.lowrank_on_lora:
+        return "lora"
+    return "full" if spec.base is not None else "lora"
+
+
+def check_out_dir(out: Path) -> None:
+    """An existing ``out`` must be empty or a previous artifact of ours."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ArtifactError(
+            f"{out}: exists and is not a harness-merge artifact (no {MANIFEST}); "
+            f"choose another output folder or remove it"
+        )
+
+
+def _publish(src: Path, out: Path) -> None:
+    """Copy ``src`` to ``out`` atomically (hard links where possible)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    def link_or_copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    try:
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def merge(
+    spec: MergeSpec,
+    *,
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Artifact:
+    """Merge ``spec.adapters`` with ``spec.method``; see ``MergeSpec``.
+
+    Everything checkable is checked before any tensor is read; on error nothing
+    is written. With ``out``, the artifact is (also) published there.
+    """
+    mspec = methods.get(spec.method)
+    params = mspec.make_params(spec.params)
+    out_path = Path(out).expanduser() if out is not None else None
+    if out_path is not None:
+        check_out_dir(out_path)
+    inputs = open_inputs(spec.adapters, base=spec.base)
+    validate_plan(inputs, mspec, params)
+    fmt = _resolve_format(spec, inputs, mspec)
+    dtype = spec.dtype or inputs.weight_dtype()
+
+    cache = MergeCache(cache_dir) if use_cache else None
+    hasher = cache.hasher if cache is not None else FileHasher(None)
+    adapter_hashes = [hasher.many(files) for files in inputs.files]
+    base_hash = None
+    if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
+        base_dir = resolve_ref(spec.base)
+        base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+        base_hash = hasher.many(base_files)
+    record = {
+        "code_version": code_version(),
+        "method": mspec.name,
+        "params": params.as_dict(),
+        "inputs_kind": inputs.kind,
+        "adapters": adapter_hashes,
+        "base": base_hash,
+        "format": fmt,
+        "rank": spec.rank,
+        "dtype": dtype,
+    }
+    manifest = {
+        "harness_merge_version": __version__,
+        "method": mspec.name,
+        "params": params.as_dict(),
+        "reference_url": mspec.reference_url,
+        "inputs_kind": inputs.kind,
+        "adapters": [{"ref": r, "sha256": h} for r, h in zip(inputs.refs, adapter_hashes)],
+        "base": {"ref": spec.base, "sha256": base_hash} if spec.base else None,
+        "format": fmt,
+        "rank_requested": spec.rank,
+        "dtype": dtype,
+        "code_version": record["code_version"],
+    }
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        results = iter_merged(inputs, mspec, params, progress=progress)
+        if fmt == "lora":
+            base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
+            info = write_lora(results, tmp, dtype=dtype, rank=spec.rank, base_model_name=base_name)
+        elif inputs.kind == "lora":
+            info = write_full_from_lora(results, inputs, spec.base, tmp, dtype=spec.dtype)
+        else:
+            info = write_full_from_checkpoints(results, inputs, tmp)
+        manifest["result"] = info
+        manifest["merge_seconds"] = round(time.perf_counter() - t0, 3)
+        if "svd_rel_error" in info:
+            e = info["svd_rel_error"]
+            log.warning(
+                "low-rank approximation: relative Frobenius error max %.3g, mean %.3g over %d modules",
+                e["max"], e["mean"], e["modules"],
+            )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    if cache is not None:
+        key = cache_key(record)
+        path, hit = cache.get_or_build(key, build)
+    else:
+        parent = out_path.parent if out_path is not None else Path.cwd()
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".hm-build-", dir=parent))
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        path, hit = tmp, False
+    final_manifest = json.loads((path / MANIFEST).read_text())
+    if out_path is not None:
+        _publish(path, out_path)
+        if cache is None:
+            shutil.rmtree(path, ignore_errors=True)
+        path = out_path
+    log.info("merge %s (%s): %s%s", mspec.name, fmt, path, " [cache hit]" if hit else "")
+    return Artifact(path=path, kind=fmt, manifest=final_manifest, cache_hit=hit)

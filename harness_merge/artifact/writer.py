@@ -1,0 +1,173 @@
+"""Write merge results: a PEFT LoRA adapter, or full merged weights.
+
+LoRA artifacts have one rank ``r`` for every module (smaller merged ranks are
+zero-padded: zero rows of A / columns of B change nothing) and ``lora_alpha = r``
+(scale 1; every scale is folded into B), with exact module names as
+``target_modules``, so PEFT and vLLM load them without rank/alpha patterns.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from ..errors import ArtifactError, InputError
+from ..inputs.files import resolve_ref
+from ..types import Dense, LowRank
+from .lowrank import factor_dense, truncate_factors
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+_SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "harness_merge.json"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.replace("torch.", "").lower().replace("fp16", "float16").replace("bf16", "bfloat16").replace("fp32", "float32")]
+    except KeyError:
+        raise ArtifactError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
+
+
+def write_lora(
+    results: Iterable[tuple[str, LowRank | Dense | None]],
+    out_dir: Path,
+    *,
+    dtype: str,
+    rank: int | None = None,
+    base_model_name: str | None = None,
+) -> dict:
+    """Collect per-module factors (SVD for dense results), pad to one rank, save."""
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    errors: dict[str, float] = {}
+    for name, res in results:
+        if res is None:
+            continue
+        if isinstance(res, Dense):
+            if res.delta.dim() != 2:
+                raise ArtifactError(
+                    f"module {name}: a {res.delta.dim()}-D update cannot be written as LoRA; "
+                    f"write full weights (--format full --base ...)"
+                )
+            A, B, err = factor_dense(res.delta, rank)
+            errors[name] = err
+        else:
+            A, B = res.A, res.B
+            if rank is not None and A.shape[0] > rank:
+                A, B, err = truncate_factors(A, B, rank)
+                errors[name] = err
+        factors[name] = (A, B)
+    if not factors:
+        raise ArtifactError("the merge changed no module: nothing to write")
+    r = max(A.shape[0] for A, _ in factors.values())
+    dt = torch_dtype(dtype)
+    tensors = {}
+    for name, (A, B) in factors.items():
+        pad = r - A.shape[0]
+        if pad:
+            A = torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0)
+            B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dt).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dt).contiguous()
+    from peft import LoraConfig
+
+    cfg = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
+        base_model_name_or_path=base_model_name, inference_mode=True,
+    )
+    cfg.save_pretrained(str(out_dir))
+    save_file(tensors, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    info = {"rank": r, "modules": len(factors)}
+    if errors:
+        vals = list(errors.values())
+        info["svd_rel_error"] = {"max": max(vals), "mean": sum(vals) / len(vals), "modules": len(vals)}
+    return info
+
+
+def copy_side_files(base_dir: Path, out_dir: Path) -> None:
+    """Tokenizer, processor and config files of the base (everything but weights)."""
+    for p in Path(base_dir).iterdir():
+        if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _SKIP_FILES:
+            if not (Path(out_dir) / p.name).exists():
+                shutil.copy2(p, Path(out_dir) / p.name)
+
+
+def load_base_model(base_ref: str, dtype: str | None = None):
+    """The base as the class its config names (``architectures[0]``), else the
+    first auto class that loads it."""
+    import transformers
+    from transformers import AutoConfig
+
+    base_dir = resolve_ref(base_ref)
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir))
+    except Exception as e:
+        raise InputError(f"{base_ref}: cannot read the base model's config ({type(e).__name__}: {e})") from None
+    classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
+    classes += [transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM, transformers.AutoModel]
+    kw = {"dtype": torch_dtype(dtype) if dtype else "auto"}
+    last = None
+    for cls in classes:
+        try:
+            return cls.from_pretrained(str(base_dir), **kw), base_dir
+        except Exception as e:  # try the next class
+            last = e
+    raise InputError(f"{base_ref}: the base model does not load ({type(last).__name__}: {last})")
+
+
+def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None) -> dict:
+    """Load the base, add each merged update to its module's weight, save."""
+    from ..inputs.fit import check_lora_fits_model
+
+    model, base_dir = load_base_model(base_ref, dtype)
+    shapes = {m: lora_set.shape(m) for m in lora_set.module_names}
+    check_lora_fits_model(model, shapes, base_ref=base_ref, adapter_ref=lora_set.refs[0])
+    named = dict(model.named_modules())
+    n = 0
+    with torch.no_grad():
+        for name, res in results:
+            if res is None:
+                continue
+            w = named[name].weight
+            delta = res.delta if isinstance(res, Dense) else res.delta()
+            w.copy_((w.float() + delta).to(w.dtype))
+            n += 1
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    copy_side_files(base_dir, out_dir)
+    return {"modules": n}
+
+
+def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
+    """Stream the base's shards: each output shard holds base + merged update of
+    the same tensors, written as soon as its last tensor is merged."""
+    base = ckset.base
+    results = iter(results)
+    shard_of = base.where
+    files = base.file_names
+    out_names = {fn: (fn if len(files) > 1 else "model.safetensors") for fn in files}
+    weight_map, n = {}, 0
+    current, buf = None, {}
+    for name, res in results:
+        fn = shard_of[name]
+        if current is not None and fn != current:
+            save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
+            buf = {}
+        current = fn
+        theta0 = base.get(name)
+        if res is None:
+            buf[name] = theta0.contiguous()
+        else:
+            buf[name] = (theta0.float() + res.delta).to(theta0.dtype).contiguous()
+            n += 1
+        weight_map[name] = out_names[fn]
+    if buf:
+        save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
+    if len(files) > 1:
+        (Path(out_dir) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
+    copy_side_files(base.path, out_dir)
+    return {"modules": n}

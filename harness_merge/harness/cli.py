@@ -1,0 +1,157 @@
+"""``harness-merge``: merge | methods | demo | leaderboard | regress.
+
+Thin: parses arguments, calls the API, prints. Errors of the user's input
+(``MergeError``) print one clear line and exit 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..errors import MergeError
+
+
+def _parse_kv(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise MergeError(f"--param expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _load_recipe(path: Path) -> dict:
+    """A mergekit-style YAML recipe; relative paths resolve against its folder."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeError(f"{path}: cannot read recipe ({e})") from None
+    known = {"method", "adapters", "parameters", "base", "out", "format", "rank", "dtype"}
+    unknown = set(data) - known
+    if unknown:
+        raise MergeError(f"{path}: unknown recipe key(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    def rel(p):
+        # A path relative to the recipe's folder if one exists there; else as
+        # given (cwd-relative path or hub id).
+        if p is None:
+            return None
+        q = Path(str(p)).expanduser()
+        return str(path.parent / q) if not q.is_absolute() and (path.parent / q).exists() else str(p)
+
+    data["adapters"] = [rel(a) for a in data.get("adapters") or []]
+    for k in ("base", "out"):
+        if data.get(k) is not None:
+            q = Path(str(data[k])).expanduser()
+            data[k] = str(q if q.is_absolute() or k == "base" and not (path.parent / q).exists() else path.parent / q)
+    return data
+
+
+def cmd_merge(args) -> int:
+    from ..api import MergeSpec, merge
+
+    recipe = _load_recipe(Path(args.recipe)) if args.recipe else {}
+    params = {k: (v if not isinstance(v, list) else ",".join(map(str, v))) for k, v in (recipe.get("parameters") or {}).items()}
+    params.update(_parse_kv(args.param))
+    adapters = args.adapters or recipe.get("adapters")
+    method = args.method or recipe.get("method")
+    out = args.out or recipe.get("out")
+    if not adapters:
+        raise MergeError("no adapters: pass --adapters DIR [DIR ...] or a recipe with 'adapters:'")
+    if not method:
+        raise MergeError("no method: pass --method NAME (see `harness-merge methods`)")
+    if not out:
+        raise MergeError("no output folder: pass --out DIR")
+    spec = MergeSpec(
+        adapters=tuple(adapters), method=method, params=params,
+        base=args.base or recipe.get("base"), format=args.format or recipe.get("format") or "auto",
+        rank=args.rank if args.rank is not None else recipe.get("rank"),
+        dtype=args.dtype or recipe.get("dtype"),
+    )
+    art = merge(spec, out=out, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet)
+    res = art.manifest.get("result", {})
+    print(f"wrote {art.kind} artifact to {art.path}" + (" (cache hit)" if art.cache_hit else ""))
+    details = [f"method={art.manifest['method']}", f"modules={res.get('modules')}"]
+    if art.kind == "lora":
+        details.append(f"rank={res.get('rank')}")
+    if "svd_rel_error" in res:
+        e = res["svd_rel_error"]
+        details.append(f"svd_rel_error max={e['max']:.4g} mean={e['mean']:.4g}")
+    print("  " + "  ".join(details))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .. import methods
+
+    for name in methods.available():
+        spec = methods.get(name)
+        print(f"{name:10s} {spec.summary}")
+        print(f"{'':10s} inputs: {', '.join(sorted(spec.inputs))}; min adapters: {spec.min_inputs}; {spec.reference_url}")
+        fields = [f for f in dataclasses.fields(spec.params_cls)]
+        ps = ", ".join(f"{f.name}={f.default!r}" for f in fields)
+        print(f"{'':10s} params: {ps}\n")
+    return 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(args.rest) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness-merge", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("merge", help="merge adapters/checkpoints and write the artifact")
+    m.add_argument("recipe", nargs="?", help="YAML recipe (method, adapters, parameters, base, out, format, rank)")
+    m.add_argument("--adapters", nargs="+", metavar="DIR", help="PEFT LoRA folders or hub ids, or full checkpoints")
+    m.add_argument("--method", help="merge method (see `harness-merge methods`)")
+    m.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    m.add_argument("--out", help="output folder")
+    m.add_argument("--base", help="base model (needed for --format full and for full checkpoints)")
+    m.add_argument("--format", choices=["auto", "lora", "full"])
+    m.add_argument("--rank", type=int, help="write a LoRA truncated to this rank (SVD), printing the error")
+    m.add_argument("--dtype", help="output dtype (default: the inputs')")
+    m.add_argument("--cache-dir", help="merge cache (default $HARNESS_MERGE_CACHE or ~/.cache/harness_merge)")
+    m.add_argument("--no-cache", action="store_true")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_merge)
+
+    ms = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
+    ms.set_defaults(func=cmd_methods)
+
+    for name, module, text in (
+        ("demo", "harness_merge.demo.run", "build the tiny offline example, merge it, evaluate it"),
+        ("leaderboard", "harness_merge.leaderboard.runner", "run a methods x tasks grid"),
+        ("regress", "harness_merge.leaderboard.regress", "compare results with a baseline, fail on drops"),
+    ):
+        d = sub.add_parser(name, help=text, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=_delegate(module))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"harness-merge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Layer 1: read and validate adapters / checkpoints, one module at a time.
+
+``open_inputs(refs, base=...)`` returns an ``InputSet`` (``LoRASet`` for PEFT
+LoRA folders, ``CheckpointSet`` for full fine-tuned checkpoints) that lists
+module names and shapes *without reading tensors*, and yields one
+``ModuleInputs`` per module on demand.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import InputError
+from .checkpoint import CheckpointSet, is_checkpoint_dir
+from .files import resolve_ref
+from .peft_lora import LoRASet, is_lora_dir
+
+InputSet = LoRASet | CheckpointSet
+
+
+def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
+    """Open adapters (all PEFT LoRA) or checkpoints (all full), never a mix."""
+    if not refs:
+        raise InputError("no adapters given: pass at least one adapter folder")
+    dirs = [resolve_ref(r) for r in refs]
+    kinds = []
+    for ref, d in zip(refs, dirs):
+        if is_lora_dir(d):
+            kinds.append("lora")
+        elif is_checkpoint_dir(d):
+            kinds.append("checkpoint")
+        else:
+            raise InputError(
+                f"{ref}: not a PEFT adapter folder (no adapter_config.json) nor a model "
+                f"checkpoint (no config.json + *.safetensors); contents: "
+                f"{sorted(p.name for p in d.iterdir())[:10]}"
+            )
+    if len(set(kinds)) > 1:
+        mixed = ", ".join(f"{r} ({k})" for r, k in zip(refs, kinds))
+        raise InputError(f"cannot merge LoRA adapters with full checkpoints in one run: {mixed}")
+    if kinds[0] == "lora":
+        return LoRASet(list(refs), dirs)
+    if base is None:
+        raise InputError(
+            "full fine-tuned checkpoints are merged as task vectors tau_i = theta_i - theta_0: "
+            "pass the base checkpoint (--base PATH / pretrained=...)"
+        )
+    return CheckpointSet(list(refs), dirs, base_ref=base, base_dir=resolve_ref(base))
+
+
+__all__ = ["open_inputs", "InputSet", "LoRASet", "CheckpointSet", "resolve_ref"]

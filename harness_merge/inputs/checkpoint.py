@@ -1,0 +1,140 @@
+"""Full fine-tuned checkpoints -> per-tensor task vectors ``tau_i = theta_i - theta_0``.
+
+Checkpoints are safetensors model folders (single file or sharded with
+``model.safetensors.index.json``). Tensors are read one name at a time from
+memory-mapped files, so memory holds about N+1 copies of one tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import InputError
+from ..types import ModuleInputs
+from .files import TensorFile, checked_float
+
+INDEX = "model.safetensors.index.json"
+
+# Tensors that are not linear maps: the same policy for every method (see
+# ``harness_merge.merge_loop``): their task vectors are averaged.
+_EMBEDDING_LIKE = re.compile(
+    r"(embed_tokens|embed_positions|word_embeddings|position_embedding|wte|wpe|lm_head|patch_embed)"
+)
+
+
+def is_checkpoint_dir(d: Path) -> bool:
+    d = Path(d)
+    return (d / "config.json").is_file() and (
+        (d / INDEX).is_file() or any(d.glob("*.safetensors"))
+    )
+
+
+class Checkpoint:
+    """Name -> file map of one safetensors checkpoint folder."""
+
+    def __init__(self, ref: str, path: Path):
+        self.ref, self.path = ref, Path(path)
+        idx = self.path / INDEX
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise InputError(f"{idx}: unreadable shard index ({e})") from None
+            self.file_names = sorted(set(weight_map.values()))
+        else:
+            self.file_names = sorted(p.name for p in self.path.glob("*.safetensors"))
+            weight_map = None
+        if not self.file_names:
+            bins = list(self.path.glob("*.bin"))
+            hint = " (found .bin files: convert them to safetensors)" if bins else ""
+            raise InputError(f"{ref}: no *.safetensors weights in {self.path}{hint}")
+        self._files: dict[str, TensorFile] = {}
+        self.where: dict[str, str] = {}
+        for fn in self.file_names:
+            if not (self.path / fn).is_file():
+                raise InputError(f"{ref}: shard {fn} listed in {INDEX} is missing")
+            for k in self._file(fn).keys():
+                self.where[k] = fn
+        if weight_map is not None and set(weight_map) != set(self.where):
+            odd = sorted(set(weight_map) ^ set(self.where))[:3]
+            raise InputError(f"{ref}: {INDEX} disagrees with the shards' contents, e.g. {odd}")
+
+    def _file(self, fn: str) -> TensorFile:
+        if fn not in self._files:
+            self._files[fn] = TensorFile(self.path / fn)
+        return self._files[fn]
+
+    @property
+    def files(self) -> list[Path]:
+        extra = [self.path / INDEX] if (self.path / INDEX).is_file() else []
+        return [self.path / "config.json", *extra, *(self.path / f for f in self.file_names)]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(self.where[name]).shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self._file(self.where[name]).dtype(name)
+
+    def get(self, name: str):
+        return self._file(self.where[name]).get(name)
+
+
+class CheckpointSet:
+    """N fine-tuned checkpoints and their base, checked to have the same tensors."""
+
+    kind = "dense"
+
+    def __init__(self, refs: list[str], dirs: list[Path], *, base_ref: str, base_dir: Path):
+        self.base = Checkpoint(base_ref, base_dir)
+        self.checkpoints = [Checkpoint(r, d) for r, d in zip(refs, dirs)]
+        names = set(self.base.where)
+        for ck in self.checkpoints:
+            missing = sorted(names - set(ck.where))
+            extra = sorted(set(ck.where) - names)
+            if missing or extra:
+                eg = (f"lacks {missing[0]}" if missing else f"has {extra[0]} which the base lacks")
+                raise InputError(
+                    f"{ck.ref}: tensors differ from the base {base_ref} ({len(missing)} missing, "
+                    f"{len(extra)} extra; e.g. it {eg}): not the same architecture?"
+                )
+            for n in self.base.where:
+                if ck.shape(n) != self.base.shape(n):
+                    raise InputError(
+                        f"tensor {n}: shape {list(ck.shape(n))} in {ck.ref} but "
+                        f"{list(self.base.shape(n))} in the base {base_ref}"
+                    )
+
+    @property
+    def refs(self) -> list[str]:
+        return [c.ref for c in self.checkpoints]
+
+    @property
+    def files(self) -> list[list[Path]]:
+        return [c.files for c in self.checkpoints]
+
+    @property
+    def module_names(self) -> list[str]:
+        """Tensor names in the base's shard order (so a writer can stream by shard)."""
+        order = {fn: i for i, fn in enumerate(self.base.file_names)}
+        return sorted(self.base.where, key=lambda n: (order[self.base.where[n]], n))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def is_matrix(self, name: str) -> bool:
+        return len(self.base.shape(name)) == 2 and not _EMBEDDING_LIKE.search(name)
+
+    def weight_dtype(self) -> str:
+        n = next(iter(self.base.where))
+        return self.base.dtype(n)
+
+    def read(self, name: str) -> ModuleInputs:
+        base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
+        taus = tuple(checked_float(c.get(name), f"{c.ref} [{name}]") - base for c in self.checkpoints)
+        return ModuleInputs(name=name, task_vectors=taus, base=base)
+
+    def __iter__(self) -> Iterator[ModuleInputs]:
+        for n in self.module_names:
+            yield self.read(n)

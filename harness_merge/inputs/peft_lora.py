@@ -1,0 +1,202 @@
+"""PEFT LoRA adapter folders -> per-module ``LoRAFactors``.
+
+Per target module: ``A (r x d_in)``, ``B (d_out x r)`` and the effective scale
+``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with
+PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` resolved by PEFT's own
+matcher. The rank is read from the tensor shapes. Nothing is loaded until
+``read(module)``; safetensors files are memory-mapped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import InputError
+from ..types import LoRAFactors, ModuleInputs
+from .files import TensorFile, checked_float
+
+CONFIG = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+
+
+def is_lora_dir(d: Path) -> bool:
+    return (Path(d) / CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    d_out: int
+    d_in: int
+    rank: int
+
+
+class LoRAAdapter:
+    """One PEFT LoRA adapter folder, validated on open."""
+
+    def __init__(self, ref: str, path: Path):
+        self.ref, self.path = ref, Path(path)
+        cfg_path = self.path / CONFIG
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{cfg_path}: unreadable adapter config ({e})") from None
+        self._check_config(cfg_path)
+        wf = next((self.path / f for f in WEIGHT_FILES if (self.path / f).is_file()), None)
+        if wf is None:
+            raise InputError(f"{ref}: no {' or '.join(WEIGHT_FILES)} in {self.path}")
+        self.weights_file = wf
+        self._file = TensorFile(wf)
+        self.modules: dict[str, ModuleShape] = self._index()
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path / CONFIG, self.weights_file]
+
+    def _check_config(self, cfg_path: Path) -> None:
+        c = self.config
+        ptype = str(c.get("peft_type", "")).upper()
+        if ptype != "LORA":
+            raise InputError(
+                f"{cfg_path}: peft_type is {c.get('peft_type')!r}; only LoRA adapters can be merged "
+                f"(other PEFT types have no A/B factors)"
+            )
+        if c.get("use_dora"):
+            raise InputError(
+                f"{cfg_path}: DoRA adapter (use_dora=true); its magnitude vectors make the update "
+                f"non-linear in A/B, so LoRA merge formulas would be silently wrong - refused"
+            )
+        if c.get("lora_bias"):
+            raise InputError(f"{cfg_path}: lora_bias=true is not supported (the bias update would be dropped)")
+        if c.get("modules_to_save"):
+            raise InputError(
+                f"{cfg_path}: modules_to_save={c['modules_to_save']} (full trained modules) is not "
+                f"supported yet; merging only the LoRA factors would silently drop them"
+            )
+        for k in ("r", "lora_alpha"):
+            if k not in c:
+                raise InputError(f"{cfg_path}: missing {k!r}")
+
+    def _index(self) -> dict[str, ModuleShape]:
+        a_keys: dict[str, str] = {}
+        b_keys: dict[str, str] = {}
+        for key in self._file.keys():
+            if ".lora_A." in key and key.endswith("weight"):
+                a_keys[self._module_of(key, ".lora_A.")] = key
+            elif ".lora_B." in key and key.endswith("weight"):
+                b_keys[self._module_of(key, ".lora_B.")] = key
+            elif "lora_embedding_" in key:
+                raise InputError(f"{self.weights_file}: {key}: LoRA on embeddings is not supported")
+            elif "lora_magnitude_vector" in key:
+                raise InputError(f"{self.weights_file}: {key}: DoRA weights are not supported")
+            else:
+                raise InputError(
+                    f"{self.weights_file}: unexpected tensor {key!r} (not a LoRA factor); "
+                    f"merging would drop it"
+                )
+        if not a_keys:
+            raise InputError(f"{self.weights_file}: no lora_A/lora_B tensors found")
+        if set(a_keys) != set(b_keys):
+            odd = sorted(set(a_keys) ^ set(b_keys))[:3]
+            raise InputError(f"{self.weights_file}: modules with only one of lora_A/lora_B: {odd}")
+        self._a_keys, self._b_keys = a_keys, b_keys
+        out = {}
+        for m in sorted(a_keys):
+            sa, sb = self._file.shape(a_keys[m]), self._file.shape(b_keys[m])
+            if len(sa) != 2 or len(sb) != 2:
+                raise InputError(f"{self.weights_file}: module {m}: only Linear LoRA is supported, got A{sa} B{sb}")
+            if sa[0] != sb[1]:
+                raise InputError(f"{self.weights_file}: module {m}: rank mismatch A{sa} vs B{sb}")
+            out[m] = ModuleShape(d_out=sb[0], d_in=sa[1], rank=sa[0])
+        return out
+
+    @staticmethod
+    def _module_of(key: str, marker: str) -> str:
+        m = key.split(marker)[0]
+        return m[len(_PREFIX):] if m.startswith(_PREFIX) else m
+
+    def scale(self, module: str) -> float:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) with the per-module patterns."""
+        from peft.utils.other import get_pattern_key
+
+        r = self.modules[module].rank
+        alpha_pattern = self.config.get("alpha_pattern") or {}
+        alpha = float(self.config["lora_alpha"])
+        if alpha_pattern:
+            key = get_pattern_key(list(alpha_pattern), module)
+            alpha = float(alpha_pattern.get(key, alpha))
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def read(self, module: str) -> LoRAFactors:
+        where = f"{self.weights_file} [{module}]"
+        A = checked_float(self._file.get(self._a_keys[module]), where + " lora_A")
+        B = checked_float(self._file.get(self._b_keys[module]), where + " lora_B")
+        return LoRAFactors(A=A, B=B, scale=self.scale(module))
+
+    def weight_dtype(self) -> str:
+        return self._file.dtype(next(iter(self._a_keys.values())))
+
+
+class LoRASet:
+    """N LoRA adapters checked to target the same modules with the same shapes."""
+
+    kind = "lora"
+
+    def __init__(self, refs: list[str], dirs: list[Path]):
+        self.adapters = [LoRAAdapter(r, d) for r, d in zip(refs, dirs)]
+        first = self.adapters[0]
+        for ad in self.adapters[1:]:
+            missing = sorted(set(first.modules) - set(ad.modules))
+            extra = sorted(set(ad.modules) - set(first.modules))
+            if missing or extra:
+                parts = []
+                if missing:
+                    parts.append(f"missing {len(missing)} module(s) of {first.ref}, e.g. {missing[0]}")
+                if extra:
+                    parts.append(f"has {len(extra)} module(s) {first.ref} lacks, e.g. {extra[0]}")
+                raise InputError(f"{ad.ref}: target modules disagree: " + "; ".join(parts))
+            for m, s in first.modules.items():
+                t = ad.modules[m]
+                if (s.d_out, s.d_in) != (t.d_out, t.d_in):
+                    raise InputError(
+                        f"module {m}: shape (d_out, d_in) = {(s.d_out, s.d_in)} in {first.ref} "
+                        f"but {(t.d_out, t.d_in)} in {ad.ref}"
+                    )
+
+    @property
+    def refs(self) -> list[str]:
+        return [a.ref for a in self.adapters]
+
+    @property
+    def files(self) -> list[list[Path]]:
+        return [a.files for a in self.adapters]
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.adapters[0].modules)
+
+    def ranks(self, module: str) -> list[int]:
+        return [a.modules[module].rank for a in self.adapters]
+
+    def shape(self, module: str) -> tuple[int, int]:
+        s = self.adapters[0].modules[module]
+        return (s.d_out, s.d_in)
+
+    def is_matrix(self, module: str) -> bool:
+        return True
+
+    def weight_dtype(self) -> str:
+        return self.adapters[0].weight_dtype()
+
+    def base_model_name(self) -> str | None:
+        return self.adapters[0].config.get("base_model_name_or_path")
+
+    def read(self, module: str) -> ModuleInputs:
+        return ModuleInputs(name=module, lora=tuple(a.read(module) for a in self.adapters))
+
+    def __iter__(self) -> Iterator[ModuleInputs]:
+        for m in self.module_names:
+            yield self.read(m)

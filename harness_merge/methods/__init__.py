@@ -1,0 +1,118 @@
+"""Merge methods: pure per-module tensor functions behind one registry.
+
+A method is ``merge_module(inputs: ModuleInputs, params: P, *, generator) ->
+LowRank | Dense``: no files, no network, no global state. Register it with
+``@register(name, params=P, ...)`` in its family's file; a family registers
+several names with different parameter classes (``ties``, ``dare``,
+``dare_ties`` share one function).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import MethodParamError
+from ..types import MergeResult, ModuleInputs
+from ._params import MethodParams
+
+MergeFn = Callable[..., MergeResult]
+
+# Files whose import registers methods. Imported on first registry use so that
+# ``import harness_merge`` stays light.
+_FAMILIES = ("linear", "ties_dare", "copa", "pcb", "tsv_iso", "wudi")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    params_cls: type[MethodParams]
+    summary: str
+    reference_url: str
+    inputs: frozenset[str] = field(default_factory=lambda: frozenset({"lora", "dense"}))
+    min_inputs: int = 1
+    lowrank_on_lora: bool = False
+
+    def make_params(self, values: dict | None = None) -> MethodParams:
+        return self.params_cls.from_strings(dict(values or {}))
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    *,
+    params: type[MethodParams],
+    summary: str,
+    reference_url: str,
+    inputs: Iterable[str] = ("lora", "dense"),
+    min_inputs: int = 1,
+    lowrank_on_lora: bool = False,
+) -> Callable[[MergeFn], MergeFn]:
+    """Decorator adding ``fn`` to the registry under ``name``.
+
+    ``lowrank_on_lora``: the method returns ``LowRank`` for every module of LoRA
+    inputs, so its artifact is a LoRA adapter by default (else full weights
+    when a base is given, or a LoRA by SVD)."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise RuntimeError(f"method {name!r} registered twice ({_REGISTRY[name].fn} and {fn})")
+        if params.method == "?":
+            raise RuntimeError(f"{params.__name__} must set the ClassVar 'method'")
+        _REGISTRY[name] = MethodSpec(
+            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora
+        )
+        return fn
+
+    return deco
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for fam in _FAMILIES:
+        try:
+            importlib.import_module(f"{__name__}.{fam}")
+        except ModuleNotFoundError as e:  # a family file not written yet
+            if e.name != f"{__name__}.{fam}":
+                raise
+    _loaded = True
+
+
+def available() -> list[str]:
+    _load_families()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> MethodSpec:
+    """The spec of method ``name``; unknown names list the alternatives."""
+    _load_families()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise MethodParamError(
+            f"unknown method {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def module_generator(seed: int, module_name: str) -> torch.Generator:
+    """A generator seeded from (seed, module name): the random draws of one module
+    do not depend on the order modules are streamed in."""
+    import zlib
+
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63))
+    return g
+
+
+__all__ = ["MethodSpec", "MethodParams", "register", "available", "get", "module_generator"]

@@ -1,0 +1,65 @@
+"""Shared primitives of the sparsification methods (pure tensor functions)."""
+from __future__ import annotations
+
+import torch
+
+
+def magnitude_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
+    """Boolean mask keeping the ``keep`` fraction of entries of largest |x|,
+    over the whole tensor (not per row).
+
+    Variant: exactly ``floor(keep * numel)`` entries are kept (a 1e-6 guard
+    absorbs float error, so keep=1-0.8 of 100 keeps 20), ties broken by
+    ``torch.topk``, as ``peft.utils.merge_utils.magnitude_based_pruning``.
+    """
+    if keep >= 1.0:
+        return torch.ones_like(x, dtype=torch.bool)
+    k = int(keep * x.numel() + 1e-6)
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    if k > 0:
+        idx = torch.topk(x.abs().reshape(-1), k=k, largest=True).indices
+        mask[idx] = True
+    return mask.reshape(x.shape)
+
+
+def prune_magnitude(x: torch.Tensor, prune_rate: float) -> torch.Tensor:
+    """Zero the ``prune_rate`` fraction of entries of smallest magnitude."""
+    return x * magnitude_mask(x, 1.0 - prune_rate)
+
+
+def prune_random(
+    x: torch.Tensor, drop_rate: float, generator: torch.Generator, *, rescale: bool = True
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``drop_rate`` and, with ``rescale``,
+    divide the survivors by ``1 - drop_rate`` (keeps the expectation)."""
+    if drop_rate <= 0.0:
+        return x.clone()
+    keep = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device) >= drop_rate
+    out = x * keep
+    return out / (1.0 - drop_rate) if rescale else out
+
+
+def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election over dim 0 of an (N, ...) stack.
+
+    ``total``: sign of the sum of values; ``frequency``: sign of the sum of signs.
+    Entries whose vote is 0 elect +1 (as peft's ``calculate_majority_sign_mask``).
+    Returns the elected sign (+1/-1) per entry.
+    """
+    if method == "total":
+        vote = stacked.sum(dim=0)
+    elif method == "frequency":
+        vote = stacked.sign().sum(dim=0)
+    else:
+        raise ValueError(f"sign election method must be 'total' or 'frequency', got {method!r}")
+    return torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
+
+
+def disjoint_mean(weighted: torch.Tensor, stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """TIES disjoint merge: sum of the ``weighted`` entries whose (unweighted)
+    value agrees with the elected ``sign``, divided by the *count* of agreeing
+    nonzero entries (at least 1). Variant of peft's ``disjoint_merge``."""
+    agree = (stacked.sign() == sign.unsqueeze(0)) & (stacked != 0)
+    total = (weighted * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count

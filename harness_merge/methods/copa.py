@@ -1,0 +1,125 @@
+"""CoPA-Merging / RobustMerge: prune, complementary scaling from A, cross-task
+normalisation (Zeng et al.; ICML text "CoPA-Merging", NeurIPS
+text "RobustMerge"). Works on LoRA factors only; the result stays low-rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+import torch
+
+from ..errors import MethodParamError
+from ..types import LowRank, MergeResult, ModuleInputs
+from . import register
+from ._ops import magnitude_mask
+from ._params import MethodParams
+
+
+@dataclass(frozen=True)
+class CopaParams(MethodParams):
+    """scaling: lambda (2.0 in the released code and the NeurIPS appendix).
+    prune_rate: k, fraction of each of A and B zeroed by magnitude (released code
+    keeps the top 20%: 0.8). clamp_quantile: the released code raises every
+    s_n[i] below the order statistic at this quantile up to it (``none`` turns
+    it off). combine: ``product_of_sums`` (NeurIPS eq. 5 and the released code,
+    rank r, lambda on both factors so the delta carries lambda^2) or
+    ``sum_of_products`` (ICML text, rank N*r, delta carries lambda).
+    weights: per-adapter multipliers next to lambda (default 1)."""
+
+    method: ClassVar[str] = "copa"
+    scaling: float = 2.0
+    prune_rate: float = 0.8
+    clamp_quantile: Optional[float] = 0.8
+    combine: Literal["product_of_sums", "sum_of_products"] = "product_of_sums"
+
+    def validate(self) -> None:
+        self._check_fraction("prune_rate")
+        if self.clamp_quantile is not None and not 0.0 <= self.clamp_quantile <= 1.0:
+            self._bad("clamp_quantile", self.clamp_quantile, "must be in [0, 1] or none")
+
+    def check_ranks(self, module: str, ranks: list[int]) -> None:
+        if self.combine == "product_of_sums" and len(set(ranks)) > 1:
+            raise MethodParamError(
+                f"copa: module {module}: adapters have ranks {ranks}; combine=product_of_sums "
+                f"adds the A's (and the B's) of all adapters, which needs one rank. "
+                f"Use combine=sum_of_products, or adapters of equal rank"
+            )
+
+
+def complementary_scale(A: torch.Tensor, mask_A: torch.Tensor, clamp_quantile: float | None) -> torch.Tensor:
+    """``s[i] = sum_j |A[i,j]| / sum_j |M_A * A|[i,j]`` per rank row i (>= 1).
+
+    A row that was zero before pruning gets s = 1; a nonzero row pruned to all
+    zeros (0 kept mass) gets the largest finite s of this adapter (the released
+    code would divide by zero). Then, with ``clamp_quantile`` q, values below the
+    order statistic ``sorted(s)[floor(r * q)]`` are raised to it (as the released
+    code's ``clamp(s, 1 - 0.2, 0)``).
+    """
+    total = A.abs().sum(dim=1)
+    kept = (A * mask_A).abs().sum(dim=1)
+    s = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(A.dtype).tiny), torch.nan)
+    s = torch.where(total == 0, torch.ones_like(s), s)
+    finite = s[torch.isfinite(s)]
+    fill = finite.max() if finite.numel() else torch.tensor(1.0, dtype=s.dtype)
+    s = torch.where(torch.isfinite(s), s, fill)
+    if clamp_quantile is not None:
+        r = s.numel()
+        floor = torch.sort(s).values[min(int(r * clamp_quantile), r - 1)]
+        s = torch.clamp(s, min=floor)
+    return s
+
+
+def cross_task_normalise(scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``s~_n[i] = s_n[i] / sum_m s_m[i]``; with unequal ranks, row i is
+    normalised over the adapters that have a row i."""
+    r_max = max(s.numel() for s in scales)
+    total = torch.zeros(r_max, dtype=scales[0].dtype)
+    for s in scales:
+        total[: s.numel()] += s
+    return [s / total[: s.numel()] for s in scales]
+
+
+@register(
+    "copa",
+    params=CopaParams,
+    summary="CoPA-Merging/RobustMerge: prune A,B; complementary scaling from A; cross-task normalisation",
+    reference_url="https://github.com/AuroraZengfh/RobustMerge",
+    inputs=("lora",),
+    min_inputs=2,
+    lowrank_on_lora=True,
+)
+def copa(inputs: ModuleInputs, params: CopaParams, *, generator=None) -> MergeResult:
+    """CoPA-Merging / RobustMerge on one module of N LoRA adapters.
+
+    1. ``A~_n = M_A(k) * A_n``, ``B~_n = M_B(k) * B_n`` (magnitude, whole matrix);
+    2. ``s_n[i] = sum_j |A_n[i,j]| / sum_j |A~_n[i,j]|`` (then the clamp);
+    3. ``s~_n = s_n / sum_m s_m``;
+    4. product_of_sums: ``(lambda sum_n w_n B~_n diag(s~_n)) (lambda sum_n w_n A~_n)``;
+       sum_of_products: ``lambda sum_n w_n B~_n diag(s~_n) A~_n``.
+    Variant: ``scale_n`` (alpha/r) is folded into B_n first (a uniform factor, so
+    the masks are unchanged); default combine is the released code's
+    product_of_sums, lambda on both factors.
+    """
+    if inputs.kind != "lora":
+        raise MethodParamError(
+            f"copa: module {inputs.name}: copa works on LoRA factors (A, B); full checkpoints have "
+            f"none. Use ta, ties, dare, tsv, iso_c, ... for checkpoints"
+        )
+    keep = 1.0 - params.prune_rate
+    w = params.weight_list(inputs.n)
+    A_t, B_t, scales = [], [], []
+    for f in inputs.lora:
+        mask_A = magnitude_mask(f.A, keep)
+        B = f.B_scaled
+        A_t.append(f.A * mask_A)
+        B_t.append(B * magnitude_mask(B, keep))
+        scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile))
+    scales = cross_task_normalise(scales)
+    lam = params.scaling
+    B_scaled = [lam * wn * B * s.unsqueeze(0) for wn, B, s in zip(w, B_t, scales)]
+    if params.combine == "product_of_sums":
+        A = lam * sum(wn * A for wn, A in zip(w, A_t))
+        B = sum(B_scaled)
+        return LowRank(A=A, B=B)
+    return LowRank(A=torch.cat(A_t, dim=0), B=torch.cat(B_scaled, dim=1))

@@ -1,0 +1,129 @@
+"""Sparsified task arithmetic: TIES, DARE and DARE-TIES (one family, three names).
+
+All three work on the dense per-module deltas ``delta_n = scale_n B_n A_n``
+(materialised for one module at a time), never on A and B separately.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from ..types import Dense, MergeResult, ModuleInputs
+from . import register
+from ._ops import disjoint_mean, elect_sign, prune_magnitude, prune_random
+from ._params import MethodParams
+
+
+@dataclass(frozen=True)
+class TiesParams(MethodParams):
+    """prune_rate: fraction of each delta zeroed by magnitude (TIES keeps the top
+    20%, so 0.8). majority_sign: ``total`` (sign of the sum) or ``frequency``."""
+
+    method: ClassVar[str] = "ties"
+    scaling: float = 1.0
+    prune_rate: float = 0.8
+    majority_sign: Literal["total", "frequency"] = "total"
+
+    def validate(self) -> None:
+        self._check_fraction("prune_rate")
+
+
+@dataclass(frozen=True)
+class DareParams(MethodParams):
+    """drop_rate: probability of dropping each entry (DARE's p; 0.9 is the
+    paper's typical rate). rescale: divide survivors by 1 - p. seed: RNG seed."""
+
+    method: ClassVar[str] = "dare"
+    scaling: float = 1.0
+    drop_rate: float = 0.9
+    rescale: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        self._check_fraction("drop_rate")
+
+
+@dataclass(frozen=True)
+class DareTiesParams(DareParams):
+    method: ClassVar[str] = "dare_ties"
+    majority_sign: Literal["total", "frequency"] = "total"
+
+
+def _sparsified(
+    inputs: ModuleInputs, params: MethodParams, sparsify, *, elect: bool, sign_method: str = "total"
+) -> MergeResult:
+    deltas = [sparsify(d) for d in inputs.deltas()]
+    w = params.weight_list(inputs.n)
+    if not elect:
+        merged = sum(wi * d for wi, d in zip(w, deltas))
+        return Dense(params.scaling * merged)
+    stacked = torch.stack(deltas, dim=0)
+    sign = elect_sign(stacked, sign_method)
+    weights = torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    merged = disjoint_mean(stacked * weights, stacked, sign)
+    return Dense(params.scaling * merged)
+
+
+@register(
+    "ties",
+    params=TiesParams,
+    summary="TIES: trim to top-k by magnitude, elect sign, disjoint mean (on dense deltas)",
+    reference_url="https://arxiv.org/abs/2306.01708",
+    min_inputs=2,
+)
+def ties(inputs: ModuleInputs, params: TiesParams, *, generator=None) -> MergeResult:
+    """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708).
+
+    ``t_n = trim(delta_n)`` (keep the top ``1 - prune_rate`` by magnitude, per
+    tensor); ``gamma = sign(sum_n t_n)``; ``delta_m = lambda * sum_n w_n t_n [sign
+    t_n = gamma] / #{n : sign t_n = gamma}``.
+    Variant: equals ``peft.utils.merge_utils.ties(deltas, weights, density=1 -
+    prune_rate, majority_sign_method)`` times ``scaling``: per-tensor top-k, sign
+    elected on the *unweighted* trimmed deltas (0 votes elect +), divided by the
+    *count* of agreeing entries (>= 1).
+    """
+    return _sparsified(
+        inputs, params, lambda d: prune_magnitude(d, params.prune_rate), elect=True,
+        sign_method=params.majority_sign,
+    )
+
+
+@register(
+    "dare",
+    params=DareParams,
+    summary="DARE + task arithmetic: random drop p, rescale 1/(1-p), weighted sum",
+    reference_url="https://arxiv.org/abs/2311.03099",
+)
+def dare(inputs: ModuleInputs, params: DareParams, *, generator: torch.Generator) -> MergeResult:
+    """DARE (Yu et al., ICML 2024, arXiv 2311.03099) followed by task arithmetic.
+
+    ``t_n = m_n * delta_n / (1 - p)``, ``m_n ~ Bernoulli(1 - p)`` elementwise;
+    ``delta_m = lambda * sum_n w_n t_n``.
+    Variant: as peft's ``dare_linear``; the masks come from a generator seeded by
+    (seed, module name), drawn for the inputs in order, so a merge is reproducible.
+    """
+    return _sparsified(
+        inputs, params, lambda d: prune_random(d, params.drop_rate, generator, rescale=params.rescale),
+        elect=False,
+    )
+
+
+@register(
+    "dare_ties",
+    params=DareTiesParams,
+    summary="DARE-TIES: random drop + rescale, then TIES sign election and disjoint mean",
+    reference_url="https://arxiv.org/abs/2311.03099",
+    min_inputs=2,
+)
+def dare_ties(inputs: ModuleInputs, params: DareTiesParams, *, generator: torch.Generator) -> MergeResult:
+    """DARE-TIES: DARE's random drop and rescale in place of TIES's trim.
+
+    Variant: as peft's ``dare_ties`` (sign elected on the unweighted rescaled
+    deltas, count denominator), with our seeded generator.
+    """
+    return _sparsified(
+        inputs, params, lambda d: prune_random(d, params.drop_rate, generator, rescale=params.rescale),
+        elect=True, sign_method=params.majority_sign,
+    )

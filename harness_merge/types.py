@@ -1,0 +1,104 @@
+"""In-memory description of one module's inputs and one module's merge result.
+
+These are the only types that cross the layer boundaries (inputs -> methods ->
+artifact); they hold tensors and nothing else, no file handles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """One adapter's factors for one module: ``delta = scale * B @ A``.
+
+    ``A`` is ``(r, d_in)``, ``B`` is ``(d_out, r)``; ``scale`` is ``alpha / r``
+    (or ``alpha / sqrt(r)`` for rsLoRA), already resolved per module.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def B_scaled(self) -> torch.Tensor:
+        """``scale * B``: folding the scale into B makes adapters of different
+        rank/alpha comparable (``delta = B_scaled @ A``)."""
+        return self.B * self.scale
+
+    def delta(self) -> torch.Tensor:
+        """The dense update ``scale * B @ A`` (d_out x d_in)."""
+        return self.B_scaled @ self.A
+
+
+@dataclass(frozen=True)
+class ModuleInputs:
+    """Everything a method sees for one module of N inputs.
+
+    Exactly one of ``lora`` (LoRA adapters) or ``task_vectors`` (full
+    fine-tuned checkpoints, ``tau_i = theta_i - theta_0``) is set.
+    ``base`` is the pre-trained weight when the caller has it (optional).
+    """
+
+    name: str
+    lora: tuple[LoRAFactors, ...] | None = None
+    task_vectors: tuple[torch.Tensor, ...] | None = None
+    base: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lora is None) == (self.task_vectors is None):
+            raise ValueError(f"{self.name}: exactly one of lora / task_vectors must be given")
+
+    @property
+    def kind(self) -> Literal["lora", "dense"]:
+        return "lora" if self.lora is not None else "dense"
+
+    @property
+    def n(self) -> int:
+        return len(self.lora if self.lora is not None else self.task_vectors)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.lora is not None:
+            return (self.lora[0].B.shape[0], self.lora[0].A.shape[1])
+        return tuple(self.task_vectors[0].shape)
+
+    def deltas(self) -> list[torch.Tensor]:
+        """Dense per-input updates (materialised for this module only)."""
+        if self.lora is not None:
+            return [f.delta() for f in self.lora]
+        return list(self.task_vectors)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A merged update kept in factor form: ``delta = B @ A`` (scale folded in)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A merged update as a dense tensor (same shape as the module's weight)."""
+
+    delta: torch.Tensor
+    info: dict = field(default_factory=dict, compare=False)
+
+
+MergeResult = Union[LowRank, Dense]

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny Qwen2 base model and PEFT LoRA adapters made on it.
+
+Everything is built locally (no hub): a 2-layer Qwen2 with hidden size 32, and
+adapters created by PEFT itself with seeded random A and B.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    return out
+
+
+def make_lora_adapter(
+    base: Path, out: Path, *, r: int = 4, alpha: float = 8, seed: int = 0, targets=TARGETS,
+    use_rslora: bool = False, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A PEFT LoRA adapter with seeded random A and B (B nonzero, unlike PEFT's init)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.to(dtype).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_base") / "base")
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_base, tmp_path_factory) -> list[Path]:
+    """Three rank-4 adapters, alpha 8, different seeds."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_lora_adapter(tiny_base, root / f"ad{i}", seed=i) for i in range(3)]
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
