@@ -72,3 +72,9 @@ def adapters(tiny_base, tmp_path_factory) -> list[Path]:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def make_adapter():
+    """Factory fixture: ``make_adapter(base, out, **kw)`` (see make_lora_adapter)."""
+    return make_lora_adapter

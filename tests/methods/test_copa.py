@@ -1,0 +1,140 @@
+"""CoPA-Merging / RobustMerge against an oracle written out from the formulas
+(loops over rows, sorted-order clamp as in the released code)."""
+import math
+
+import pytest
+import torch
+
+from harness_merge import methods
+from harness_merge.errors import MethodParamError
+from harness_merge.types import LoRAFactors, LowRank, ModuleInputs
+
+from .helpers import as_dense, lora_inputs
+
+
+def run(mi, **params):
+    spec = methods.get("copa")
+    return spec.fn(mi, spec.make_params(params), generator=None)
+
+
+def topk_keep(x, keep):
+    """Oracle mask: the floor(keep*n) largest |x| entries of the whole matrix."""
+    flat = x.abs().flatten().tolist()
+    k = math.floor(keep * len(flat) + 1e-6)
+    order = sorted(range(len(flat)), key=lambda i: -flat[i])[:k]
+    m = torch.zeros(len(flat))
+    m[order] = 1.0
+    return m.reshape(x.shape)
+
+
+def oracle(mi, k, lam, q, combine):
+    A_t, B_t, S = [], [], []
+    for f in mi.lora:
+        B = f.scale * f.B
+        mA, mB = topk_keep(f.A, 1 - k), topk_keep(B, 1 - k)
+        A_t.append(f.A * mA)
+        B_t.append(B * mB)
+        s = []
+        for i in range(f.A.shape[0]):
+            num = sum(abs(v) for v in f.A[i].tolist())
+            den = sum(abs(v) for v in (f.A[i] * mA[i]).tolist())
+            s.append(num / den)
+        if q is not None:
+            floor = sorted(s)[int(len(s) * q)]
+            s = [max(v, floor) for v in s]
+        S.append(torch.tensor(s))
+    tot = sum(S)
+    S = [s / tot for s in S]
+    if combine == "product_of_sums":
+        Bm = sum(lam * B @ torch.diag(s) for B, s in zip(B_t, S))
+        Am = sum(lam * A for A in A_t)
+        return Bm @ Am
+    return sum(lam * B @ torch.diag(s) @ A for B, s, A in zip(B_t, S, A_t))
+
+
+@pytest.mark.parametrize("combine", ["product_of_sums", "sum_of_products"])
+@pytest.mark.parametrize("k,q", [(0.8, 0.8), (0.5, None), (0.0, 0.8)])
+def test_copa_matches_oracle(combine, k, q):
+    mi = lora_inputs(n=3, d_out=14, d_in=60, ranks=(5, 5, 5), scales=[2.0, 1.0, 0.5], seed=4)
+    res = run(mi, prune_rate=k, clamp_quantile="none" if q is None else q, combine=combine, scaling=2.0)
+    assert isinstance(res, LowRank)
+    assert res.rank == (5 if combine == "product_of_sums" else 15)
+    torch.testing.assert_close(res.delta(), oracle(mi, k, 2.0, q, combine), rtol=1e-4, atol=1e-5)
+
+
+def test_default_lambda_lands_on_both_factors():
+    mi = lora_inputs(seed=1)
+    d1 = run(mi, scaling=1.0).delta()
+    d2 = run(mi, scaling=2.0).delta()
+    torch.testing.assert_close(d2, 4.0 * d1)  # released behaviour: lambda^2
+
+
+def test_no_prune_no_clamp_sum_of_products_is_weight_average():
+    mi = lora_inputs(n=4, ranks=(3, 3, 3, 3), scales=[1.0, 2.0, 3.0, 4.0], seed=2)
+    res = run(mi, prune_rate=0, clamp_quantile="none", combine="sum_of_products", scaling=1.0)
+    wa = methods.get("wa")
+    expected = wa.fn(mi, wa.make_params({}), generator=None).delta()
+    torch.testing.assert_close(res.delta(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scaling_is_at_least_one_and_normalised():
+    from harness_merge.methods.copa import complementary_scale, cross_task_normalise
+    from harness_merge.methods._ops import magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 20, generator=g)
+    s = complementary_scale(A, magnitude_mask(A, 0.2), None)
+    assert (s >= 1).all()
+    s2 = complementary_scale(A, magnitude_mask(A, 0.2), 0.5)
+    assert (s2 >= torch.sort(s).values[3]).all() and torch.equal(s2.max(), s.max())
+    norm = cross_task_normalise([s, 2 * s, s2])
+    torch.testing.assert_close(sum(norm), torch.ones(6))
+
+
+def test_zero_rows_do_not_divide_by_zero():
+    from harness_merge.methods.copa import complementary_scale
+
+    A = torch.zeros(3, 8)
+    A[0] = torch.arange(1.0, 9.0)       # keeps its top entries
+    A[1, 0] = 1e-3                       # nonzero, pruned to all zeros
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, -2:] = True
+    s = complementary_scale(A, mask, None)
+    assert torch.isfinite(s).all()
+    assert s[2] == 1.0                   # a zero row is neutral
+    assert s[1] == s[0]                  # fully pruned row: largest finite scale of the adapter
+    mi = ModuleInputs(name="z", lora=(LoRAFactors(A, torch.ones(4, 3), 1.0), LoRAFactors(A.clone(), torch.ones(4, 3), 1.0)))
+    assert torch.isfinite(run(mi).delta()).all()
+
+
+def test_product_of_sums_refuses_mixed_ranks():
+    p = methods.get("copa").make_params({})
+    with pytest.raises(MethodParamError, match=r"copa: module q: adapters have ranks \[4, 8\].*sum_of_products"):
+        p.check_ranks("q", [4, 8])
+    methods.get("copa").make_params({"combine": "sum_of_products"}).check_ranks("q", [4, 8])
+
+
+def test_sum_of_products_mixed_ranks_normalises_over_present_rows():
+    mi = lora_inputs(n=2, ranks=(2, 4), seed=6)
+    res = run(mi, prune_rate=0, clamp_quantile="none", combine="sum_of_products", scaling=1.0)
+    # without pruning s = 1: rows 0-1 shared by both (1/2 each), rows 2-3 only in the second (1)
+    f0, f1 = mi.lora
+    w1 = torch.tensor([0.5, 0.5, 1.0, 1.0])
+    expected = 0.5 * f0.scale * f0.B @ f0.A + f1.scale * f1.B @ torch.diag(w1) @ f1.A
+    torch.testing.assert_close(res.delta(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_copa_refuses_dense_inputs():
+    with pytest.raises(MethodParamError, match="copa works on LoRA factors"):
+        run(as_dense(lora_inputs()))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"prune_rate": "1.2"}, r"copa: prune_rate must be in \[0, 1\), got 1.2"),
+    ({"clamp_quantile": "2"}, r"clamp_quantile must be in \[0, 1\] or none"),
+    ({"combine": "sum"}, "combine must be one of product_of_sums, sum_of_products"),
+    ({"scaling": "-2"}, "scaling must be >= 0"),
+])
+def test_bad_params(bad, match):
+    with pytest.raises(MethodParamError, match=match):
+        methods.get("copa").make_params(bad)
