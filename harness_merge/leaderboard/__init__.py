@@ -1,0 +1,1 @@
+"""Leaderboard: run a methods x tasks grid, store its results, gate on regressions."""
