@@ -13,10 +13,11 @@ the ``d_out x d_in`` delta is never formed.
 :class:`Frame` carries the bases (``None`` = identity, the dense path) and the
 module shape, so one implementation of each method serves both paths.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -124,7 +125,9 @@ def module_cores(
 ) -> tuple[Frame, list[torch.Tensor]]:
     """Cores of a module's inputs: factor space for LoRA (unless ``factor`` is
     False), the dense deltas themselves (identity frame) otherwise."""
-    use_factor = inputs.kind == "lora" if factor is None else (factor and inputs.kind == "lora")
+    use_factor = (
+        inputs.kind == "lora" if factor is None else (factor and inputs.kind == "lora")
+    )
     if use_factor:
         return factor_cores(inputs.lora)
     deltas = [d.to(DENSE_DTYPE) for d in inputs.deltas()]
@@ -136,7 +139,9 @@ def lift(frame: Frame, core: torch.Tensor, info: dict | None = None) -> MergeRes
     rank of the core, at least 1), ``Dense`` on the identity frame. float32."""
     info = dict(info or {})
     if not frame.is_factor:
-        return Dense(core.to(torch.float32).contiguous(), info={**info, "path": "dense"})
+        return Dense(
+            core.to(torch.float32).contiguous(), info={**info, "path": "dense"}
+        )
     u, s, vh = svd(core)
     k = max(1, numerical_rank(s, frame.shape))
     B = frame.QB @ (u[:, :k] * s[:k])
@@ -148,7 +153,9 @@ def lift(frame: Frame, core: torch.Tensor, info: dict | None = None) -> MergeRes
     )
 
 
-def weighted(cores: list[torch.Tensor], weights: Sequence[float] | None) -> list[torch.Tensor]:
+def weighted(
+    cores: list[torch.Tensor], weights: Sequence[float] | None
+) -> list[torch.Tensor]:
     """``w_i * C_i`` (unchanged when ``weights`` is None)."""
     if weights is None:
         return list(cores)
@@ -157,14 +164,14 @@ def weighted(cores: list[torch.Tensor], weights: Sequence[float] | None) -> list
 
 __all__ = [
     "Frame",
-    "rank_rtol",
-    "numerical_rank",
-    "svd",
-    "polar_factor",
-    "truncated",
-    "stacked_qr",
     "factor_cores",
-    "module_cores",
     "lift",
+    "module_cores",
+    "numerical_rank",
+    "polar_factor",
+    "rank_rtol",
+    "stacked_qr",
+    "svd",
+    "truncated",
     "weighted",
 ]

@@ -1,4 +1,5 @@
 """PCB-Merging: parameter competition balancing (element-wise, on dense deltas)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,10 +46,14 @@ def _minmax_rows(x: torch.Tensor) -> torch.Tensor:
     lo = x.min(dim=1, keepdim=True).values
     hi = x.max(dim=1, keepdim=True).values
     span = hi - lo
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return torch.where(
+        span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0
+    )
 
 
-def pcb_balance(tv: torch.Tensor, prune_rate: float, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pcb_balance(
+    tv: torch.Tensor, prune_rate: float, clamp_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of PCB on an ``(N, D)`` stack of flattened task vectors.
 
     Returns ``(clamped, score)``: the outlier-clamped task vectors and the
@@ -61,12 +66,18 @@ def pcb_balance(tv: torch.Tensor, prune_rate: float, clamp_ratio: float) -> tupl
         hi = _sorted_at(mag, int(d * (1 - clamp_ratio)) - 1)
         mag = torch.minimum(torch.maximum(mag, lo), hi)
     clamped = torch.sign(tv) * mag
-    intra = torch.exp(n * _minmax_rows(mag) ** 2)           # softmax(N * Norm(tau_i^2)) up to a per-task constant
-    inter = torch.tanh(tv * tv.sum(dim=0, keepdim=True))      # released code: tanh(tau_i * sum_j tau_j)
+    intra = torch.exp(
+        n * _minmax_rows(mag) ** 2
+    )  # softmax(N * Norm(tau_i^2)) up to a per-task constant
+    inter = torch.tanh(
+        tv * tv.sum(dim=0, keepdim=True)
+    )  # released code: tanh(tau_i * sum_j tau_j)
     beta = intra * inter
     if prune_rate > 0:
         thr = _sorted_at(beta, int(d * prune_rate))
-        beta = torch.maximum(beta, thr)                       # everything below the (1-r) quantile -> 0 after Norm
+        beta = torch.maximum(
+            beta, thr
+        )  # everything below the (1-r) quantile -> 0 after Norm
     score = _minmax_rows(beta)
     return clamped, score
 
@@ -79,7 +90,9 @@ def pcb_balance(tv: torch.Tensor, prune_rate: float, clamp_ratio: float) -> tupl
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def pcb(inputs: ModuleInputs, params: PCBParams, *, generator: torch.Generator) -> Dense:
+def pcb(
+    inputs: ModuleInputs, params: PCBParams, *, generator: torch.Generator
+) -> Dense:
     """PCB-Merging (Du et al., NeurIPS 2024).
 
     Formula (per task i, over the entries of the module; ``Norm`` = min-max to
@@ -107,4 +120,6 @@ def pcb(inputs: ModuleInputs, params: PCBParams, *, generator: torch.Generator) 
     clamped, score = pcb_balance(tv, params.prune_rate, params.clamp_ratio)
     w = torch.tensor(params.weight_list(inputs.n), dtype=torch.float32).unsqueeze(1)
     merged = (w * clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
-    return Dense((merged * params.scaling).reshape(shape).contiguous(), info={"method": "pcb"})
+    return Dense(
+        (merged * params.scaling).reshape(shape).contiguous(), info={"method": "pcb"}
+    )

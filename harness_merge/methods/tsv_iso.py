@@ -5,16 +5,25 @@ cores of :mod:`._lowrank` (QR of the stacked factors, SVDs of at most
 ``N r x N r`` matrices) and return ``LowRank``; on full checkpoints they run
 on the dense deltas and return ``Dense``. Both paths give the same delta.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
 from ..types import MergeResult, ModuleInputs
 from . import register
-from ._lowrank import lift, module_cores, numerical_rank, polar_factor, svd, truncated, weighted
+from ._lowrank import (
+    lift,
+    module_cores,
+    numerical_rank,
+    polar_factor,
+    svd,
+    truncated,
+    weighted,
+)
 from ._params import MethodParams
 
 
@@ -27,14 +36,16 @@ class TSVParams(MethodParams):
 
     method: ClassVar[str] = "tsv"
 
-    keep_fraction: Optional[float] = None
+    keep_fraction: float | None = None
 
     def validate(self) -> None:
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
             self._bad("keep_fraction", self.keep_fraction, "must be in (0, 1]")
 
 
-def _tsv_core(cores: list[torch.Tensor], shape, keep_fraction: float | None) -> torch.Tensor:
+def _tsv_core(
+    cores: list[torch.Tensor], shape, keep_fraction: float | None
+) -> torch.Tensor:
     n = len(cores)
     frac = keep_fraction if keep_fraction is not None else 1.0 / n
     k = max(1, int(min(shape) * frac + 1e-9))
@@ -58,7 +69,9 @@ def _tsv_core(cores: list[torch.Tensor], shape, keep_fraction: float | None) -> 
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def tsv(inputs: ModuleInputs, params: TSVParams, *, generator: torch.Generator) -> MergeResult:
+def tsv(
+    inputs: ModuleInputs, params: TSVParams, *, generator: torch.Generator
+) -> MergeResult:
     """TSV-Merge (Gargiulo et al., CVPR 2025).
 
     Formula: for each task ``tau_i = U_i S_i V_i^T`` keep the top
@@ -114,7 +127,9 @@ def _iso_c_core(cores: list[torch.Tensor], shape) -> torch.Tensor:
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def iso_c(inputs: ModuleInputs, params: IsoCParams, *, generator: torch.Generator) -> MergeResult:
+def iso_c(
+    inputs: ModuleInputs, params: IsoCParams, *, generator: torch.Generator
+) -> MergeResult:
     """Iso-C (Marczak et al., ICML 2025).
 
     Formula: ``T = sum_i w_i tau_i = U diag(s) V^T``; with ``r`` the numerical
@@ -157,11 +172,13 @@ def iso_cts_dims(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, 
     ``k_c = rank - N k_t`` so that the blocks fill ``rank`` exactly
     (``k_t`` capped at ``rank // N`` so that ``k_c >= 0``)."""
     kc = int(rank * common_fraction)
-    kt = min(int(round((rank - kc) / n_tasks)), rank // n_tasks)
+    kt = min(round((rank - kc) / n_tasks), rank // n_tasks)
     return rank - n_tasks * kt, kt
 
 
-def _iso_cts_core(cores: list[torch.Tensor], shape, common_fraction: float) -> tuple[torch.Tensor, dict]:
+def _iso_cts_core(
+    cores: list[torch.Tensor], shape, common_fraction: float
+) -> tuple[torch.Tensor, dict]:
     n = len(cores)
     total = torch.stack(cores).sum(0)
     u, s, vh = svd(total)
@@ -192,7 +209,9 @@ def _iso_cts_core(cores: list[torch.Tensor], shape, common_fraction: float) -> t
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def iso_cts(inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Generator) -> MergeResult:
+def iso_cts(
+    inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Generator
+) -> MergeResult:
     """Iso-CTS (Marczak et al., ICML 2025).
 
     Formula: ``T = sum_i w_i tau_i = U diag(s) V^T`` with numerical rank ``r``;
@@ -213,5 +232,7 @@ def iso_cts(inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Gene
     """
     params.check_inputs(inputs.n)
     frame, cores = module_cores(inputs)
-    core, info = _iso_cts_core(weighted(cores, params.weights), frame.shape, params.common_fraction)
+    core, info = _iso_cts_core(
+        weighted(cores, params.weights), frame.shape, params.common_fraction
+    )
     return lift(frame, core * params.scaling, {"method": "iso_cts", **info})

@@ -13,11 +13,12 @@ on the ``(N r x N r)`` cores of :mod:`._lowrank`; SGD (with momentum) and the
 closed form then give exactly the dense result, Adam does not (it is
 element-wise, so its trajectory depends on the basis; see ``space``).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 
 import torch
 
@@ -33,7 +34,7 @@ Space = Literal["auto", "factor", "dense"]
 @dataclass(frozen=True)
 class _WudiBase(MethodParams):
     iterations: int = 300
-    lr: Optional[float] = None
+    lr: float | None = None
     optimizer: Literal["auto", "adam", "sgd"] = "auto"
     momentum: float = 0.9
     init: Literal["auto", "sum", "mean"] = "auto"
@@ -49,9 +50,15 @@ class _WudiBase(MethodParams):
         if not 0.0 <= self.momentum < 1.0:
             self._bad("momentum", self.momentum, "must be in [0, 1)")
         if self.weights is not None and any(w < 0 for w in self.weights):
-            self._bad("weights", list(self.weights), "must be >= 0 (they weight loss terms)")
+            self._bad(
+                "weights", list(self.weights), "must be >= 0 (they weight loss terms)"
+            )
         if self.device == "cuda" and not torch.cuda.is_available():
-            self._bad("device", self.device, "is not available on this machine; use device=cpu")
+            self._bad(
+                "device",
+                self.device,
+                "is not available on this machine; use device=cpu",
+            )
 
     # resolved per input kind -------------------------------------------------
     def resolved(self, kind: str) -> dict:
@@ -74,8 +81,12 @@ class WudiParams(_WudiBase):
     def resolved(self, kind: str) -> dict:
         opt = "adam" if self.optimizer == "auto" else self.optimizer
         lr = self.lr if self.lr is not None else (1e-5 if opt == "adam" else 1e-4)
-        return {"optimizer": opt, "lr": lr, "init": "sum" if self.init == "auto" else self.init,
-                "center": False}
+        return {
+            "optimizer": opt,
+            "lr": lr,
+            "init": "sum" if self.init == "auto" else self.init,
+            "center": False,
+        }
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class Wudi2Params(_WudiBase):
 
     method: ClassVar[str] = "wudi2"
 
-    rank: Optional[int] = None
+    rank: int | None = None
     center: Literal["auto", "yes", "no"] = "auto"
 
     def validate(self) -> None:
@@ -102,7 +113,9 @@ class Wudi2Params(_WudiBase):
 
     def resolved(self, kind: str) -> dict:
         lora = kind == "lora"
-        opt = self.optimizer if self.optimizer != "auto" else ("sgd" if lora else "adam")
+        opt = (
+            self.optimizer if self.optimizer != "auto" else ("sgd" if lora else "adam")
+        )
         lr = self.lr if self.lr is not None else (1e-4 if opt == "sgd" else 1e-5)
         init = self.init if self.init != "auto" else ("mean" if lora else "sum")
         center = (not lora) if self.center == "auto" else self.center == "yes"
@@ -167,8 +180,16 @@ class Problem:
         return total
 
 
-def wudi_problem(cores: list[torch.Tensor], shape, weights, *, variant: str, init: str,
-                 center: bool, rank: int | None) -> Problem:
+def wudi_problem(
+    cores: list[torch.Tensor],
+    shape,
+    weights,
+    *,
+    variant: str,
+    init: str,
+    center: bool,
+    rank: int | None,
+) -> Problem:
     """Build the WUDI (``variant='wudi'``) or WUDI v2 (``'wudi2'``) problem on
     the cores (dense deltas or factor-space cores)."""
     n = len(cores)
@@ -242,8 +263,16 @@ def _sgd_steps(x: torch.Tensor, lr: float, momentum: float):
     return step
 
 
-def solve_iterative(prob: Problem, *, optimizer: str, lr: float, momentum: float,
-                    iterations: int, device: str, module: str) -> torch.Tensor:
+def solve_iterative(
+    prob: Problem,
+    *,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    iterations: int,
+    device: str,
+    module: str,
+) -> torch.Tensor:
     """Adam (default betas/eps) or SGD with momentum, as ``torch.optim``, on the
     loss, with the exact gradient ``2 (X G - H)`` (or ``2 (X P - R) P^T`` when
     the stack is narrower than ``X``), float32 as the released code."""
@@ -279,15 +308,25 @@ def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult
         )
     frame, cores = module_cores(inputs, factor=factor)
     prob = wudi_problem(
-        cores, frame.shape, params.weights, variant=variant, init=cfg["init"],
-        center=cfg["center"], rank=getattr(params, "rank", None),
+        cores,
+        frame.shape,
+        params.weights,
+        variant=variant,
+        init=cfg["init"],
+        center=cfg["center"],
+        rank=getattr(params, "rank", None),
     )
     if params.solver == "closed_form":
         x = solve_closed_form(prob, frame.shape)
     else:
         x = solve_iterative(
-            prob, optimizer=cfg["optimizer"], lr=cfg["lr"], momentum=params.momentum,
-            iterations=params.iterations, device=params.device, module=inputs.name,
+            prob,
+            optimizer=cfg["optimizer"],
+            lr=cfg["lr"],
+            momentum=params.momentum,
+            iterations=params.iterations,
+            device=params.device,
+            module=inputs.name,
         )
     x = x.to(cores[0].dtype)
     info = {"method": params.method, "solver": params.solver, **cfg}
@@ -302,7 +341,9 @@ def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def wudi(inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator) -> MergeResult:
+def wudi(
+    inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator
+) -> MergeResult:
     """WUDI merging (Cheng et al., ICML 2025, "Whoever started the interference
     should end it").
 
@@ -332,7 +373,9 @@ def wudi(inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator
     inputs=("lora", "dense"),
     min_inputs=2,
 )
-def wudi2(inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator) -> MergeResult:
+def wudi2(
+    inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator
+) -> MergeResult:
     """WUDI v2 (Wei et al. 2025, "Unifying MLLM capabilities and modalities via
     model merging", the second seed paper).
 

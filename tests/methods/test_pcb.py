@@ -1,5 +1,6 @@
 """PCB-Merging against a direct re-derivation (plain sort, loops) of the
 released code's formulas on tiny tensors."""
+
 from __future__ import annotations
 
 import math
@@ -14,12 +15,17 @@ from harness_merge.types import Dense, LoRAFactors, ModuleInputs
 
 def _run(inp, **params):
     spec = get("pcb")
-    return spec.fn(inp, spec.make_params(params), generator=module_generator(0, inp.name))
+    return spec.fn(
+        inp, spec.make_params(params), generator=module_generator(0, inp.name)
+    )
 
 
 def _dense(n=3, shape=(4, 5), seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return ModuleInputs("w", task_vectors=tuple(scale * torch.randn(*shape, generator=g) for _ in range(n)))
+    return ModuleInputs(
+        "w",
+        task_vectors=tuple(scale * torch.randn(*shape, generator=g) for _ in range(n)),
+    )
 
 
 def _oracle(taus, prune_rate, clamp_ratio, weights=None):
@@ -83,7 +89,9 @@ def test_pcb_hand_case_two_tasks_no_drop():
     # task 0 = +2, task 1 = -1 (task 1 disagrees with the sum +1).
     t0 = torch.tensor([[1.0, 2.0]])
     t1 = torch.tensor([[1.0, -1.0]])
-    res = _run(ModuleInputs("w", task_vectors=(t0, t1)), prune_rate=0.0, clamp_ratio=0.0)
+    res = _run(
+        ModuleInputs("w", task_vectors=(t0, t1)), prune_rate=0.0, clamp_ratio=0.0
+    )
     # task 0: |.| = [1, 2] -> Norm [0, 1] -> intra [e^0, e^2]; inter [tanh(2), tanh(4)]
     b0 = [math.tanh(2.0), math.exp(2.0) * math.tanh(4.0)]
     # task 1: |.| = [1, 1] -> Norm = 0 (constant) -> intra [1, 1]; inter [tanh(2), tanh(-1)]
@@ -94,7 +102,9 @@ def test_pcb_hand_case_two_tasks_no_drop():
     e1 = (s0[1] * 2.0 + s1[1] * -1.0) / max(s0[1] + s1[1], 1e-12)
     assert (s0, s1) == ([0.0, 1.0], [1.0, 0.0])
     assert torch.allclose(res.delta, torch.tensor([[e0, e1]]), atol=1e-6)
-    assert torch.allclose(res.delta, torch.tensor([[1.0, 2.0]]))  # the dissenting -1 is out-balanced
+    assert torch.allclose(
+        res.delta, torch.tensor([[1.0, 2.0]])
+    )  # the dissenting -1 is out-balanced
 
 
 def test_pcb_drop_keeps_the_top_fraction_of_scores():
@@ -104,13 +114,18 @@ def test_pcb_drop_keeps_the_top_fraction_of_scores():
     tv = torch.stack([t.reshape(-1) for t in inp.task_vectors])
     _, score = pcb_balance(tv, prune_rate=0.9, clamp_ratio=1e-4)
     kept = (score > 0).sum(dim=1)
-    assert torch.all(kept <= 20) and torch.all(kept >= 15)  # ~10% of 200, ties at the threshold drop
+    assert torch.all(kept <= 20) and torch.all(
+        kept >= 15
+    )  # ~10% of 200, ties at the threshold drop
     assert float(score.max()) == 1.0 and float(score.min()) == 0.0
 
 
 def test_pcb_lora_materialises_and_equals_dense_input():
     g = torch.Generator().manual_seed(4)
-    lora = tuple(LoRAFactors(torch.randn(2, 7, generator=g), torch.randn(6, 2, generator=g), 0.5) for _ in range(3))
+    lora = tuple(
+        LoRAFactors(torch.randn(2, 7, generator=g), torch.randn(6, 2, generator=g), 0.5)
+        for _ in range(3)
+    )
     inp = ModuleInputs("q", lora=lora)
     dense = ModuleInputs("q", task_vectors=tuple(f.delta() for f in lora))
     a, b = _run(inp), _run(dense)
@@ -131,7 +146,10 @@ def test_pcb_deterministic_and_defaults():
         ({"prune_rate": "-0.1"}, r"pcb: prune_rate must be in \[0, 1\), got -0.1"),
         ({"clamp_ratio": "0.5"}, r"pcb: clamp_ratio must be in \[0, 0.5\), got 0.5"),
         ({"scaling": "-1"}, r"pcb: scaling must be >= 0, got -1.0"),
-        ({"temperature": "2"}, r"pcb: unknown parameter 'temperature'; known parameters: "),
+        (
+            {"temperature": "2"},
+            r"pcb: unknown parameter 'temperature'; known parameters: ",
+        ),
     ],
 )
 def test_pcb_rejects_bad_params(params, match):
@@ -140,5 +158,7 @@ def test_pcb_rejects_bad_params(params, match):
 
 
 def test_pcb_weights_length_checked():
-    with pytest.raises(MethodParamError, match=r"pcb: weights has 2 values but 3 inputs"):
+    with pytest.raises(
+        MethodParamError, match=r"pcb: weights has 2 values but 3 inputs"
+    ):
         _run(_dense(n=3), weights=[1.0, 1.0])

@@ -1,5 +1,6 @@
 """TSV, Iso-C, Iso-CTS and the factor-space helpers, against oracles written
 here from the papers' formulas (float64 SVDs of the dense deltas)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,11 @@ def _lora(n=3, r=4, d_out=24, d_in=20, seed=0, ranks=None):
     return ModuleInputs(
         "layers.0.q_proj",
         lora=tuple(
-            LoRAFactors(torch.randn(ri, d_in, generator=g), torch.randn(d_out, ri, generator=g), 0.5 + i)
+            LoRAFactors(
+                torch.randn(ri, d_in, generator=g),
+                torch.randn(d_out, ri, generator=g),
+                0.5 + i,
+            )
             for i, ri in enumerate(ranks)
         ),
     )
@@ -30,12 +35,16 @@ def _dense_of(inp: ModuleInputs) -> ModuleInputs:
 
 def _dense(n=3, m=10, k=8, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ModuleInputs("w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n)))
+    return ModuleInputs(
+        "w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n))
+    )
 
 
 def _run(name, inp, **params):
     spec = get(name)
-    return spec.fn(inp, spec.make_params(params), generator=module_generator(0, inp.name))
+    return spec.fn(
+        inp, spec.make_params(params), generator=module_generator(0, inp.name)
+    )
 
 
 def _delta(res) -> torch.Tensor:
@@ -63,8 +72,14 @@ def _tsv_oracle(taus, k):
         u, s, vh = torch.linalg.svd(t.double(), full_matrices=False)
         rank = int((s > s[0] * 1e-6).sum())
         kk = min(k, rank)
-        us.append(u[:, :kk]); ss.append(s[:kk]); vs.append(vh[:kk].T)
-    return _polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ _polar(torch.cat(vs, 1)).T
+        us.append(u[:, :kk])
+        ss.append(s[:kk])
+        vs.append(vh[:kk].T)
+    return (
+        _polar(torch.cat(us, 1))
+        @ torch.diag(torch.cat(ss))
+        @ _polar(torch.cat(vs, 1)).T
+    )
 
 
 # ----------------------------------------------------------------- _lowrank
@@ -129,9 +144,13 @@ def test_tsv_weights_scale_each_task_before_merging():
 
 
 def test_tsv_rejects_bad_keep_fraction():
-    with pytest.raises(MethodParamError, match=r"tsv: keep_fraction must be in \(0, 1\], got 0.0"):
+    with pytest.raises(
+        MethodParamError, match=r"tsv: keep_fraction must be in \(0, 1\], got 0.0"
+    ):
         get("tsv").make_params({"keep_fraction": "0"})
-    with pytest.raises(MethodParamError, match=r"tsv: weights has 1 values but 3 inputs"):
+    with pytest.raises(
+        MethodParamError, match=r"tsv: weights has 1 values but 3 inputs"
+    ):
         _run("tsv", _lora(n=3), weights=[1.0])
 
 
@@ -145,7 +164,9 @@ def test_iso_c_flattens_spectrum_to_mean_over_numerical_rank_of_sum():
     res = _run("iso_c", inp, scaling=1.0)
     assert isinstance(res, LowRank) and res.rank == 12
     out = _svals(res.delta())
-    assert torch.allclose(out[:r], torch.full((r,), float(s[:r].mean()), dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(
+        out[:r], torch.full((r,), float(s[:r].mean()), dtype=torch.float64), rtol=1e-5
+    )
     assert float(out[r:].max()) < 1e-4 * float(out[0])
 
 
@@ -174,7 +195,10 @@ def test_iso_cts_dims_fill_the_rank(rank, n, frac):
 
 @pytest.mark.parametrize("bad", ["0", "1", "1.2", "-0.1"])
 def test_iso_cts_rejects_common_fraction_outside_open_unit_interval(bad):
-    with pytest.raises(MethodParamError, match=rf"iso_cts: common_fraction must be in \(0, 1\), got {bad}"):
+    with pytest.raises(
+        MethodParamError,
+        match=rf"iso_cts: common_fraction must be in \(0, 1\), got {bad}",
+    ):
         get("iso_cts").make_params({"common_fraction": bad})
 
 
@@ -182,9 +206,13 @@ def test_iso_cts_structure_flat_spectrum_and_common_subspace_kept():
     inp = _lora(n=3, r=4, d_out=40, d_in=36, seed=7)
     res = _run("iso_cts", inp, scaling=1.0, common_fraction=0.5)
     total = sum(f.delta() for f in inp.lora).double()
-    u, s, _ = torch.linalg.svd(total, full_matrices=False)
+    u, _s, _ = torch.linalg.svd(total, full_matrices=False)
     kc, kt = iso_cts_dims(12, 3, 0.5)
-    assert (kc, kt) == (6, 2) and res.info["common_dims"] == 6 and res.info["task_dims"] == 6
+    assert (
+        (kc, kt) == (6, 2)
+        and res.info["common_dims"] == 6
+        and res.info["task_dims"] == 6
+    )
     d = res.delta().double()
     out = _svals(d)
     assert res.rank == 12
@@ -196,7 +224,9 @@ def test_iso_cts_structure_flat_spectrum_and_common_subspace_kept():
 
 
 def test_iso_cts_without_task_dims_equals_iso_c():
-    inp = _lora(n=2, r=3, d_out=30, d_in=20, seed=8)  # rank 6: f=0.95 -> kc=5, kt=round(0.5)=0
+    inp = _lora(
+        n=2, r=3, d_out=30, d_in=20, seed=8
+    )  # rank 6: f=0.95 -> kc=5, kt=round(0.5)=0
     assert iso_cts_dims(6, 2, 0.95)[1] == 0
     a = _run("iso_cts", inp, common_fraction=0.95)
     b = _run("iso_c", inp)
@@ -219,7 +249,9 @@ def test_iso_cts_dense_full_rank_matches_formula_oracle():
     us, ss, vs = [], [], []
     for t in taus:
         ut, st, vth = torch.linalg.svd(t - uc @ uc.T @ t, full_matrices=False)
-        us.append(ut[:, :1]); ss.append(st[:1]); vs.append(vth[:1].T)
+        us.append(ut[:, :1])
+        ss.append(st[:1])
+        vs.append(vth[:1].T)
     U, S, V = torch.cat(us + [uc], 1), torch.cat(ss + [sc]), torch.cat(vs + [vc], 1)
     expect = S.mean() * _polar(U) @ _polar(V).T
     assert _rel(res.delta, expect) < 1e-5

@@ -1,5 +1,6 @@
 """WUDI and WUDI v2: the loss is evaluated here from the papers' formulas on
 dense tensors (float64), independently of the method's own code."""
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,11 @@ def _lora(n=3, r=3, d_out=20, d_in=16, seed=0):
     return ModuleInputs(
         "layers.1.v_proj",
         lora=tuple(
-            LoRAFactors(torch.randn(r, d_in, generator=g), 0.3 * torch.randn(d_out, r, generator=g), 2.0 / r)
+            LoRAFactors(
+                torch.randn(r, d_in, generator=g),
+                0.3 * torch.randn(d_out, r, generator=g),
+                2.0 / r,
+            )
             for _ in range(n)
         ),
     )
@@ -29,12 +34,16 @@ def _dense_of(inp):
 
 def _dense(n=3, m=8, k=6, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ModuleInputs("w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n)))
+    return ModuleInputs(
+        "w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n))
+    )
 
 
 def _run(name, inp, **params):
     spec = get(name)
-    return spec.fn(inp, spec.make_params(params), generator=module_generator(0, inp.name))
+    return spec.fn(
+        inp, spec.make_params(params), generator=module_generator(0, inp.name)
+    )
 
 
 def _delta(res):
@@ -50,8 +59,12 @@ def wudi_loss(x, taus, weights=None):
     """sum_i w_i ||(x - tau_i) tau_i^T||_F^2 / ||tau_i||_F^2 (the WUDI paper's eq.)."""
     weights = weights or [1.0] * len(taus)
     x = x.double()
-    return sum(w * float(((x - t.double()) @ t.double().T).norm() ** 2) / float(t.double().norm() ** 2)
-               for w, t in zip(weights, taus))
+    return sum(
+        w
+        * float(((x - t.double()) @ t.double().T).norm() ** 2)
+        / float(t.double().norm() ** 2)
+        for w, t in zip(weights, taus)
+    )
 
 
 def wudi2_loss(x, taus, k):
@@ -69,7 +82,10 @@ def wudi2_loss(x, taus, k):
 def wudi_normal_equations(taus):
     """G = sum_i tau_i^T tau_i / ||tau_i||^2, H = sum_i tau_i tau_i^T tau_i / ||tau_i||^2."""
     G = sum(t.double().T @ t.double() / float(t.double().norm() ** 2) for t in taus)
-    H = sum(t.double() @ t.double().T @ t.double() / float(t.double().norm() ** 2) for t in taus)
+    H = sum(
+        t.double() @ t.double().T @ t.double() / float(t.double().norm() ** 2)
+        for t in taus
+    )
     return G, H
 
 
@@ -80,7 +96,11 @@ def test_wudi_adam_lowers_the_loss_towards_the_closed_form():
     init = sum(taus)
     it = _run("wudi", inp, lr=1e-2, iterations=400)
     cf = _run("wudi", inp, solver="closed_form")
-    l0, lit, lcf = wudi_loss(init, taus), wudi_loss(it.delta, taus), wudi_loss(cf.delta, taus)
+    l0, lit, lcf = (
+        wudi_loss(init, taus),
+        wudi_loss(it.delta, taus),
+        wudi_loss(cf.delta, taus),
+    )
     assert lcf <= lit + 1e-6 * l0  # the closed form is the minimum
     assert lit < l0
     assert (lit - lcf) < 0.05 * (l0 - lcf)  # Adam got 95% of the way
@@ -95,8 +115,18 @@ def test_wudi_closed_form_satisfies_the_normal_equations():
 
 def test_wudi_paper_defaults():
     p = get("wudi").params_cls()
-    assert (p.iterations, p.scaling, p.solver, p.space) == (300, 1.0, "iterative", "auto")
-    assert p.resolved("dense") == {"optimizer": "adam", "lr": 1e-5, "init": "sum", "center": False}
+    assert (p.iterations, p.scaling, p.solver, p.space) == (
+        300,
+        1.0,
+        "iterative",
+        "auto",
+    )
+    assert p.resolved("dense") == {
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "init": "sum",
+        "center": False,
+    }
 
 
 def test_wudi_lora_space_dense_equals_checkpoint_input_exactly():
@@ -117,7 +147,7 @@ def test_wudi_lora_factor_adam_lowers_loss_and_stays_low_rank():
 @pytest.mark.parametrize("solver", ["closed_form", "iterative"])
 def test_wudi_sgd_and_closed_form_factor_path_equal_dense_path(solver):
     inp = _lora(n=3, r=3, seed=3)
-    kw = dict(optimizer="sgd", lr=0.05, iterations=100, solver=solver)
+    kw = {"optimizer": "sgd", "lr": 0.05, "iterations": 100, "solver": solver}
     fac, den = _run("wudi", inp, **kw), _run("wudi", _dense_of(inp), **kw)
     assert isinstance(fac, LowRank) and isinstance(den, Dense)
     assert _rel(fac.delta(), den.delta) < 1e-4
@@ -128,20 +158,38 @@ def test_wudi_weights_scale_loss_terms():
     taus = list(inp.task_vectors)
     x = _run("wudi", inp, solver="closed_form", weights=[3.0, 0.0]).delta
     # only task 0 counts: its own minimiser in its row space, init elsewhere
-    assert wudi_loss(x, taus, [3.0, 0.0]) < 1e-8 * wudi_loss(sum(taus), taus, [3.0, 0.0])
+    assert wudi_loss(x, taus, [3.0, 0.0]) < 1e-8 * wudi_loss(
+        sum(taus), taus, [3.0, 0.0]
+    )
 
 
 # ----------------------------------------------------------------- WUDI v2
 def test_wudi2_lora_defaults_sgd_mean_init_lr_1e4():
     p = get("wudi2").params_cls()
-    assert p.resolved("lora") == {"optimizer": "sgd", "lr": 1e-4, "init": "mean", "center": False}
-    assert p.resolved("dense") == {"optimizer": "adam", "lr": 1e-5, "init": "sum", "center": True}
+    assert p.resolved("lora") == {
+        "optimizer": "sgd",
+        "lr": 1e-4,
+        "init": "mean",
+        "center": False,
+    }
+    assert p.resolved("dense") == {
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "init": "sum",
+        "center": True,
+    }
     assert (p.iterations, p.momentum, p.rank) == (300, 0.9, None)
 
 
 def test_wudi2_lora_factor_equals_dense_with_same_recipe():
     inp = _lora(n=3, r=3, d_out=24, d_in=18, seed=5)
-    kw = dict(optimizer="sgd", init="mean", center="no", lr=0.05, iterations=200)
+    kw = {
+        "optimizer": "sgd",
+        "init": "mean",
+        "center": "no",
+        "lr": 0.05,
+        "iterations": 200,
+    }
     fac, den = _run("wudi2", inp, **kw), _run("wudi2", _dense_of(inp), **kw)
     assert isinstance(fac, LowRank)
     assert _rel(fac.delta(), den.delta) < 1e-4
@@ -161,8 +209,10 @@ def test_wudi2_iterative_vs_closed_form_loss_and_time(capsys):
     l0 = wudi2_loss(sum(taus) / 4, taus, k)
     lit, lcf = wudi2_loss(it.delta(), taus, k), wudi2_loss(cf.delta(), taus, k)
     with capsys.disabled():
-        print(f"\nwudi2 loss init {l0:.4g} iterative {lit:.4g} ({(t1 - t0) * 1e3:.1f} ms) "
-              f"closed form {lcf:.4g} ({(t2 - t1) * 1e3:.1f} ms)")
+        print(
+            f"\nwudi2 loss init {l0:.4g} iterative {lit:.4g} ({(t1 - t0) * 1e3:.1f} ms) "
+            f"closed form {lcf:.4g} ({(t2 - t1) * 1e3:.1f} ms)"
+        )
     assert lcf <= lit + 1e-6 * l0 and lit < l0
     assert (lit - lcf) < 1e-3 * (l0 - lcf)
     assert _rel(it.delta(), cf.delta()) < 1e-3
@@ -176,7 +226,7 @@ def test_wudi2_closed_form_satisfies_its_normal_equations():
     H = torch.zeros(10, 8, dtype=torch.float64)
     for t in taus:
         u, s, vh = torch.linalg.svd(t, full_matrices=False)
-        xi = torch.diag(s[:4]) @ vh[:4]                 # S_k V_k^T
+        xi = torch.diag(s[:4]) @ vh[:4]  # S_k V_k^T
         Gi = xi.T @ xi
         tk = u[:, :4] @ xi
         G += Gi / float(t.norm() ** 2)
@@ -219,7 +269,10 @@ def test_deterministic_same_bytes(name):
         ({"momentum": "1"}, r"wudi2: momentum must be in \[0, 1\), got 1.0"),
         ({"rank": "0"}, r"wudi2: rank must be >= 1, got 0"),
         ({"weights": "[1,-1]"}, r"wudi2: weights must be >= 0"),
-        ({"optimizer": "lbfgs"}, r"wudi2: optimizer must be one of auto, adam, sgd, got 'lbfgs'"),
+        (
+            {"optimizer": "lbfgs"},
+            r"wudi2: optimizer must be one of auto, adam, sgd, got 'lbfgs'",
+        ),
         ({"solver": "exact"}, r"wudi2: solver must be one of iterative, closed_form"),
     ],
 )
@@ -230,7 +283,10 @@ def test_wudi2_rejects_bad_params(params, match):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_wudi_rejects_cuda_without_a_gpu():
-    with pytest.raises(MethodParamError, match=r"wudi: device is not available on this machine; use device=cpu"):
+    with pytest.raises(
+        MethodParamError,
+        match=r"wudi: device is not available on this machine; use device=cpu",
+    ):
         get("wudi").make_params({"device": "cuda"})
 
 
@@ -240,7 +296,10 @@ def test_wudi_space_factor_needs_lora():
 
 
 def test_wudi_divergence_is_reported():
-    with pytest.raises(MergeError, match=r"layers.1.v_proj: the WUDI optimisation diverged \(sgd, lr=1000.0\)"):
+    with pytest.raises(
+        MergeError,
+        match=r"layers.1.v_proj: the WUDI optimisation diverged \(sgd, lr=1000.0\)",
+    ):
         _run("wudi", _lora(), optimizer="sgd", lr=1e3, iterations=300)
 
 
@@ -256,9 +315,15 @@ def test_optimiser_arithmetic_matches_torch_optim(optimizer):
     G = G @ G.T / 5
     H = torch.randn(6, 5, generator=g)
     ours = x0.clone()
-    step = _adam_steps(ours, 1e-2) if optimizer == "adam" else _sgd_steps(ours, 1e-2, 0.9)
+    step = (
+        _adam_steps(ours, 1e-2) if optimizer == "adam" else _sgd_steps(ours, 1e-2, 0.9)
+    )
     ref = torch.nn.Parameter(x0.clone())
-    opt = torch.optim.Adam([ref], lr=1e-2) if optimizer == "adam" else torch.optim.SGD([ref], lr=1e-2, momentum=0.9)
+    opt = (
+        torch.optim.Adam([ref], lr=1e-2)
+        if optimizer == "adam"
+        else torch.optim.SGD([ref], lr=1e-2, momentum=0.9)
+    )
     for _ in range(40):
         step(2.0 * (ours @ G - H))
         ref.grad = 2.0 * (ref.detach() @ G - H)
