@@ -1,0 +1,124 @@
+"""Merge benchmark: N random rank-r adapters with LLaVA-1.5-7B's module shapes.
+
+Prints, per method, wall time, peak RSS and the ratio to the floor (the time
+to just read every adapter tensor with safetensors), each measured in its own
+subprocess in the same run so peak RSS is per method.
+
+    python scripts/bench_merge.py                  # 8 adapters, 32 layers, copa ta ties
+    python scripts/bench_merge.py --layers 4 --methods copa ta ties tsv iso_c
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# LLaVA-1.5-7B (Vicuna-7B) language model: hidden 4096, MLP 11008.
+SHAPES = {  # module -> (d_out, d_in)
+    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096), "mlp.down_proj": (4096, 11008),
+}
+
+
+def make_adapters(root: Path, n: int, layers: int, rank: int) -> list[Path]:
+    import torch
+    from safetensors.torch import save_file
+
+    out = []
+    for i in range(n):
+        d = root / f"adapter{i}"
+        out.append(d)
+        if (d / "adapter_model.safetensors").is_file():
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(i)
+        sd = {}
+        for layer in range(layers):
+            for mod, (d_out, d_in) in SHAPES.items():
+                key = f"base_model.model.model.layers.{layer}.{mod}"
+                sd[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in**0.5).half()
+                sd[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01).half()
+        save_file(sd, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+            "target_modules": [m.split(".")[-1] for m in SHAPES], "base_model_name_or_path": "liuhaotian/llava-v1.5-7b",
+        }))
+    return out
+
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+kind, method, cache, adapters = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+t0 = time.perf_counter()
+if kind == "floor":
+    from safetensors import safe_open
+    for a in adapters:
+        with safe_open(str(Path(a) / "adapter_model.safetensors"), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k).float()
+    extra = {}
+elif kind == "api":
+    from harness_merge.api import MergeSpec, merge
+    art = merge(MergeSpec(adapters=tuple(adapters), method=method), cache_dir=cache, progress=False)
+    extra = {"rank": art.manifest["result"].get("rank"), "format": art.kind}
+else:  # stream: compute every module's merge, discard it (dense methods, no base to add to)
+    from harness_merge import methods
+    from harness_merge.inputs import open_inputs
+    from harness_merge.merge_loop import iter_merged, validate_plan
+    spec = methods.get(method); params = spec.make_params({})
+    inputs = open_inputs(adapters); validate_plan(inputs, spec, params)
+    n = sum(1 for _ in iter_merged(inputs, spec, params, progress=False))
+    extra = {"modules": n}
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
+"""
+
+
+def run_child(kind, method, cache, adapters) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, kind, method, str(cache), *map(str, adapters)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{kind} {method} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--methods", nargs="+", default=["copa", "ta", "ties"])
+    ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    from harness_merge import methods
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
+    t0 = time.perf_counter()
+    adapters = make_adapters(work / f"n{args.adapters}_l{args.layers}_r{args.rank}", args.adapters, args.layers, args.rank)
+    size = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
+    print(f"{args.adapters} adapters x {args.layers} layers x 7 modules, rank {args.rank}, fp16: {size:.0f} MiB on disk "
+          f"(generated in {time.perf_counter() - t0:.0f}s)")
+    floor = run_child("floor", "-", work / "cache", adapters)
+    print(f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS")
+    print(f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output")
+    for m in args.methods:
+        spec = methods.get(m)
+        kind = "api" if spec.lowrank_on_lora else "stream"
+        cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+        r = run_child(kind, m, cache, adapters)
+        out = f"LoRA rank {r['rank']}" if kind == "api" else f"{r['modules']} dense deltas (computed, not written)"
+        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}")
+        if kind == "api":
+            hit = run_child("api", m, cache, adapters)
+            print(f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
