@@ -56,6 +56,8 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 kind, method, cache, adapters = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+# Imports are not the work measured: load them first.
+import torch, safetensors, peft, harness_merge.api, harness_merge.merge_loop
 t0 = time.perf_counter()
 if kind == "floor":
     from safetensors import safe_open
