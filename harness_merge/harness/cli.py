@@ -100,17 +100,16 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def _delegate(module: str):
-    def run(args) -> int:
-        import importlib
-
-        return int(importlib.import_module(module).main(args.rest) or 0)
-
-    return run
+# Subcommands with their own parsers: everything after the name goes to them.
+DELEGATES = {
+    "demo": ("harness_merge.demo.run", "build the tiny offline example, merge it, evaluate it"),
+    "leaderboard": ("harness_merge.leaderboard.runner", "run a methods x tasks grid"),
+    "regress": ("harness_merge.leaderboard.regress", "compare results with a baseline, fail on drops"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness-merge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="harness-merge", description="Merge fine-tuned adapters and evaluate the merge.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -132,18 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
     ms.set_defaults(func=cmd_methods)
 
-    for name, module, text in (
-        ("demo", "harness_merge.demo.run", "build the tiny offline example, merge it, evaluate it"),
-        ("leaderboard", "harness_merge.leaderboard.runner", "run a methods x tasks grid"),
-        ("regress", "harness_merge.leaderboard.regress", "compare results with a baseline, fail on drops"),
-    ):
-        d = sub.add_parser(name, help=text, add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=_delegate(module))
+    for name, (_, text) in DELEGATES.items():
+        sub.add_parser(name, help=text, add_help=False)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATES:
+        import importlib
+
+        try:
+            return int(importlib.import_module(DELEGATES[argv[0]][0]).main(argv[1:]) or 0)
+        except MergeError as e:
+            print(f"harness-merge: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -74,3 +74,8 @@ def test_console_script_runs(adapters, tmp_path):
     res = subprocess.run([exe, "merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "o"), "--no-cache", "-q"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_regress_subcommand_receives_its_options(tmp_path, capsys):
+    code, _, err = run(["regress", "--baseline", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json")], capsys)
+    assert code == 2 and "unrecognized arguments" not in err
