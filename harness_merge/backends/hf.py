@@ -1,0 +1,510 @@
+"""transformers backend: the base model with the merge artifact applied.
+
+- base: ``AutoModelForImageTextToText`` when the config has a vision tower
+  (Qwen2-VL, LLaVA, ...), else ``AutoModelForCausalLM``; the class named in
+  ``config.architectures`` is the fallback.
+- artifact "lora": attached with ``PeftModel.from_pretrained``; ``fold=True``
+  folds it into the weights (``merge_and_unload``), which is faster per token.
+- artifact "full": the artifact folder is loaded as the model; tokenizer,
+  processor and chat template come from the base.
+- processor: ``AutoProcessor``; where that fails offline (transformers 5's
+  Qwen2-VL processor wants a torchvision video processor), the model family's
+  processor is built from the tokenizer and the image processor alone.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .base import BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, rolling_windows
+
+log = logging.getLogger("harness_merge.backends.hf")
+
+OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold", "trust_remote_code")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise BackendError(
+            f"backend=hf: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
+            + ("; tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager and "
+               "max_lora_rank apply to backend=vllm only" if any(k in unknown for k in
+               ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")) else "")
+        )
+    return HFBackend(artifact, base, **opts)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None):
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise BackendError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+def _resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device=%s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return device
+
+
+def is_multimodal_config(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_class_for(config):
+    """The auto class for this config (image-text-to-text or causal LM)."""
+    import transformers
+
+    if is_multimodal_config(config):
+        from transformers import AutoModelForImageTextToText
+
+        candidates = [AutoModelForImageTextToText]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        candidates = [AutoModelForCausalLM]
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            candidates.append(cls)
+    return candidates
+
+
+def _from_pretrained(candidates, path, **kw):
+    errors = []
+    for cls in candidates:
+        try:
+            return cls.from_pretrained(path, **kw)
+        except (ValueError, KeyError) as e:  # config not mapped to this auto class
+            errors.append(f"{getattr(cls, '__name__', cls)}: {e}")
+    raise BackendError(f"cannot load a model from {path}: " + " | ".join(errors))
+
+
+def load_processor(base: str, trust_remote_code: bool = False):
+    """``(processor or None, tokenizer)`` of a base model folder / hub id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    if not is_multimodal_config(config):
+        return None, tok
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+        if hasattr(proc, "image_processor"):
+            return proc, getattr(proc, "tokenizer", tok)
+        first_error: Exception | None = None
+    except Exception as e:  # noqa: BLE001 - fall back below, re-raise if that fails too
+        first_error = e
+    try:
+        return _image_only_processor(base, config, tok), tok
+    except Exception as e:  # noqa: BLE001
+        raise BackendError(
+            f"cannot build the processor of {base}: AutoProcessor failed ({first_error}); "
+            f"image-only fallback failed ({e})"
+        ) from e
+
+
+def _image_only_processor(base: str, config, tok):
+    """The family's processor class built from tokenizer + image processor only
+    (its video processor, which needs torchvision, left out)."""
+    import transformers
+    from transformers import AutoImageProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    proc_cfg: dict = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        p = Path(base) / name
+        if p.is_file():
+            data = json.loads(p.read_text())
+            if name == "processor_config.json":
+                proc_cfg = data
+            break
+    cls_name = proc_cfg.get("processor_class") or PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    if isinstance(cls_name, (tuple, list)):
+        cls_name = cls_name[0]
+    proc_cls = getattr(transformers, cls_name)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(base)
+    except Exception:  # noqa: BLE001 - e.g. a torchvision-backed fast class
+        image_processor = AutoImageProcessor.from_pretrained(base, use_fast=False)
+
+    class _ImageOnly(proc_cls):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    _ImageOnly.__name__ = f"{proc_cls.__name__}ImageOnly"
+    sig = inspect.signature(proc_cls.__init__).parameters
+    kwargs = {k: v for k, v in proc_cfg.items() if k in sig and k not in ("image_processor", "tokenizer", "video_processor")}
+    template = tok.chat_template
+    if (Path(base) / "chat_template.jinja").is_file():
+        template = (Path(base) / "chat_template.jinja").read_text()
+    kwargs["chat_template"] = template
+    if "video_processor" in sig:
+        kwargs["video_processor"] = None
+    return _ImageOnly(image_processor=image_processor, tokenizer=tok, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# fit check: does a LoRA adapter fit the base? (no weights loaded)
+# ---------------------------------------------------------------------------
+def check_lora_fits(base: str, adapter_dirs: Sequence[str], trust_remote_code: bool = False) -> None:
+    """Raise ``InputError`` naming the adapter, module and shapes when a PEFT LoRA
+    adapter targets a module the base does not have or has other shapes.
+
+    The base is instantiated on the meta device from its config (no weights
+    read); adapters that are not PEFT LoRA folders are skipped.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from ..errors import InputError
+
+    lora_dirs = [Path(a) for a in adapter_dirs if (Path(a) / "adapter_config.json").is_file()]
+    if not lora_dirs:
+        return
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = None
+        for cls in model_class_for(config):
+            try:
+                model = cls.from_config(config, trust_remote_code=trust_remote_code) if hasattr(cls, "from_config") \
+                    else cls(config)
+                break
+            except (ValueError, KeyError, TypeError):
+                continue
+    if model is None:
+        return  # cannot instantiate offline: leave it to the loader's own errors
+    modules = dict(model.named_modules())
+    for ad in lora_dirs:
+        files = sorted(ad.glob("adapter_model*.safetensors"))
+        if not files:
+            continue
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
+                    if part is None:
+                        continue
+                    mod_name = key.split(part)[0]
+                    if mod_name.startswith("base_model.model."):
+                        mod_name = mod_name[len("base_model.model."):]
+                    mod = modules.get(mod_name)
+                    if mod is None:
+                        # PEFT may save under the checkpoint's key layout: try suffix matches
+                        hits = [n for n in modules if n.endswith("." + mod_name) or mod_name.endswith("." + n)]
+                        mod = modules[hits[0]] if len(hits) == 1 else None
+                    if mod is None:
+                        raise InputError(
+                            f"adapter {ad}: targets module {mod_name!r}, which the base {base} does not have "
+                            f"(is this adapter for another model?)"
+                        )
+                    w = getattr(mod, "weight", None)
+                    if w is None or w.dim() != 2:
+                        continue
+                    d_out, d_in = w.shape
+                    shape = tuple(sf.get_slice(key).get_shape())
+                    if part == ".lora_A." and shape[1] != d_in:
+                        raise InputError(
+                            f"adapter {ad}: shape mismatch at {mod_name}: lora_A is {list(shape)} "
+                            f"(in_features {shape[1]}) but the base weight is {[d_out, d_in]} "
+                            f"(in_features {d_in}); the adapter was trained for another model size"
+                        )
+                    if part == ".lora_B." and shape[0] != d_out:
+                        raise InputError(
+                            f"adapter {ad}: shape mismatch at {mod_name}: lora_B is {list(shape)} "
+                            f"(out_features {shape[0]}) but the base weight is {[d_out, d_in]} "
+                            f"(out_features {d_out}); the adapter was trained for another model size"
+                        )
+
+
+# ---------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------
+class HFBackend:
+    name = "hf"
+
+    def __init__(
+        self,
+        artifact: Any,
+        base: str,
+        *,
+        dtype: str | None = "auto",
+        device: str | None = None,
+        batch_size: int = 1,
+        max_new_tokens: int | None = None,
+        system_prompt: str | None = None,
+        fold: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoConfig
+
+        t0 = time.perf_counter()
+        self.base = base
+        self.batch_size = max(1, int(batch_size or 1))
+        self.default_max_new_tokens = int(max_new_tokens) if max_new_tokens else 256
+        self.system_prompt = system_prompt
+        self.device = _resolve_device(device)
+        torch_dtype = _resolve_dtype(dtype)
+        try:
+            config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+            self.processor, self.tokenizer = load_processor(base, trust_remote_code)
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BackendError(f"cannot load the base model {base!r}: {type(e).__name__}: {e}") from e
+        self.supports_images = is_multimodal_config(config)
+        kind = getattr(artifact, "kind", None)
+        model_path = str(artifact.path) if kind == "full" else base
+        try:
+            model = _from_pretrained(model_class_for(config), model_path, dtype=torch_dtype,
+                                     trust_remote_code=trust_remote_code)
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            what = "merged model" if kind == "full" else "base model"
+            raise BackendError(f"cannot load the {what} from {model_path!r}: {type(e).__name__}: {e}") from e
+        if kind == "lora":
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, str(artifact.path), is_trainable=False)
+            except Exception as e:  # noqa: BLE001
+                raise BackendError(
+                    f"the merged LoRA {artifact.path} does not load onto the base {base}: {type(e).__name__}: {e}"
+                ) from e
+            if fold:
+                model = model.merge_and_unload()
+        elif kind not in (None, "full"):
+            raise BackendError(f"unknown artifact kind {kind!r} (expected 'lora' or 'full')")
+        self.model = model.to(self.device).eval()
+        for tk in {id(self.tokenizer): self.tokenizer,
+                   id(getattr(self.processor, "tokenizer", None)): getattr(self.processor, "tokenizer", None)}.values():
+            if tk is not None and tk.pad_token_id is None:
+                tk.pad_token = tk.eos_token
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_ids:
+            self.eos_ids.append(self.tokenizer.eos_token_id)
+        self.max_length = int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 2048) or 2048)
+        self.info = BackendInfo(
+            name="hf",
+            model_class=type(self._inner_model()).__name__,
+            artifact_kind=kind,
+            folded=bool(fold and kind == "lora"),
+            dtype=str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            device=self.device,
+            extra={"load_seconds": round(time.perf_counter() - t0, 3)},
+        )
+
+    # -- helpers -----------------------------------------------------------
+    def _inner_model(self):
+        m = self.model
+        if hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        return m
+
+    def _messages(self, req) -> list[dict]:
+        msgs = [dict(m) for m in req.messages]
+        if self.system_prompt and not (msgs and msgs[0].get("role") == "system"):
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        return msgs
+
+    def render(self, req: GenRequest | LLRequest) -> str:
+        """The prompt text of a request (chat template applied to ``messages``)."""
+        raw = req.prompt if isinstance(req, GenRequest) else req.context
+        if raw is not None:
+            return raw
+        msgs = self._messages(req)
+        if self.processor is not None and getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if getattr(self.tokenizer, "chat_template", None):
+            flat = [
+                {**m, "content": m["content"] if isinstance(m["content"], str)
+                 else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")}
+                for m in msgs
+            ]
+            return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
+        # no chat template: plain concatenation of the texts
+        return "\n".join(
+            m["content"] if isinstance(m["content"], str)
+            else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")
+            for m in msgs
+        )
+
+    def _check_images(self, reqs) -> None:
+        n = sum(len(r.images) for r in reqs)
+        if n and not self.supports_images:
+            raise BackendError(
+                f"the base model {self.base} is text-only (its config has no vision tower) but the task "
+                f"sent {n} image(s); evaluate image tasks with a vision-language base (Qwen2-VL, LLaVA, ...) "
+                f"or pick text-only tasks"
+            )
+
+    def _encode(self, texts: list[str], images: list, padding_side: str = "left"):
+        """Batch inputs (dict of tensors on the device)."""
+        if self.processor is not None:
+            tok = self.processor.tokenizer
+            tok.padding_side = padding_side
+            enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        else:
+            self.tokenizer.padding_side = padding_side
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
+
+    # -- generate ----------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
+        requests = list(requests)
+        self._check_images(requests)
+        out: list[str | None] = [None] * len(requests)
+        # group by generation settings, keep order inside a group, longest first is not needed on CPU
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            key = (r.max_new_tokens or self.default_max_new_tokens, r.greedy,
+                   None if r.greedy else (r.temperature, r.top_p))
+            groups.setdefault(key, []).append(i)
+        for (max_new, greedy, sampling), idxs in groups.items():
+            for s in range(0, len(idxs), self.batch_size):
+                chunk = idxs[s:s + self.batch_size]
+                texts = [self.render(requests[i]) for i in chunk]
+                images = [im for i in chunk for im in requests[i].images]
+                enc = self._encode(texts, images, "left")
+                kw: dict[str, Any] = dict(max_new_tokens=int(max_new), pad_token_id=self.tokenizer.pad_token_id,
+                                          eos_token_id=self.eos_ids or None)
+                if greedy:
+                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+                else:
+                    temp, top_p = sampling
+                    kw.update(do_sample=True, temperature=float(temp), top_p=top_p)
+                seqs = self.model.generate(**enc, **kw)
+                new = seqs[:, enc["input_ids"].shape[1]:]
+                decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True,
+                                                      clean_up_tokenization_spaces=False)
+                for i, text in zip(chunk, decoded):
+                    out[i] = cut_at_stop(text, requests[i].until)
+        return [o if o is not None else "" for o in out]
+
+    # -- loglikelihood -----------------------------------------------------
+    def _score(self, pieces: list[tuple[dict, int]]) -> list[tuple[float, bool]]:
+        """pieces: (model inputs for ONE sequence incl. continuation, n_cont tokens)."""
+        res = []
+        for enc, n_cont in pieces:
+            logits = self.model(**enc).logits[0].float()
+            ids = enc["input_ids"][0]
+            L = ids.shape[0]
+            logp = torch.log_softmax(logits[L - n_cont - 1:L - 1], dim=-1)
+            tgt = ids[L - n_cont:]
+            ll = logp.gather(-1, tgt[:, None]).sum().item()
+            greedy = bool((logp.argmax(-1) == tgt).all().item())
+            res.append((ll, greedy))
+        return res
+
+    def _cont_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def _score_token_batch(self, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Text-only scoring of (context_ids, continuation_ids), right-padded batches."""
+        res: list[tuple[float, bool]] = []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for s in range(0, len(items), self.batch_size):
+            chunk = items[s:s + self.batch_size]
+            seqs = [(c + t)[-(self.max_length + 1):] for c, t in chunk]
+            inputs = [q[:-1] for q in seqs]
+            L = max(len(q) for q in inputs)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for j, q in enumerate(inputs):
+                ids[j, :len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[j, :len(q)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            logp_all = torch.log_softmax(logits, dim=-1)
+            for j, ((c, t), q) in enumerate(zip(chunk, seqs)):
+                n = len(t)
+                n_in = len(q) - 1
+                lp = logp_all[j, n_in - n:n_in]
+                tgt = torch.tensor(q[-n:], dtype=torch.long, device=lp.device)
+                res.append((lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all().item())))
+        return res
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[LLRequest]) -> list[tuple[float, bool]]:
+        requests = list(requests)
+        self._check_images(requests)
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        text_items, text_idx = [], []
+        for i, r in enumerate(requests):
+            cont = self._cont_ids(r.continuation)
+            if not cont:
+                out[i] = (0.0, True)
+                continue
+            ctx_text = self.render(r)
+            if r.images or self.processor is not None:
+                enc = self._encode([ctx_text], list(r.images), "right")
+                ctx_ids = enc["input_ids"]
+                cont_t = torch.tensor([cont], dtype=ctx_ids.dtype, device=ctx_ids.device)
+                enc["input_ids"] = torch.cat([ctx_ids, cont_t], dim=1)
+                enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+                if "mm_token_type_ids" in enc:
+                    enc["mm_token_type_ids"] = torch.cat(
+                        [enc["mm_token_type_ids"], torch.zeros_like(cont_t)], dim=1)
+                if "token_type_ids" in enc:
+                    enc["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(cont_t)], dim=1)
+                out[i] = self._score([(enc, len(cont))])[0]
+            else:
+                ctx = self.tokenizer(ctx_text, add_special_tokens=False)["input_ids"]
+                if not ctx:
+                    ctx = [self._prefix_id()]
+                text_items.append((ctx, cont))
+                text_idx.append(i)
+        for i, r in zip(text_idx, self._score_token_batch(text_items)):
+            out[i] = r
+        return [o for o in out]  # type: ignore[misc]
+
+    def _prefix_id(self) -> int:
+        tk = self.tokenizer
+        for t in (tk.bos_token_id, tk.eos_token_id, tk.pad_token_id):
+            if t is not None:
+                return int(t)
+        return 0
+
+    @torch.inference_mode()
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        out = []
+        for text in texts:
+            ids = self._cont_ids(text)
+            windows = rolling_windows(ids, self._prefix_id(), self.max_length)
+            out.append(sum(ll for ll, _ in self._score_token_batch(windows)))
+        return out
+
+    def close(self) -> None:
+        self.model = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+__all__ = ["HFBackend", "OPTIONS", "check_lora_fits", "load", "load_processor"]

@@ -1,0 +1,92 @@
+"""Harness adapters: lmms-eval model ``merged`` (:mod:`.lmms_model`), lm-eval model
+``merged`` (:mod:`.lm_eval_model`), their console scripts and the shared
+``model_args`` parser (:mod:`.model_args`).
+
+Importing this package imports no harness, no transformers and no vLLM; the
+adapters share :func:`load_merged` (merge through ``harness_merge.api.merge``,
+then load a backend) and :func:`report_failure` (make an error visible even
+where the harness swallows it).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+# Errors reported by a harness model in this process (the console scripts exit
+# non-zero when this is not empty; lmms-eval itself logs and exits 0).
+FAILURES: list[str] = []
+
+
+@dataclass
+class Loaded:
+    backend: Any
+    artifact: Any
+    record: dict
+
+
+def _say(msg: str) -> None:
+    print(f"[harness-merge] {msg}", file=sys.stderr, flush=True)
+
+
+def load_merged(hargs) -> Loaded:
+    """Merge ``hargs`` (a :class:`~.model_args.HarnessArgs`) and serve it.
+
+    The merge goes through the content-addressed cache, so a second run with
+    the same inputs does no merge work (``record["cache_hit"]``).
+    """
+    from ..api import merge
+    from ..backends import load_backend
+
+    spec = hargs.merge_spec()
+    _say(f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
+         f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}")
+    t0 = time.perf_counter()
+    try:
+        from ..backends.hf import check_lora_fits
+
+        check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
+    except ImportError:  # transformers missing: the merge layer's own checks still run
+        pass
+    art = merge(spec, cache_dir=hargs.cache_dir, progress=False)
+    t_merge = time.perf_counter() - t0
+    m = art.manifest
+    hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
+    _say(f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
+         f"in {t_merge:.2f}s; params={m.get('params')}; adapters: {hashes}")
+    t1 = time.perf_counter()
+    backend = load_backend(hargs.backend, art, hargs.pretrained, **hargs.backend_opts)
+    t_load = time.perf_counter() - t1
+    info = getattr(backend, "info", None)
+    _say(f"backend {hargs.backend} loaded in {t_load:.2f}s"
+         + (f" ({info.model_class}, {info.dtype}, {info.device}{', LoRA folded' if info.folded else ''})"
+            if info is not None else ""))
+    record = {
+        "base": hargs.pretrained,
+        "backend": hargs.backend,
+        "backend_opts": {k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"},
+        "artifact": {"path": str(art.path), "kind": art.kind},
+        "cache_hit": bool(art.cache_hit),
+        "merge_seconds": round(t_merge, 3),
+        "load_seconds": round(t_load, 3),
+        "manifest": m,
+    }
+    return Loaded(backend=backend, artifact=art, record=record)
+
+
+def report_failure(exc: BaseException, where: str) -> None:
+    """Print a banner for ``exc`` to stderr and remember it (see ``FAILURES``)."""
+    from ..errors import MergeError
+
+    msg = str(exc) if isinstance(exc, MergeError) else f"{type(exc).__name__}: {exc}"
+    FAILURES.append(f"{where}: {msg}")
+    bar = "=" * 78
+    lines = [bar, f"harness-merge ERROR ({where})", msg, bar]
+    if not isinstance(exc, MergeError):
+        lines.insert(3, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+__all__ = ["FAILURES", "Loaded", "load_merged", "report_failure"]

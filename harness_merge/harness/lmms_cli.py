@@ -1,0 +1,64 @@
+"""The ``lmms_eval`` command: lmms-eval 0.7.3's own CLI (it installs only
+``lmms-eval``), plus a non-zero exit status when model ``merged`` failed.
+
+lmms-eval catches an exception raised while a model loads or answers, logs
+it and exits 0; our model records its failures (see
+``harness_merge.harness.FAILURES``), and this wrapper turns them into exit
+status 1 with a summary on stderr.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _finish(code: int | None) -> int:
+    from . import FAILURES
+
+    if FAILURES:
+        print("\n[harness-merge] the run failed:\n  " + "\n  ".join(FAILURES), file=sys.stderr, flush=True)
+        return code if isinstance(code, int) and code else 1
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def _watch_evaluations() -> None:
+    """Record any exception of an evaluation (lmms-eval logs it and goes on)."""
+    import functools
+
+    import lmms_eval.__main__ as lm_main
+
+    orig = lm_main.cli_evaluate_single
+    if getattr(orig, "_harness_merge", False):
+        return
+
+    @functools.wraps(orig)
+    def single(*args, **kwargs):
+        from . import FAILURES
+
+        try:
+            return orig(*args, **kwargs)
+        except Exception as e:
+            if not any(f.startswith("lmms-eval model 'merged'") for f in FAILURES):
+                FAILURES.append(f"lmms-eval evaluation: {type(e).__name__}: {e}")
+            raise
+
+    single._harness_merge = True  # type: ignore[attr-defined]
+    lm_main.cli_evaluate_single = single
+
+
+def main() -> int:
+    from lmms_eval.cli.dispatch import main as lmms_main
+
+    _watch_evaluations()
+
+    try:
+        lmms_main()
+        code: int | None = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    sys.exit(_finish(code))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""One ``model_args`` parser for lmms-eval and lm-eval.
+
+``pretrained=BASE,adapters=[a,b,c],method=copa,prune_rate=0.8,backend=hf``
+
+- ``adapters``: ``[a,b,c]``, ``a;b;c`` or a single path (a Python list too).
+- every parameter of the chosen method by its own name (``prune_rate``,
+  ``scaling``, ``weights=[0.5,0.5]``, ``seed``, ...), looked up in the
+  method's parameter dataclass and passed on as given (the dataclass converts
+  and validates).
+- merge options: ``format`` (auto|lora|full), ``rank``, ``cache_dir``.
+- serving: ``backend`` (hf|vllm), ``dtype``, ``device``, ``batch_size``,
+  ``max_new_tokens``, ``system_prompt``, ``fold`` (hf: fold the LoRA into the
+  weights), ``trust_remote_code``; vLLM pass-throughs ``tensor_parallel_size``,
+  ``gpu_memory_utilization``, ``max_model_len``, ``enforce_eager``,
+  ``max_lora_rank``.
+
+Unknown keys are an error that lists the valid ones. Values from the harness
+may be strings (our own splitting) or already typed (lmms-eval / lm-eval guess
+types); both are accepted.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import MethodParamError
+
+BACKEND_KEYS = ("backend", "dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold",
+                "trust_remote_code")
+VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")
+MERGE_KEYS = ("pretrained", "adapters", "method", "format", "rank", "cache_dir")
+# keys the harnesses add on their own (CLI --batch_size / --device / --max_batch_size)
+IGNORED_KEYS = ("max_batch_size",)
+_BOOL_TRUE = ("1", "true", "yes", "on")
+_BOOL_FALSE = ("0", "false", "no", "off", "")
+
+
+class ModelArgsError(MethodParamError):
+    """A bad ``--model_args`` entry (unknown key, bad value, missing key)."""
+
+
+@dataclass(frozen=True)
+class HarnessArgs:
+    pretrained: str
+    adapters: tuple[str, ...]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    format: str = "auto"
+    rank: int | None = None
+    cache_dir: str | None = None
+    backend: str = "hf"
+    backend_opts: dict[str, Any] = field(default_factory=dict)
+
+    def merge_spec(self):
+        from ..api import MergeSpec
+
+        return MergeSpec(adapters=self.adapters, method=self.method, params=dict(self.params),
+                         base=self.pretrained, format=self.format, rank=self.rank)
+
+
+def split_arg_string(s: str) -> dict[str, str]:
+    """``k=v,k2=[a,b],k3="x,y"`` -> dict of raw strings; commas inside quotes,
+    ``[]`` or ``{}`` do not split. A piece without ``=`` is an error."""
+    parts, cur, depth, quote = [], [], 0, None
+    for ch in s.strip():
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if cur:
+        parts.append("".join(cur))
+    out: dict[str, str] = {}
+    for p in (p.strip() for p in parts):
+        if not p:
+            continue
+        if "=" not in p:
+            raise ModelArgsError(
+                f"model_args: {p!r} is not key=value. Lists need brackets or semicolons: "
+                f"adapters=[a,b,c] or adapters=a;b;c"
+            )
+        k, v = p.split("=", 1)
+        v = v.strip()
+        if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+            v = v[1:-1]
+        out[k.strip()] = v
+    return out
+
+
+def parse_list(value: Any) -> tuple[str, ...]:
+    """``[a,b]``, ``a;b``, ``a`` or a list/tuple -> tuple of non-empty strings."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        items = [str(x) for x in value]
+    else:
+        s = str(value).strip()
+        if s.startswith("[") and s.endswith("]"):
+            s = s[1:-1]
+        sep = ";" if ";" in s else ","
+        items = s.split(sep)
+    return tuple(i.strip().strip("\"'") for i in items if i.strip().strip("\"'"))
+
+
+def _to_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in _BOOL_TRUE:
+        return True
+    if s in _BOOL_FALSE:
+        return False
+    raise ModelArgsError(f"model_args: {key} must be true or false, got {v!r}")
+
+
+def _to_int(key: str, v: Any, *, allow_none: bool = False, minimum: int | None = None) -> int | None:
+    if v is None or (allow_none and str(v).strip().lower() in ("", "none", "null")):
+        if allow_none:
+            return None
+        raise ModelArgsError(f"model_args: {key} must be an integer, got {v!r}")
+    try:
+        f = float(v)
+        if not f.is_integer():
+            raise ValueError
+        i = int(f)
+    except (TypeError, ValueError):
+        raise ModelArgsError(f"model_args: {key} must be an integer, got {v!r}") from None
+    if minimum is not None and i < minimum:
+        raise ModelArgsError(f"model_args: {key} must be >= {minimum}, got {i}")
+    return i
+
+
+def _to_float(key: str, v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ModelArgsError(f"model_args: {key} must be a number, got {v!r}") from None
+
+
+def _batch_size(v: Any) -> int:
+    s = str(v).strip().lower()
+    if s.startswith("auto"):
+        return 1  # no automatic batch-size search: one request at a time is always safe
+    return _to_int("batch_size", v, minimum=1)  # type: ignore[return-value]
+
+
+def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> HarnessArgs:
+    """Parse the harness's ``model_args`` (a string, or the kwargs the harness
+    passes). ``defaults`` (e.g. the CLI's ``--batch_size``/``--device``) apply
+    where ``args`` do not set a key; None values there are ignored."""
+    raw: dict[str, Any] = dict(split_arg_string(args)) if isinstance(args, str) else dict(args)
+    for k, v in (defaults or {}).items():
+        if v is not None and k not in raw:
+            raw[k] = v
+    for k in IGNORED_KEYS:
+        raw.pop(k, None)
+
+    from .. import methods
+
+    method = raw.pop("method", None)
+    if method is None or str(method).strip() == "":
+        raise ModelArgsError(
+            f"model_args: method is required, e.g. method=copa; available: {', '.join(methods.available())}"
+        )
+    method = str(method).strip()
+    spec = methods.get(method)  # unknown method -> MethodParamError with the list
+    param_names = spec.params_cls.field_names()
+
+    valid = set(MERGE_KEYS) | set(BACKEND_KEYS) | set(VLLM_KEYS) | set(param_names)
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(valid), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ModelArgsError(
+            f"model_args: unknown key(s) {', '.join(hints)}. Valid keys: "
+            f"merge: {', '.join(MERGE_KEYS)}; method {method} parameters: {', '.join(param_names)}; "
+            f"serving: {', '.join(BACKEND_KEYS)}; vllm: {', '.join(VLLM_KEYS)}"
+        )
+
+    pretrained = raw.pop("pretrained", None)
+    if not pretrained:
+        raise ModelArgsError("model_args: pretrained=<base model folder or hub id> is required")
+    adapters = parse_list(raw.pop("adapters", None))
+    if not adapters:
+        raise ModelArgsError("model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b")
+
+    params = {k: raw.pop(k) for k in list(raw) if k in param_names}
+    if "weights" in params and not isinstance(params["weights"], (list, tuple)) and params["weights"] is not None:
+        params["weights"] = ",".join(parse_list(params["weights"]))
+
+    fmt = str(raw.pop("format", "auto")).strip().lower()
+    if fmt not in ("auto", "lora", "full"):
+        raise ModelArgsError(f"model_args: format must be auto, lora or full, got {fmt!r}")
+    rank = _to_int("rank", raw.pop("rank", None), allow_none=True, minimum=1)
+    cache_dir = raw.pop("cache_dir", None)
+    backend = str(raw.pop("backend", "hf")).strip().lower()
+    if backend not in ("hf", "vllm"):
+        raise ModelArgsError(f"model_args: backend must be hf or vllm, got {backend!r}")
+
+    opts: dict[str, Any] = {}
+    if "dtype" in raw:
+        opts["dtype"] = str(raw.pop("dtype")).strip().lower()
+    if "device" in raw:
+        opts["device"] = str(raw.pop("device")).strip()
+    if "batch_size" in raw:
+        opts["batch_size"] = _batch_size(raw.pop("batch_size"))
+    if "max_new_tokens" in raw:
+        opts["max_new_tokens"] = _to_int("max_new_tokens", raw.pop("max_new_tokens"), minimum=1)
+    if "system_prompt" in raw:
+        opts["system_prompt"] = str(raw.pop("system_prompt"))
+    for k in ("fold", "trust_remote_code"):
+        if k in raw:
+            opts[k] = _to_bool(k, raw.pop(k))
+    vllm_given = [k for k in VLLM_KEYS if k in raw]
+    if vllm_given and backend != "vllm":
+        raise ModelArgsError(
+            f"model_args: {', '.join(vllm_given)} appl{'ies' if len(vllm_given) == 1 else 'y'} to backend=vllm only "
+            f"(this run uses backend={backend}); add backend=vllm or drop them"
+        )
+    if "fold" in opts and backend == "vllm":
+        raise ModelArgsError("model_args: fold applies to backend=hf only (vLLM serves a LoRA artifact as a LoRA)")
+    for k in ("tensor_parallel_size", "max_model_len", "max_lora_rank"):
+        if k in raw:
+            opts[k] = _to_int(k, raw.pop(k), minimum=1)
+    if "gpu_memory_utilization" in raw:
+        opts["gpu_memory_utilization"] = _to_float("gpu_memory_utilization", raw.pop("gpu_memory_utilization"))
+    if "enforce_eager" in raw:
+        opts["enforce_eager"] = _to_bool("enforce_eager", raw.pop("enforce_eager"))
+    assert not raw, raw  # every valid key is consumed above
+
+    return HarnessArgs(
+        pretrained=str(pretrained), adapters=adapters, method=spec.name, params=params, format=fmt,
+        rank=rank, cache_dir=str(cache_dir) if cache_dir else None, backend=backend, backend_opts=opts,
+    )
+
+
+__all__ = ["HarnessArgs", "ModelArgsError", "parse_list", "parse_model_args", "split_arg_string"]

@@ -1,0 +1,161 @@
+"""Unit tests of the shared model_args parser and the backend seam helpers."""
+from __future__ import annotations
+
+import pytest
+
+from harness_merge.backends.base import (
+    BackendError, GenRequest, LLRequest, cut_at_stop, load_backend, rolling_windows,
+)
+from harness_merge.errors import MethodParamError
+from harness_merge.harness.model_args import (
+    ModelArgsError, parse_list, parse_model_args, split_arg_string,
+)
+
+
+def test_split_keeps_brackets_quotes_and_braces():
+    d = split_arg_string('pretrained=/m,adapters=[a,b,c],system_prompt="x, y",weights=[0.5,0.5]')
+    assert d == {"pretrained": "/m", "adapters": "[a,b,c]", "system_prompt": "x, y", "weights": "[0.5,0.5]"}
+
+
+def test_split_rejects_bare_comma_list():
+    with pytest.raises(ModelArgsError, match=r"adapters=\[a,b,c\] or adapters=a;b;c"):
+        split_arg_string("pretrained=/m,adapters=a,b")
+
+
+@pytest.mark.parametrize("v,out", [
+    ("[a,b,c]", ("a", "b", "c")), ("a;b;c", ("a", "b", "c")), ("a", ("a",)), (["a", "b"], ("a", "b")),
+    ("[ a , 'b' ]", ("a", "b")), ("[a;b]", ("a", "b")),
+])
+def test_parse_list(v, out):
+    assert parse_list(v) == out
+
+
+def test_full_parse_copa():
+    h = parse_model_args("pretrained=/b,adapters=[/a1,/a2],method=copa,prune_rate=0.8,combine=sum_of_products,"
+                         "scaling=2,backend=hf,dtype=float32,batch_size=4,max_new_tokens=16,cache_dir=/c,"
+                         "format=lora,rank=8,fold=true")
+    assert h.pretrained == "/b" and h.adapters == ("/a1", "/a2") and h.method == "copa"
+    assert h.params == {"prune_rate": "0.8", "combine": "sum_of_products", "scaling": "2"}
+    assert h.format == "lora" and h.rank == 8 and h.cache_dir == "/c" and h.backend == "hf"
+    assert h.backend_opts == {"dtype": "float32", "batch_size": 4, "max_new_tokens": 16, "fold": True}
+    spec = h.merge_spec()
+    assert spec.base == "/b" and spec.method == "copa" and spec.params["prune_rate"] == "0.8"
+
+
+def test_kwargs_from_harness_typed_values_and_defaults():
+    # lmms-eval / lm-eval may hand typed values and CLI defaults (batch_size/device)
+    h = parse_model_args({"pretrained": "/b", "adapters": "/a1;/a2", "method": "dare", "drop_rate": 0.3,
+                          "seed": 7, "weights": "[1,2]"}, defaults={"batch_size": "3", "device": None})
+    assert h.params == {"drop_rate": 0.3, "seed": 7, "weights": "1,2"}
+    assert h.backend_opts == {"batch_size": 3}
+    h2 = parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=5", defaults={"batch_size": 1})
+    assert h2.backend_opts["batch_size"] == 5  # model_args wins over the CLI default
+
+
+def test_params_validated_by_method_dataclass():
+    from harness_merge import methods
+
+    h = parse_model_args("pretrained=/b,adapters=[/a,/b2],method=ties,prune_rate=0.7,weights=[0.5,0.25]")
+    p = methods.get("ties").make_params(h.params)
+    assert p.prune_rate == 0.7 and p.weights == (0.5, 0.25)
+
+
+def test_unknown_key_lists_valid_ones_and_suggests():
+    with pytest.raises(ModelArgsError) as ei:
+        parse_model_args("pretrained=/b,adapters=[/a],method=copa,prune_rat=0.5")
+    msg = str(ei.value)
+    assert "prune_rat" in msg and "did you mean 'prune_rate'" in msg
+    assert "method copa parameters: scaling, weights, prune_rate" in msg and "batch_size" in msg
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(MethodParamError, match=r"unknown method 'copaa'.*Did you mean: copa"):
+        parse_model_args("pretrained=/b,adapters=[/a],method=copaa")
+
+
+@pytest.mark.parametrize("s,match", [
+    ("adapters=[/a],method=ta", "pretrained"),
+    ("pretrained=/b,method=ta", "adapters is required"),
+    ("pretrained=/b,adapters=[/a]", "method is required.*copa"),
+    ("pretrained=/b,adapters=[/a],method=ta,backend=tgi", "backend must be hf or vllm"),
+    ("pretrained=/b,adapters=[/a],method=ta,format=gguf", "format must be"),
+    ("pretrained=/b,adapters=[/a],method=ta,rank=0", "rank must be >= 1"),
+    ("pretrained=/b,adapters=[/a],method=ta,batch_size=x", "batch_size must be an integer"),
+    ("pretrained=/b,adapters=[/a],method=ta,fold=maybe", "fold must be true or false"),
+    ("pretrained=/b,adapters=[/a],method=ta,tensor_parallel_size=2", "backend=vllm only"),
+    ("pretrained=/b,adapters=[/a],method=ta,backend=vllm,fold=true", "fold applies to backend=hf"),
+])
+def test_bad_values(s, match):
+    with pytest.raises(ModelArgsError, match=match):
+        parse_model_args(s)
+
+
+def test_vllm_pass_throughs():
+    h = parse_model_args("pretrained=/b,adapters=[/a],method=ta,backend=vllm,tensor_parallel_size=2,"
+                         "gpu_memory_utilization=0.5,max_model_len=4096,enforce_eager=true,max_lora_rank=64")
+    assert h.backend_opts == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5, "max_model_len": 4096,
+                              "enforce_eager": True, "max_lora_rank": 64}
+
+
+def test_batch_size_auto_means_one():
+    assert parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=auto:4").backend_opts["batch_size"] == 1
+
+
+# -- backend seam ---------------------------------------------------------------
+def test_rolling_windows_cover_every_token_once():
+    toks = list(range(10, 33))
+    for max_len in (1, 4, 7, 50):
+        wins = rolling_windows(toks, 0, max_len)
+        assert [t for _, ts in wins for t in ts] == toks
+        for ctx, tgt in wins:
+            assert len(ctx) + len(tgt) - 1 <= max_len and len(ctx) >= 1
+    assert rolling_windows([], 0, 4) == []
+
+
+def test_cut_at_stop_takes_earliest():
+    assert cut_at_stop("abc\ndef.ghi", ["." , "\n"]) == "abc"
+    assert cut_at_stop("abc", ["", "x"]) == "abc"
+
+
+def test_request_types_validate():
+    with pytest.raises(ValueError):
+        GenRequest()
+    with pytest.raises(ValueError):
+        LLRequest(continuation="x", context="a", messages=({"role": "user", "content": "a"},))
+    assert GenRequest(prompt="a", temperature=0.7, do_sample=True).greedy is False
+    assert GenRequest(prompt="a", temperature=0.0, do_sample=True).greedy is True
+
+
+def test_load_backend_unknown_name():
+    with pytest.raises(BackendError, match="available: hf, vllm"):
+        load_backend("tgi", None, "/b")
+
+
+def test_load_backend_vllm_missing_says_how_to_install(monkeypatch):
+    import builtins
+    import sys
+
+    if "harness_merge.backends.vllm" in sys.modules:
+        pytest.skip("a vllm backend module is importable here")
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ModuleNotFoundError("No module named 'vllm'", name="vllm")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(BackendError, match=r"scripts/setup_vllm.sh|not available"):
+        load_backend("vllm", None, "/b")
+
+
+def test_import_harness_merge_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, harness_merge, harness_merge.backends, harness_merge.harness, "
+            "harness_merge.harness.model_args; "
+            "bad = [m for m in ('vllm', 'lmms_eval', 'lm_eval', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
