@@ -183,6 +183,37 @@ def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_len: int) -> l
     return out
 
 
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(c.get("text", "") for c in content if c.get("type") == "text")
+
+
+def render_prompt(req: GenRequest | LLRequest, processor: Any = None, tokenizer: Any = None,
+                  system_prompt: str | None = None) -> str:
+    """The prompt text of a request, the same for every backend.
+
+    ``prompt`` / ``context`` are returned as is. ``messages`` get
+    ``system_prompt`` prepended (unless they start with a system message) and
+    are rendered with the processor's chat template (multimodal: image items
+    become the model's image placeholder), else the tokenizer's (text items
+    joined), else joined with newlines when the base has no chat template;
+    the generation prompt is always added.
+    """
+    raw = req.prompt if isinstance(req, GenRequest) else req.context
+    if raw is not None:
+        return raw
+    msgs = [dict(m) for m in req.messages or ()]
+    if system_prompt and not (msgs and msgs[0].get("role") == "system"):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    if processor is not None and getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        flat = [{**m, "content": _text_of(m["content"])} for m in msgs]
+        return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
+    return "\n".join(_text_of(m["content"]) for m in msgs)
+
+
 def cut_at_stop(text: str, until: Sequence[str]) -> str:
     """``text`` up to the earliest occurrence of any non-empty stop string."""
     cut = len(text)
@@ -203,5 +234,6 @@ __all__ = [
     "LLRequest",
     "cut_at_stop",
     "load_backend",
+    "render_prompt",
     "rolling_windows",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, rolling_windows
+from .base import BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, render_prompt, rolling_windows
 
 log = logging.getLogger("harness_merge.backends.hf")
 
@@ -324,33 +324,9 @@ class HFBackend:
             m = m.get_base_model()
         return m
 
-    def _messages(self, req) -> list[dict]:
-        msgs = [dict(m) for m in req.messages]
-        if self.system_prompt and not (msgs and msgs[0].get("role") == "system"):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        return msgs
-
     def render(self, req: GenRequest | LLRequest) -> str:
-        """The prompt text of a request (chat template applied to ``messages``)."""
-        raw = req.prompt if isinstance(req, GenRequest) else req.context
-        if raw is not None:
-            return raw
-        msgs = self._messages(req)
-        if self.processor is not None and getattr(self.processor, "chat_template", None):
-            return self.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        if getattr(self.tokenizer, "chat_template", None):
-            flat = [
-                {**m, "content": m["content"] if isinstance(m["content"], str)
-                 else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")}
-                for m in msgs
-            ]
-            return self.tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
-        # no chat template: plain concatenation of the texts
-        return "\n".join(
-            m["content"] if isinstance(m["content"], str)
-            else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")
-            for m in msgs
-        )
+        """The prompt text of a request (see ``base.render_prompt``)."""
+        return render_prompt(req, self.processor, self.tokenizer, self.system_prompt)
 
     def _check_images(self, reqs) -> None:
         n = sum(len(r.images) for r in reqs)

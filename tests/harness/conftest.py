@@ -264,8 +264,13 @@ def find_results(out_dir: Path) -> tuple[dict, dict[str, list[dict]]]:
     res = sorted(out_dir.rglob("*results*.json"))
     assert res, f"no results file under {out_dir}: {list(out_dir.rglob('*'))}"
     results = json.loads(res[-1].read_text())
+    import re
+
     samples: dict[str, list[dict]] = {}
+    tasks = sorted(results.get("results", {}), key=len, reverse=True)
+    # lmms-eval: <date>_samples_<task>.jsonl; lm-eval: samples_<task>_<date>.jsonl
     for f in out_dir.rglob("*samples_*.jsonl"):
-        task = f.name.split("samples_", 1)[1].rsplit("_", 1)[0]
+        rest = f.name.split("samples_", 1)[1][: -len(".jsonl")]
+        task = next((t for t in tasks if re.fullmatch(re.escape(t) + r"(_\d.*)?", rest)), rest)
         samples[task] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return results, samples

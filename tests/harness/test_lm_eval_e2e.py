@@ -1,0 +1,63 @@
+"""End to end through the real ``lm-eval-merged`` command (subprocesses)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from .conftest import find_results
+
+pytestmark = pytest.mark.slow
+
+
+def _explain(p) -> str:
+    return f"rc={p.returncode}\n--- stdout ---\n{p.stdout[-4000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
+
+
+def _run(run_cli, model_args, tasks, include, out, *extra):
+    return run_cli("lm-eval-merged", [
+        "--model", "merged", "--model_args", model_args, "--tasks", tasks, "--include_path", str(include),
+        "--limit", "4", "--output_path", str(out), "--log_samples", "--batch_size", "2", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def ties_run(run_cli, text_lm, text_tasks, merge_cache, hw):
+    base, ads = text_lm
+    ma = (f"pretrained={base},adapters={ads[0]};{ads[1]},method=ties,prune_rate=0.5,"
+          f"cache_dir={merge_cache}")
+    out = hw / "lm_ties"
+    return _run(run_cli, ma, "hm_text_gen,hm_text_mc,hm_text_ppl", text_tasks, out), out
+
+
+def test_lm_eval_results(ties_run, text_lm):
+    p, out = ties_run
+    assert p.returncode == 0, _explain(p)
+    results, samples = find_results(out)
+    r = results["results"]
+    assert 0.0 <= r["hm_text_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= r["hm_text_mc"]["acc,none"] <= 1.0
+    ppl = r["hm_text_ppl"]["word_perplexity,none"]
+    assert math.isfinite(ppl) and ppl > 1.0
+    assert len(samples["hm_text_mc"]) == 4
+    merge = results["config"]["merge"]
+    assert merge["manifest"]["method"] == "ties"
+    assert merge["manifest"]["params"]["prune_rate"] == 0.5
+    assert [a["ref"] for a in merge["manifest"]["adapters"]] == [str(a) for a in text_lm[1]]
+
+
+def test_lm_eval_unknown_key_fails_visibly(run_cli, text_lm, text_tasks, hw):
+    base, ads = text_lm
+    p = _run(run_cli, f"pretrained={base},adapters=[{ads[0]}],method=ta,scalin=2", "hm_text_mc", text_tasks,
+             hw / "lm_bad")
+    assert p.returncode != 0, _explain(p)
+    assert "harness-merge ERROR" in p.stderr and "scaling" in p.stderr
+
+
+def test_lm_eval_misfit_adapter_fails_visibly(run_cli, text_lm, qwen2vl, text_tasks, hw):
+    base, ads = text_lm
+    other = qwen2vl[1][0]  # an adapter for the Qwen2-VL base
+    p = _run(run_cli, f"pretrained={base},adapters=[{ads[0]},{other}],method=ta", "hm_text_mc", text_tasks,
+             hw / "lm_misfit")
+    assert p.returncode != 0, _explain(p)
+    assert "harness-merge ERROR" in p.stderr and str(other) in p.stderr
