@@ -57,7 +57,7 @@ class Artifact:
     cache_hit: bool
 
 
-def _resolve_format(spec: MergeSpec, inputs, mspec) -> str:
+def _resolve_format(spec: MergeSpec, inputs, mspec, params) -> str:
     if spec.format == "full" and spec.base is None:
         raise ArtifactError("format=full writes base + merged update: pass the base model (--base)")
     if spec.format != "auto":
@@ -66,7 +66,7 @@ def _resolve_format(spec: MergeSpec, inputs, mspec) -> str:
         return spec.format
     if inputs.kind == "dense":
         return "full"
-    if mspec.lowrank_on_lora:
+    if mspec.returns_lowrank(params):
         return "lora"
     return "full" if spec.base is not None else "lora"
 
@@ -125,7 +125,7 @@ def merge(
         check_out_dir(out_path)
     inputs = open_inputs(spec.adapters, base=spec.base)
     validate_plan(inputs, mspec, params)
-    fmt = _resolve_format(spec, inputs, mspec)
+    fmt = _resolve_format(spec, inputs, mspec, params)
     dtype = spec.dtype or inputs.weight_dtype()
 
     cache = MergeCache(cache_dir) if use_cache else None

@@ -52,7 +52,10 @@ def iter_merged(
             if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
                 yield name, None
             elif inputs.is_matrix(name):
-                yield name, spec.fn(mi, params, generator=module_generator(seed, name))
+                # LoRA names a module, a checkpoint its weight: one key for both, so
+                # random methods draw the same masks from either input form.
+                key = name.removesuffix(".weight")
+                yield name, spec.fn(mi, params, generator=module_generator(seed, key))
             else:
                 yield name, Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
             del mi

@@ -35,7 +35,12 @@ class MethodSpec:
     reference_url: str
     inputs: frozenset[str] = field(default_factory=lambda: frozenset({"lora", "dense"}))
     min_inputs: int = 1
-    lowrank_on_lora: bool = False
+    lowrank_on_lora: bool | Callable[[MethodParams], bool] = False
+
+    def returns_lowrank(self, params: MethodParams) -> bool:
+        """Whether every module of LoRA inputs comes back ``LowRank`` with ``params``."""
+        f = self.lowrank_on_lora
+        return bool(f(params) if callable(f) else f)
 
     def make_params(self, values: dict | None = None) -> MethodParams:
         return self.params_cls.from_strings(dict(values or {}))
@@ -53,13 +58,14 @@ def register(
     reference_url: str,
     inputs: Iterable[str] = ("lora", "dense"),
     min_inputs: int = 1,
-    lowrank_on_lora: bool = False,
+    lowrank_on_lora: bool | Callable[[MethodParams], bool] = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
 
-    ``lowrank_on_lora``: the method returns ``LowRank`` for every module of LoRA
-    inputs, so its artifact is a LoRA adapter by default (else full weights
-    when a base is given, or a LoRA by SVD)."""
+    ``lowrank_on_lora`` (a bool, or a function of the params): the method
+    returns ``LowRank`` for every module of LoRA inputs, so its artifact is a
+    LoRA adapter by default (else full weights when a base is given, or a LoRA
+    by SVD)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:

@@ -68,6 +68,7 @@ def _tsv_core(
     reference_url="https://arxiv.org/abs/2412.00081",
     inputs=("lora", "dense"),
     min_inputs=2,
+    lowrank_on_lora=True,
 )
 def tsv(
     inputs: ModuleInputs, params: TSVParams, *, generator: torch.Generator
@@ -126,6 +127,7 @@ def _iso_c_core(cores: list[torch.Tensor], shape) -> torch.Tensor:
     reference_url="https://arxiv.org/abs/2502.04959",
     inputs=("lora", "dense"),
     min_inputs=2,
+    lowrank_on_lora=True,
 )
 def iso_c(
     inputs: ModuleInputs, params: IsoCParams, *, generator: torch.Generator
@@ -208,6 +210,7 @@ def _iso_cts_core(
     reference_url="https://arxiv.org/abs/2502.04959",
     inputs=("lora", "dense"),
     min_inputs=2,
+    lowrank_on_lora=True,
 )
 def iso_cts(
     inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Generator

@@ -340,6 +340,7 @@ def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult
     reference_url="https://arxiv.org/abs/2503.08099",
     inputs=("lora", "dense"),
     min_inputs=2,
+    lowrank_on_lora=lambda p: p.space != "dense",
 )
 def wudi(
     inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator
@@ -372,6 +373,7 @@ def wudi(
     reference_url="https://arxiv.org/abs/2505.19892",
     inputs=("lora", "dense"),
     min_inputs=2,
+    lowrank_on_lora=lambda p: p.space != "dense",
 )
 def wudi2(
     inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator

@@ -200,3 +200,59 @@ def test_out_dir_of_ours_is_replaced(adapters, tmp_path, cache_dir):
     a2 = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="wa"), out=out, cache_dir=cache_dir, progress=False)
     assert json.loads((out / "harness_merge.json").read_text())["method"] == "wa" == a2.manifest["method"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+# Settings under which a method's LoRA path and dense path are the same
+# computation (the methods' "auto" choices differ by input kind on purpose).
+SAME_ON_BOTH = {
+    "wudi": {"solver": "closed_form"},
+    "wudi2": {"solver": "closed_form", "init": "mean", "center": "no"},
+    "dare": {"drop_rate": "0.5"},
+    "dare_ties": {"drop_rate": "0.5"},
+}
+
+
+def _all_methods():
+    from harness_merge import methods
+
+    return [m for m in methods.available() if "dense" in methods.get(m).inputs]
+
+
+@pytest.mark.parametrize("method", _all_methods())
+def test_every_method_same_merge_from_lora_and_from_checkpoints(method, tiny_base, adapters, tmp_path):
+    """Through the whole pipeline (inputs -> method -> artifact): adapters and the
+    equivalent full checkpoints give the same merged weights."""
+    from transformers import AutoModelForCausalLM
+
+    params = SAME_ON_BOTH.get(method, {})
+    cks = _fake_checkpoints(tiny_base, adapters, tmp_path)
+    from_lora = merge(MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params, base=str(tiny_base),
+                                format="full"), use_cache=False, out=tmp_path / "l", progress=False)
+    from_ck = merge(MergeSpec(adapters=tuple(map(str, cks)), method=method, params=params, base=str(tiny_base)),
+                    use_cache=False, out=tmp_path / "c", progress=False)
+    a = AutoModelForCausalLM.from_pretrained(from_lora.path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(from_ck.path).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    changed = 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5, msg=f"{method}: {k}")
+        changed += not torch.equal(a[k], base[k])
+    assert changed >= 6  # the merged modules moved
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi", "wudi2"])
+def test_factor_space_methods_write_lora_that_peft_loads(method, tiny_base, adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from harness_merge import methods
+
+    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method=method, params={"iterations": "20"} if "wudi" in method else {}),
+                use_cache=False, out=tmp_path / "o", progress=False)
+    assert art.kind == "lora" and "svd_rel_error" not in art.manifest["result"]
+    inputs = open_inputs([str(a) for a in adapters])
+    spec = methods.get(method)
+    p = spec.make_params({"iterations": "20"} if "wudi" in method else {})
+    deltas = {m: spec.fn(inputs.read(m), p, generator=methods.module_generator(0, m)).delta() for m in inputs.module_names}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), art.path)
+    torch.testing.assert_close(logits(model), logits(base_plus(tiny_base, deltas)), rtol=1e-4, atol=1e-4)
