@@ -41,21 +41,25 @@ def load_merged(hargs) -> Loaded:
     from ..backends import load_backend
 
     spec = hargs.merge_spec()
-    _say(f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
-         f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}")
     t0 = time.perf_counter()
-    try:
-        from ..backends.hf import check_lora_fits
+    if spec is None:
+        _say(f"serving the base model {hargs.pretrained} alone (method=none) with backend={hargs.backend}")
+        art, m = None, {"method": "none", "adapters": []}
+    else:
+        _say(f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
+             f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}")
+        try:
+            from ..backends.hf import check_lora_fits
 
-        check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
-    except ImportError:  # transformers missing: the merge layer's own checks still run
-        pass
-    art = merge(spec, cache_dir=hargs.cache_dir, progress=False)
+            check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
+        except ImportError:  # transformers missing: the merge layer's own checks still run
+            pass
+        art = merge(spec, cache_dir=hargs.cache_dir, progress=False)
+        m = art.manifest
+        hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
+        _say(f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
+             f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}")
     t_merge = time.perf_counter() - t0
-    m = art.manifest
-    hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
-    _say(f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
-         f"in {t_merge:.2f}s; params={m.get('params')}; adapters: {hashes}")
     t1 = time.perf_counter()
     backend = load_backend(hargs.backend, art, hargs.pretrained, **hargs.backend_opts)
     t_load = time.perf_counter() - t1
@@ -67,8 +71,8 @@ def load_merged(hargs) -> Loaded:
         "base": hargs.pretrained,
         "backend": hargs.backend,
         "backend_opts": {k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"},
-        "artifact": {"path": str(art.path), "kind": art.kind},
-        "cache_hit": bool(art.cache_hit),
+        "artifact": {"path": str(art.path), "kind": art.kind} if art is not None else None,
+        "cache_hit": bool(art.cache_hit) if art is not None else None,
         "merge_seconds": round(t_merge, 3),
         "load_seconds": round(t_load, 3),
         "manifest": m,

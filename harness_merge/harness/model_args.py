@@ -3,6 +3,8 @@
 ``pretrained=BASE,adapters=[a,b,c],method=copa,prune_rate=0.8,backend=hf``
 
 - ``adapters``: ``[a,b,c]``, ``a;b;c`` or a single path (a Python list too).
+- ``method``: a registered method, or ``none`` to serve the base alone (no
+  adapters; the zero-shot reference of a leaderboard).
 - every parameter of the chosen method by its own name (``prune_rate``,
   ``scaling``, ``weights=[0.5,0.5]``, ``seed``, ...), looked up in the
   method's parameter dataclass and passed on as given (the dataclass converts
@@ -36,6 +38,10 @@ _BOOL_TRUE = ("1", "true", "yes", "on")
 _BOOL_FALSE = ("0", "false", "no", "off", "")
 
 
+# ``method=none``: no merge, serve the base (zero-shot reference).
+NO_MERGE = "none"
+
+
 class ModelArgsError(MethodParamError):
     """A bad ``--model_args`` entry (unknown key, bad value, missing key)."""
 
@@ -53,8 +59,11 @@ class HarnessArgs:
     backend_opts: dict[str, Any] = field(default_factory=dict)
 
     def merge_spec(self):
+        """The merge to run, or None for ``method=none`` (the base alone)."""
         from ..api import MergeSpec
 
+        if self.method == NO_MERGE:
+            return None
         return MergeSpec(adapters=self.adapters, method=self.method, params=dict(self.params),
                          base=self.pretrained, format=self.format, rank=self.rank)
 
@@ -175,8 +184,11 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
             f"model_args: method is required, e.g. method=copa; available: {', '.join(methods.available())}"
         )
     method = str(method).strip()
-    spec = methods.get(method)  # unknown method -> MethodParamError with the list
-    param_names = spec.params_cls.field_names()
+    if method == NO_MERGE:  # the base alone: the zero-shot reference row of a leaderboard
+        spec, param_names = None, []
+    else:
+        spec = methods.get(method)  # unknown method -> MethodParamError with the list
+        param_names = spec.params_cls.field_names()
 
     valid = set(MERGE_KEYS) | set(BACKEND_KEYS) | set(VLLM_KEYS) | set(param_names)
     unknown = [k for k in raw if k not in valid]
@@ -195,7 +207,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     if not pretrained:
         raise ModelArgsError("model_args: pretrained=<base model folder or hub id> is required")
     adapters = parse_list(raw.pop("adapters", None))
-    if not adapters:
+    if spec is None and adapters:
+        raise ModelArgsError(f"model_args: method={NO_MERGE} serves the base model alone; drop adapters=...")
+    if spec is not None and not adapters:
         raise ModelArgsError("model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b")
 
     params = {k: raw.pop(k) for k in list(raw) if k in param_names}
@@ -243,7 +257,7 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     assert not raw, raw  # every valid key is consumed above
 
     return HarnessArgs(
-        pretrained=str(pretrained), adapters=adapters, method=spec.name, params=params, format=fmt,
+        pretrained=str(pretrained), adapters=adapters, method=spec.name if spec else NO_MERGE, params=params, format=fmt,
         rank=rank, cache_dir=str(cache_dir) if cache_dir else None, backend=backend, backend_opts=opts,
     )
 

@@ -142,3 +142,15 @@ def test_fit_check_shape_mismatch(hw, text_lm):
     with pytest.raises(InputError, match=r"shape mismatch at .*q_proj.*in_features 128.*in_features 64"):
         check_lora_fits(str(text_lm[0]), [str(ad)])
     json  # noqa: B018
+
+
+def test_method_none_is_the_base_model(qwen2vl, merge_cache):
+    from harness_merge.harness import load_merged
+    from harness_merge.harness.model_args import parse_model_args
+
+    base, _ = qwen2vl
+    loaded = load_merged(parse_model_args(f"pretrained={base},method=none,dtype=float32,cache_dir={merge_cache}"))
+    assert loaded.artifact is None and loaded.record["manifest"]["method"] == "none"
+    plain = load_backend("hf", None, str(base), dtype="float32")
+    r = [LLRequest(continuation="yes", messages=_mm_req().messages, images=(_img(),))]
+    assert loaded.backend.loglikelihood(r) == plain.loglikelihood(r)

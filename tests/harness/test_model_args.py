@@ -159,3 +159,14 @@ def test_import_harness_merge_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_method_none_serves_base_alone():
+    from harness_merge.harness.model_args import parse_model_args
+
+    h = parse_model_args("pretrained=/b,method=none,batch_size=2")
+    assert h.method == "none" and h.adapters == () and h.merge_spec() is None
+    with pytest.raises(ModelArgsError, match="method=none serves the base model alone; drop adapters"):
+        parse_model_args("pretrained=/b,method=none,adapters=[/a]")
+    with pytest.raises(ModelArgsError, match="unknown key"):
+        parse_model_args("pretrained=/b,method=none,scaling=2")
