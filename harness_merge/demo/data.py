@@ -9,9 +9,8 @@ adapter and a merge has something to combine:
 - ``count``:  "How many shapes?"  -> one | two | three | four
 
 The demo's base model is pre-trained on ``caption`` ("Describe the image." ->
-"red circle" for one large shape, "three shapes" for several small ones). Its
-brief training does not get the captions right, but it has never met the three
-questions, so its zero-shot answers are wrong; each adapter teaches one task.
+"red circle" for one large shape, "three shapes" for several small ones) and a
+few rows of each task; each adapter then trains on one task.
 
 The pictures are made so that a ~0.2M-parameter model learns each task in
 seconds: ``shape`` draws one fixed size (circle, square and triangle then

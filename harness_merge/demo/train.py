@@ -138,22 +138,24 @@ def pretrain_base(
     base_dir,
     out_dir,
     *,
-    task: str = "caption",
-    n_rows: int = 384,
+    n_caption: int = 384,
+    n_per_task: int = 16,
     steps: int = 200,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> Path:
-    """Briefly train all weights of the tiny model on ``task`` (default: the
-    captions, which name colour and shape or the number of shapes).
+    """Briefly train all weights of the tiny model on captions ("red circle",
+    "three shapes") plus a few rows of each demo task.
 
-    The base learns to see but has never met the demo questions: asked "What
-    colour?" it answers with a caption, which exact match scores as wrong. Each
-    adapter teaches one question's short answer."""
+    The base learns the answer formats and some of each skill (well under the
+    adapters); an adapter trained on one task then forgets the others, which
+    is the situation merging is for."""
     from harness_merge.demo.tiny import save_model
 
     model, processor = _load(base_dir)
-    rows = ddata.make_rows(task, n_rows, seed=seed + 100)
+    rows = ddata.make_rows("caption", n_caption, seed=seed + 100)
+    for t in ddata.DEMO_TASKS:
+        rows += ddata.make_rows(t, n_per_task, seed=seed + 100)
     fit(model, encode(processor, rows), processor.tokenizer.pad_token_id, steps=steps, lr=lr, seed=seed)
     return save_model(model, processor, out_dir)
 
