@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "task_configs" / "local"
 sys.path.insert(0, str(ROOT))
 
-from harness_merge.demo import data as ddata  # noqa: E402
+from harness_merge.demo import data as ddata
 
 COL = ddata.COLOURS
 
@@ -217,7 +217,8 @@ def demo_rows(task: str):
 
 
 def _features(name: str):
-    from datasets import Features, Image as HFImage, Sequence, Value
+    from datasets import Features, Sequence, Value
+    from datasets import Image as HFImage
 
     s, img = Value("string"), HFImage()
     return {

@@ -104,7 +104,7 @@ def run_lmms_eval(base: Path, adapters, method: str, params: dict, tasks: str, t
            "HF_DATASETS_OFFLINE": "1"}
     _log("$ lmms_eval " + " ".join(cmd[3:]))
     t = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"lmms-eval failed (exit {proc.returncode})")

@@ -1,4 +1,4 @@
-"""Tiny offline models (~0.3M parameters) for tests and the demo.
+"""Tiny offline models (0.08M-0.17M parameters) for tests and the demo.
 
 Everything is built from configs: no model hub. The tokenizer is byte-level
 (256 symbols, no merges) plus the Qwen2-VL special tokens, so it encodes any
@@ -109,31 +109,31 @@ def tiny_qwen2vl_config(tok=None):
 
     tok = tok or build_tokenizer()
     ids = _ids(tok)
-    text = dict(
-        vocab_size=_vocab_size(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=True,
-    )
-    vision = dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=64,  # output dim of the patch merger = LLM hidden size
-        num_heads=2,
-        mlp_ratio=2,
-        in_channels=3,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
+    text = {
+        "vocab_size": _vocab_size(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": True,
+    }
+    vision = {
+        "depth": 1,
+        "embed_dim": 32,
+        "hidden_size": 64,  # output dim of the patch merger = LLM hidden size
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     return Qwen2VLConfig(
         text_config=text,
         vision_config=vision,
@@ -183,7 +183,7 @@ def build_qwen2vl_processor(tok=None):
         return Qwen2VLProcessor(
             image_processor=image_processor, tokenizer=tok, video_processor=video, chat_template=CHAT_TEMPLATE
         )
-    except Exception:  # torchvision missing: video processors cannot be built
+    except Exception:  # noqa: BLE001 - torchvision missing: video processors cannot be built
         cls = _image_only_processor_class()
         return cls(image_processor=image_processor, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 

@@ -59,7 +59,7 @@ def local_tasks():
     td = get_task_dict(list(SIX + DEMO), tm)
 
     def walk(d):
-        for k, v in d.items():
+        for v in d.values():
             if isinstance(v, dict):
                 yield from walk(v)
             else:
