@@ -155,12 +155,13 @@ LOCAL_TASKS = REPO / "task_configs" / "local"
                     if LOCAL_TASKS.exists() else True,
                     reason="task_configs/local (pope_local, mme_local) not in this checkout")
 def test_local_copies_of_real_benchmarks(run_cli, qwen2vl, merge_cache, hw):
-    """The demo's local POPE/MME copies run through the real CLI with their own metrics."""
+    """The demo's local POPE/MME copies run through the real CLI with their own metrics
+    (an even limit: MME scores questions in pairs)."""
     base, ads = qwen2vl
     out = hw / "lmms_local"
     p = run_cli("lmms_eval", [
         "--model", "merged", "--model_args", _model_args(base, ads, "copa", cache_dir=merge_cache),
-        "--include_path", str(LOCAL_TASKS), "--tasks", "pope_local,mme_local", "--limit", "3",
+        "--include_path", str(LOCAL_TASKS), "--tasks", "pope_local,mme_local", "--limit", "4",
         "--output_path", str(out), "--log_samples",
     ])
     assert p.returncode == 0, _explain(p)
