@@ -396,6 +396,8 @@ def _tasks_dir(work: Path) -> tuple[Path, list[str]]:
 
 
 def test_lmms_eval_cli_backend_vllm(vl, work):
+    """The real ``lmms_eval`` command with backend=vllm: a generate_until task
+    (demo_colour from task_configs/local) and a multiple_choice image task."""
     tasks_dir, tasks = _tasks_dir(work)
     out = work / "lmms_out"
     exe = Path(sys.executable).parent / "lmms_eval"
@@ -404,6 +406,9 @@ def test_lmms_eval_cli_backend_vllm(vl, work):
     model_args = (f"pretrained={vl['base']},adapters=[{ads}],method=copa,backend=vllm,dtype=float32,"
                   f"max_model_len=1024,cache_dir={vl['cache']}")
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf_datasets"), PYTHONUNBUFFERED="1")
+    # vLLM's default (multiprocess) engine, as users get it: EngineCore and Worker
+    # processes re-import the main module (lmms_eval's, which is guarded)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     p = subprocess.run(cmd + ["--model", "merged", "--model_args", model_args, "--tasks", ",".join(tasks),
                               "--include_path", str(tasks_dir), "--limit", "4", "--output_path", str(out),
                               "--log_samples"],
