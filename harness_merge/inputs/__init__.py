@@ -7,7 +7,6 @@ module names and shapes *without reading tensors*, and yields one
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError

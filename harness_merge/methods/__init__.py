@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import MethodParamError
-from ..types import MergeResult, ModuleInputs
+from ..types import MergeResult
 from ._params import MethodParams
 
 MergeFn = Callable[..., MergeResult]

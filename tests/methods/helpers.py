@@ -28,3 +28,11 @@ def as_dense(mi: ModuleInputs) -> ModuleInputs:
 
 def result_delta(res) -> torch.Tensor:
     return res.delta() if hasattr(res, "A") else res.delta
+
+
+def run_method(name: str, mi: ModuleInputs, **params):
+    """Run registered method ``name`` on one module with string/typed params."""
+    from harness_merge.methods import get, module_generator
+
+    spec = get(name)
+    return spec.fn(mi, spec.make_params(params), generator=module_generator(0, mi.name))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .helpers import as_dense as _dense_of, run_method as _run
+
 from harness_merge.errors import MethodParamError
-from harness_merge.methods import get, module_generator
+from harness_merge.methods import get
 from harness_merge.methods._lowrank import factor_cores, numerical_rank
 from harness_merge.methods.tsv_iso import iso_cts_dims
 from harness_merge.types import Dense, LoRAFactors, LowRank, ModuleInputs
@@ -29,8 +31,6 @@ def _lora(n=3, r=4, d_out=24, d_in=20, seed=0, ranks=None):
     )
 
 
-def _dense_of(inp: ModuleInputs) -> ModuleInputs:
-    return ModuleInputs(inp.name, task_vectors=tuple(f.delta() for f in inp.lora))
 
 
 def _dense(n=3, m=10, k=8, seed=1):
@@ -40,15 +40,8 @@ def _dense(n=3, m=10, k=8, seed=1):
     )
 
 
-def _run(name, inp, **params):
-    spec = get(name)
-    return spec.fn(
-        inp, spec.make_params(params), generator=module_generator(0, inp.name)
-    )
 
 
-def _delta(res) -> torch.Tensor:
-    return res.delta() if isinstance(res, LowRank) else res.delta
 
 
 def _svals(x: torch.Tensor) -> torch.Tensor:

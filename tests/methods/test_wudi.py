@@ -8,8 +8,10 @@ import time
 import pytest
 import torch
 
+from .helpers import as_dense as _dense_of, run_method as _run
+
 from harness_merge.errors import MergeError, MethodParamError
-from harness_merge.methods import get, module_generator
+from harness_merge.methods import get
 from harness_merge.types import Dense, LoRAFactors, LowRank, ModuleInputs
 
 
@@ -28,8 +30,6 @@ def _lora(n=3, r=3, d_out=20, d_in=16, seed=0):
     )
 
 
-def _dense_of(inp):
-    return ModuleInputs(inp.name, task_vectors=tuple(f.delta() for f in inp.lora))
 
 
 def _dense(n=3, m=8, k=6, seed=1):
@@ -39,15 +39,8 @@ def _dense(n=3, m=8, k=6, seed=1):
     )
 
 
-def _run(name, inp, **params):
-    spec = get(name)
-    return spec.fn(
-        inp, spec.make_params(params), generator=module_generator(0, inp.name)
-    )
 
 
-def _delta(res):
-    return res.delta() if isinstance(res, LowRank) else res.delta
 
 
 def _rel(a, b):
