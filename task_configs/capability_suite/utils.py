@@ -26,6 +26,7 @@ from lmms_eval.tasks.chartqa.utils import chartqa_process_results as _chartqa_bu
 from lmms_eval.tasks.gqa.utils import gqa_process_docs as _gqa_process_docs_builtin
 from lmms_eval.tasks.textvqa.utils import textvqa_process_results as _textvqa_builtin
 from lmms_eval.tasks.vizwiz_vqa.utils import vizwiz_vqa_process_results as _vizwiz_builtin
+from harness_merge.task_utils import box_iou
 
 SCALE = 100.0
 
@@ -243,12 +244,6 @@ def parse_box(text: str) -> list[float] | None:
     return nums
 
 
-def box_iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def rec_process_results(doc: dict, results: list[str]) -> dict:

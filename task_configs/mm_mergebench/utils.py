@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_preprocess_dataset
 from lmms_eval.tasks.scienceqa.utils import sqa_process_results
 from lmms_eval.tasks.vqav2.utils import vqav2_process_results as _vqav2_builtin
+from harness_merge.task_utils import box_iou
 
 SCALE = 100.0
 
@@ -331,12 +332,6 @@ def parse_box(text: str) -> list[float] | None:
     return [float(n) for n in nums[:4]] if len(nums) >= 4 else None
 
 
-def box_iou(a: list[float], b: list[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def rec_process_results(doc: dict, results: list[str]) -> dict:

@@ -1,7 +1,6 @@
 """End to end through the real ``lmms_eval`` command (subprocesses)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

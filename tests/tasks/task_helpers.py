@@ -10,7 +10,6 @@ aggregation on its rows. Nothing is downloaded.
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import yaml

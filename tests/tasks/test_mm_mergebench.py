@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from task_helpers import FLOAT, IMAGE, INT, STR, image_cell, png, str_list
+from task_helpers import IMAGE, INT, STR, image_cell, png, str_list
 
 FOLDER = "mm_mergebench"
 
