@@ -1,14 +1,10 @@
 """The merge cache: a hit does no merge work; a killed merge leaves no entry;
 two concurrent merges of one key produce one entry."""
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
-
-import pytest
 
 from harness_merge import merge_loop
 from harness_merge.api import MergeSpec, merge
