@@ -8,6 +8,7 @@ zero-padded: zero rows of A / columns of B change nothing) and ``lora_alpha = r`
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +20,8 @@ from ..errors import ArtifactError, InputError
 from ..inputs.files import resolve_ref
 from ..types import Dense, LowRank
 from .lowrank import factor_dense, truncate_factors
+
+log = logging.getLogger("harness_merge")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -43,6 +46,7 @@ def write_lora(
     """Collect per-module factors (SVD for dense results), pad to one rank, save."""
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, float] = {}
+    big: list[str] = []  # exact factorisations larger than the weight itself
     for name, res in results:
         if res is None:
             continue
@@ -54,6 +58,8 @@ def write_lora(
                 )
             A, B, err = factor_dense(res.delta, rank)
             errors[name] = err
+            if rank is None and A.shape[0] > min(res.delta.shape) // 2:
+                big.append(name)
         else:
             A, B = res.A, res.B
             if rank is not None and A.shape[0] > rank:
@@ -62,6 +68,12 @@ def write_lora(
         factors[name] = (A, B)
     if not factors:
         raise ArtifactError("the merge changed no module: nothing to write")
+    if big:
+        log.warning(
+            "%d module(s) (e.g. %s) have a merged update of rank above half their size: as a LoRA they "
+            "take more room than the weights; write full weights (--base) or truncate (--rank R)",
+            len(big), big[0],
+        )
     r = max(A.shape[0] for A, _ in factors.values())
     dt = torch_dtype(dtype)
     tensors = {}
