@@ -44,6 +44,7 @@ def write_lora(
     base_model_name: str | None = None,
 ) -> dict:
     """Collect per-module factors (SVD for dense results), pad to one rank, save."""
+    dt = torch_dtype(dtype)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     big: list[str] = []  # exact factorisations larger than the weight itself
@@ -65,7 +66,8 @@ def write_lora(
             if rank is not None and A.shape[0] > rank:
                 A, B, err = truncate_factors(A, B, rank)
                 errors[name] = err
-        factors[name] = (A, B)
+        # Keep the output dtype only: the artifact's size, not twice it in float32.
+        factors[name] = (A.to(dt), B.to(dt))
     if not factors:
         raise ArtifactError("the merge changed no module: nothing to write")
     if big:
@@ -75,15 +77,14 @@ def write_lora(
             len(big), big[0],
         )
     r = max(A.shape[0] for A, _ in factors.values())
-    dt = torch_dtype(dtype)
     tensors = {}
     for name, (A, B) in factors.items():
         pad = r - A.shape[0]
         if pad:
             A = torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0)
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dt).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dt).contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     from peft import LoraConfig
 
     cfg = LoraConfig(

@@ -8,17 +8,25 @@ def magnitude_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
     """Boolean mask keeping the ``keep`` fraction of entries of largest |x|,
     over the whole tensor (not per row).
 
-    Variant: exactly ``floor(keep * numel)`` entries are kept (a 1e-6 guard
-    absorbs float error, so keep=1-0.8 of 100 keeps 20), ties broken by
-    ``torch.topk``, as ``peft.utils.merge_utils.magnitude_based_pruning``.
+    Variant: exactly ``k = floor(keep * numel)`` entries are kept (a 1e-6 guard
+    absorbs float error, so keep=1-0.8 of 100 keeps 20), as
+    ``peft.utils.merge_utils.magnitude_based_pruning``; entries tied with the
+    k-th largest magnitude are taken in index order. A selection
+    (``kthvalue``, linear time) finds the threshold instead of a top-k sort.
     """
     if keep >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
-    k = int(keep * x.numel() + 1e-6)
-    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
-    if k > 0:
-        idx = torch.topk(x.abs().reshape(-1), k=k, largest=True).indices
-        mask[idx] = True
+    n = x.numel()
+    k = int(keep * n + 1e-6)
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    flat = x.abs().reshape(-1)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest magnitude
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:  # ties at the threshold: take the first ones
+        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        mask[ties] = True
     return mask.reshape(x.shape)
 
 

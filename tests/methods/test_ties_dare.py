@@ -35,7 +35,7 @@ def test_ties_on_lora_works_on_dense_deltas():
 def test_ties_handwritten_case():
     # Two 1x4 tasks; keep the top half of each by magnitude.
     t1 = torch.tensor([[3.0, -1.0, 2.0, 0.5]])
-    t2 = torch.tensor([[-1.0, -4.0, 1.0, 0.1]])
+    t2 = torch.tensor([[-0.9, -4.0, 1.0, 0.1]])
     from harness_merge.types import ModuleInputs
 
     mi = ModuleInputs(name="x", task_vectors=(t1, t2))
@@ -104,3 +104,16 @@ def test_dare_deterministic_per_seed():
 def test_bad_params(name, bad, match):
     with pytest.raises(MethodParamError, match=match):
         methods.get(name).make_params(bad)
+
+
+def test_magnitude_mask_keeps_exactly_k_even_with_ties():
+    from harness_merge.methods._ops import magnitude_mask
+
+    x = torch.tensor([[1.0, -1.0, 1.0, 0.5], [2.0, 1.0, -1.0, 0.0]])
+    m = magnitude_mask(x, 0.5)  # k = 4: the 2.0 and three of the five tied 1.0s
+    assert int(m.sum()) == 4 and bool(m[1, 0]) and not bool(m[0, 3]) and not bool(m[1, 3])
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(50, 40, generator=g)
+    top = torch.zeros(2000, dtype=torch.bool)
+    top[torch.topk(y.abs().flatten(), 600).indices] = True
+    assert torch.equal(magnitude_mask(y, 0.3).flatten(), top)
