@@ -37,7 +37,10 @@ and restarts it with more capacity when an artifact needs a larger
 ``max_lora_rank``, tower LoRA or more images per prompt (a warning says so).
 ``close()`` on a backend releases it; an engine with no users shuts down,
 unless it was prepared (``keep=True``), then ``engine.close()`` /
-``shutdown_engines()`` do.
+``shutdown_engines()`` do. A backend dropped WITHOUT ``close()`` (a harness
+deleting its model) leaves its engine idle in the cache: the next backend on
+the same base and options reuses it, and it is shut down when an engine for
+another model starts (never two engines competing for GPU memory) or at exit.
 
 In-process engines: with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` in the
 environment the engine runs in this process (``distributed_executor_backend
@@ -359,6 +362,7 @@ class VLLMEngine:
         with self._lock:
             if self.llm is not None:
                 return
+            _close_idle(but=self)  # never two engines fighting for the accelerator's memory
             if not self.served_model:
                 cfg = _config(self.model, bool(self.opts.get("trust_remote_code")))
                 self.multimodal = _is_multimodal(cfg)
@@ -429,11 +433,26 @@ class VLLMEngine:
                 del _ENGINES[self.key]
         self.stop()
 
-    def release(self) -> None:
+    def release(self, shutdown: bool = True) -> None:
+        """One user fewer. At none: shut down (``shutdown``) or stay idle in
+        the cache, to be reused by the next backend on this model or closed
+        when another engine starts."""
         with _LOCK:
             self.users = max(0, self.users - 1)
-            if self.users == 0 and not self.keep:
+            if self.users == 0 and not self.keep and shutdown:
                 self.close()
+
+
+def _close_idle(but: "VLLMEngine | None" = None) -> None:
+    """Shut down running engines nobody uses (dropped without close()) and
+    that were not prepared for a set."""
+    import gc
+
+    gc.collect()  # backends dropped in reference cycles release their engine now
+    for eng in engines():
+        if eng is not but and eng.users == 0 and not eng.keep and eng.llm is not None:
+            log.info("vLLM: closing the idle engine for %s", eng.model)
+            eng.close()
 
 
 def _engine_key(model: str, opts: dict) -> tuple:
@@ -591,6 +610,7 @@ class VLLMBackend:
         self.engine = engine
         with _LOCK:
             engine.users += 1
+        self.closed = False
         try:
             with engine._lock:
                 if engine.llm is None and max_loras:
@@ -600,10 +620,10 @@ class VLLMBackend:
                 self.lora_request = engine.lora_request(lora) if lora is not None else None
                 engine.ensure()
         except BaseException:
+            self.closed = True
             self.engine.release()
             raise
         self.max_model_len = int(engine.llm.llm_engine.model_config.max_model_len)
-        self.closed = False
         self.info = BackendInfo(
             name="vllm",
             model_class=(getattr(config, "architectures", None) or [type(config).__name__])[0],
@@ -746,9 +766,23 @@ class VLLMBackend:
         return out
 
     def close(self) -> None:
-        if not self.closed:
+        """Release the engine; it shuts down when no backend uses it (unless it
+        was prepared for a set: then ``engine.close()`` / ``shutdown_engines()``)."""
+        if not getattr(self, "closed", True):
             self.closed = True
             self.engine.release()
+
+    def __del__(self) -> None:
+        # Dropped without close() (e.g. a harness deleting its model): the engine
+        # stays cached but idle, so the next backend on the same base reuses it
+        # (LoRA rows of a leaderboard pay the base's load once); it is shut down
+        # when another engine starts, or at exit.
+        try:
+            if not getattr(self, "closed", True):
+                self.closed = True
+                self.engine.release(shutdown=False)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 __all__ = [

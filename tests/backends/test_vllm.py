@@ -220,9 +220,11 @@ def test_one_engine_serves_the_set(shared):
     assert engine in hv.engines()
 
 
-def test_engine_grows_on_demand_and_shuts_down(vl, images):
+def test_engine_lifecycle(vl, images):
     """Without a declaration: a LoRA needing more than the running engine has
-    restarts it (warning); the last close() shuts it down."""
+    restarts it (warning); close() of the last user shuts it down; a backend
+    dropped without close() leaves the engine idle for the next backend on the
+    same base, until an engine for another model starts."""
     opts = dict(OPTS, max_model_len=1024)  # other engine options -> another cached engine
     b0 = load_backend("vllm", None, vl["base"], **opts)
     eng = b0.engine
@@ -232,9 +234,18 @@ def test_engine_grows_on_demand_and_shuts_down(vl, images):
     r = GenRequest(messages=msg("Hi", 1), images=(images[0],), max_new_tokens=4)
     assert b0.generate([r]) and b1.generate([r])
     b0.close()
-    assert eng.llm is not None
-    b1.close()
+    assert eng.llm is not None and eng.users == 1
+    del b1  # dropped without close(): idle, still running, still cached
+    assert eng.users == 0 and eng.llm is not None and eng in hv.engines()
+    b2 = load_backend("vllm", lora_art(vl["adapters"][1]), vl["base"], **opts)
+    assert b2.engine is eng and eng.starts == 2  # reused as is
+    assert b2.generate([r])
+    del b2
+    full = load_backend("vllm", vl["full"], vl["base"], **opts)  # another model: the idle engine goes
     assert eng.llm is None and eng not in hv.engines()
+    assert full.generate([r])
+    full.close()
+    assert full.engine.llm is None and full.engine not in hv.engines()
 
 
 # --------------------------------------------------------------------------- refusals
