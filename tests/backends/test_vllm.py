@@ -446,6 +446,50 @@ def test_lmms_eval_cli_backend_vllm(vl, work):
         assert len(lls) == 2 and all(v < 0 for v in lls)
 
 
+_TEXT_TASKS = {
+    "hm_vt_gen": 'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
+                 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
+                 'metric_list:\n  - metric: exact_match\n',
+    "hm_vt_mc": 'output_type: multiple_choice\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: ["yes", "no"]\n'
+                'doc_to_target: "{{0 if answer == \'yes\' else 1}}"\nmetric_list:\n  - metric: acc\n',
+    "hm_vt_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{question}} {{answer}}"\n'
+                 'metric_list:\n  - metric: word_perplexity\n',
+}
+
+
+def test_lm_eval_cli_backend_vllm(work):
+    """lm-eval (text LM): generate_until, multiple_choice and loglikelihood_rolling
+    through ``lm-eval-merged`` with backend=vllm (engine in-process here)."""
+    from harness_merge.demo.tiny import random_lora
+
+    base = work / "text_lm_cli"
+    build_text_lm(base)
+    ad = random_lora(base, work / "text_lora_cli", rank=4, alpha=8, seed=9, std=2.0, targets=("q_proj", "v_proj"))
+    d = work / "lm_tasks"
+    d.mkdir(exist_ok=True)
+    qa = [("is the sky blue", "yes"), ("is fire cold", "no"), ("is water wet", "yes"), ("can fish fly", "no")]
+    (d / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
+    for name, body in _TEXT_TASKS.items():
+        (d / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                        f"    test: {d / 'qa.jsonl'}\ntest_split: test\n{body}metadata:\n  version: 0.0\n")
+    exe = Path(sys.executable).parent / "lm-eval-merged"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness_merge.harness.lm_eval_cli"]
+    out = work / "lm_eval_out"
+    env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf_datasets"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    p = subprocess.run(cmd + ["--model", "merged", "--model_args",
+                              f"pretrained={base},adapters=[{ad}],method=ta,backend=vllm,dtype=float32",
+                              "--tasks", ",".join(_TEXT_TASKS), "--include_path", str(d), "--output_path", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    explain = f"rc={p.returncode}\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
+    assert p.returncode == 0, explain
+    files = sorted(out.rglob("results*.json"))
+    assert files, explain
+    r = json.loads(files[-1].read_text())["results"]
+    assert 0.0 <= r["hm_vt_gen"]["exact_match,none"] <= 1.0
+    assert 0.0 <= r["hm_vt_mc"]["acc,none"] <= 1.0
+    assert r["hm_vt_ppl"]["word_perplexity,none"] > 1.0
+
+
 @pytest.mark.gpu
 def test_gpu_engine_bf16(vl, reqs):
     """On a CUDA machine: the default (multiprocess) engine, bfloat16, serves the merged LoRA."""
