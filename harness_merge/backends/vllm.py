@@ -61,12 +61,21 @@ import shutil
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .base import BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, render_prompt, rolling_windows
+from .base import (
+    BackendError,
+    BackendInfo,
+    GenRequest,
+    LLRequest,
+    cut_at_stop,
+    render_prompt,
+    rolling_windows,
+)
 
 log = logging.getLogger("harness_merge.backends.vllm")
 
@@ -266,7 +275,7 @@ def vllm_model_dir(model_dir: str | Path, config=None) -> str:
 # ---------------------------------------------------------------------------
 _ENGINE_KEYS = ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager",
                 "trust_remote_code", "seed", "max_num_seqs")
-_ENGINES: dict[tuple, "VLLMEngine"] = {}
+_ENGINES: dict[tuple, VLLMEngine] = {}
 _LOCK = threading.RLock()
 _LORA_IDS = itertools.count(1)
 
@@ -343,7 +352,7 @@ class VLLMEngine:
     def kwargs(self) -> dict:
         kw: dict[str, Any] = dict(model=self.served_model, **self.opts)
         on_cpu = _on_cpu()
-        kw.setdefault("enforce_eager", True if on_cpu else False)
+        kw.setdefault("enforce_eager", bool(on_cpu))
         if on_cpu:
             kw.pop("gpu_memory_utilization", None)  # not used by the CPU platform
         if self.enable_lora:
@@ -372,7 +381,7 @@ class VLLMEngine:
             t0 = time.perf_counter()
             try:
                 self.llm = LLM(**kw)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise BackendError(f"vLLM could not start an engine for {self.model}: {type(e).__name__}: "
                                    f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
             self.start_seconds = time.perf_counter() - t0
@@ -385,7 +394,7 @@ class VLLMEngine:
                 return
             try:
                 llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("vLLM engine shutdown failed", exc_info=True)
             del llm
             import gc
@@ -395,7 +404,7 @@ class VLLMEngine:
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                 cleanup_dist_env_and_memory()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("vLLM cleanup failed", exc_info=True)
 
     def ensure(self, *, lora_rank: int = 0, tower: bool = False, images: int = 0, n_loras: int = 0) -> None:
@@ -411,8 +420,7 @@ class VLLMEngine:
             if images > self.max_images:
                 need.append(f"images per prompt {self.max_images} -> {images}")
                 self.max_images = images
-            if n_loras > self.max_cpu_loras:
-                self.max_cpu_loras = n_loras  # LRU of loaded adapters; no restart needed for correctness
+            self.max_cpu_loras = max(self.max_cpu_loras, n_loras)  # LRU of loaded adapters; no restart needed for correctness
             if need and self.llm is not None:
                 log.warning("vLLM: restarting the engine for %s (%s); declare the set up front with "
                             "harness_merge.backends.vllm.prepare_engine to start it once", self.model, ", ".join(need))
@@ -443,7 +451,7 @@ class VLLMEngine:
                 self.close()
 
 
-def _close_idle(but: "VLLMEngine | None" = None) -> None:
+def _close_idle(but: VLLMEngine | None = None) -> None:
     """Shut down running engines nobody uses (dropped without close()) and
     that were not prepared for a set."""
     import gc
@@ -532,7 +540,7 @@ def prepare_engine(base: str, artifacts: Sequence[Any] = (), *, max_images: int 
     return eng
 
 
-def load_many(artifacts: Sequence[Any], base: str, **opts: Any) -> list["VLLMBackend"]:
+def load_many(artifacts: Sequence[Any], base: str, **opts: Any) -> list[VLLMBackend]:
     """One backend per LoRA artifact, all on ONE engine for ``base``
     (:func:`prepare_engine` + :func:`load`)."""
     eng = prepare_engine(base, artifacts, **{k: v for k, v in opts.items() if k not in ("engine", "share")})
@@ -551,7 +559,7 @@ def _check_options(opts: dict) -> None:
         raise BackendError(f"backend=vllm: max_lora_rank must be >= 1, got {mlr}")
 
 
-def load(artifact: Any, base: str, **opts: Any) -> "VLLMBackend":
+def load(artifact: Any, base: str, **opts: Any) -> VLLMBackend:
     """``load_backend("vllm", artifact, base, **opts)``; see the module docstring.
 
     Extra options (Python callers): ``engine`` (a :class:`VLLMEngine` to use),
@@ -596,7 +604,7 @@ class VLLMBackend:
             self.processor, self.tokenizer = load_processor(base, trust_remote_code)
         except BackendError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise BackendError(f"cannot load the base model {base!r}: {type(e).__name__}: {e}") from e
         self.supports_images = _is_multimodal(config)
         if self.tokenizer.pad_token_id is None:
@@ -685,8 +693,8 @@ class VLLMBackend:
                 inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
             else:
                 inputs.append({"prompt": text})
-            kw: dict[str, Any] = dict(max_tokens=int(r.max_new_tokens or self.default_max_new_tokens),
-                                      stop=[s for s in r.until if s] or None)
+            kw: dict[str, Any] = {"max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
+                                  "stop": [s for s in r.until if s] or None}
             if r.greedy:
                 kw["temperature"] = 0.0
             else:
@@ -781,12 +789,25 @@ class VLLMBackend:
             if not getattr(self, "closed", True):
                 self.closed = True
                 self.engine.release(shutdown=False)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to release
+            return
 
 
 __all__ = [
-    "ALLOWED_LORA_RANKS", "LoraInfo", "OPTIONS", "VLLMBackend", "VLLMEngine", "check_lora_rank", "check_lora_supported",
-    "engine_lora_rank", "engines", "get_engine", "inspect_lora", "load", "load_many", "prepare_engine",
-    "shutdown_engines", "vllm_model_dir",
+    "ALLOWED_LORA_RANKS",
+    "OPTIONS",
+    "LoraInfo",
+    "VLLMBackend",
+    "VLLMEngine",
+    "check_lora_rank",
+    "check_lora_supported",
+    "engine_lora_rank",
+    "engines",
+    "get_engine",
+    "inspect_lora",
+    "load",
+    "load_many",
+    "prepare_engine",
+    "shutdown_engines",
+    "vllm_model_dir",
 ]

@@ -41,12 +41,16 @@ def build_qwen2vl(out: Path) -> Path:
 
 
 def build_llava(out: Path) -> Path:
+    import torch
     from transformers import LlavaForConditionalGeneration
 
-    from harness_merge.demo.tiny import _generation_config, build_llava_processor, build_tokenizer, save_model, \
-        tiny_llava_config
-
-    import torch
+    from harness_merge.demo.tiny import (
+        _generation_config,
+        build_llava_processor,
+        build_tokenizer,
+        save_model,
+        tiny_llava_config,
+    )
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -57,11 +61,15 @@ def build_llava(out: Path) -> Path:
 
 
 def build_text_lm(out: Path) -> Path:
+    import torch
     from transformers import Qwen2ForCausalLM
 
-    from harness_merge.demo.tiny import _generation_config, build_tokenizer, save_model, tiny_text_config
-
-    import torch
+    from harness_merge.demo.tiny import (
+        _generation_config,
+        build_tokenizer,
+        save_model,
+        tiny_text_config,
+    )
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -88,7 +96,7 @@ def vl(work):
     ads = [random_lora(base, work / f"lm_lora{i}", rank=4, alpha=8, seed=i, std=2.0, targets=LM_TARGETS)
            for i in (1, 2)]
     tower = random_lora(base, work / "tower_lora", rank=8, alpha=16, seed=3, std=2.0, targets=TOWER_TARGETS)
-    spec = dict(adapters=tuple(str(a) for a in ads), method="copa", base=str(base))
+    spec = {"adapters": tuple(str(a) for a in ads), "method": "copa", "base": str(base)}
     cache = work / "merge_cache"
     lora = merge(MergeSpec(**spec, format="lora"), cache_dir=cache, progress=False)
     full = merge(MergeSpec(**spec, format="full"), cache_dir=cache, progress=False)
