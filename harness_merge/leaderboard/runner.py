@@ -90,12 +90,15 @@ class Grid:
     model_args: dict
     metric: str | dict | None
     out: str | None = None
+    written: dict = field(default_factory=dict)  # base/adapters as the grid file writes them
 
     def spec(self) -> dict:
-        """What is evaluated (the regress gate's ``grid``): no paths of this
-        machine beyond those given, no versions."""
+        """What is evaluated (the regress gate's ``grid``): the model paths as
+        the grid file writes them (not resolved on this machine, so a baseline
+        from another checkout compares), no versions."""
         body = {
-            "name": self.name, "base": self.base, "adapters": self.adapters, "tasks": self.tasks,
+            "name": self.name, "base": self.written.get("base", self.base),
+            "adapters": self.written.get("adapters", self.adapters), "tasks": self.tasks,
             "methods": [{"label": r.label, "method": r.method, "params": r.params, "kind": r.kind} for r in self.rows],
             "groups": self.groups, "backend": self.backend, "limit": self.limit, "model_args": self.model_args,
             "metric": self.metric,
@@ -185,6 +188,7 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         tasks=tasks, groups=groups, include_path=include, backend=backend, limit=data.get("limit"),
         batch_size=int(data.get("batch_size", 1)), model_args=dict(data.get("model_args") or {}),
         metric=data.get("metric"), out=_resolve(data["out"], root) if data.get("out") else None,
+        written={"base": str(data["base"]), "adapters": {str(k): str(v) for k, v in ads.items()}},
     )
 
 
@@ -338,6 +342,7 @@ def _fmt(v) -> str:
 
 def write_reports(data: dict, grid: Grid, out: Path) -> None:
     header, rows = table(data, grid)
+    n_ref = sum(1 for r in grid.rows if r.kind != "merge")
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join([r[0], *map(_fmt, r[1:])]) + " |" for r in rows]
     _atomic_write(out / "results.md", f"# {grid.name}\n\n" + "\n".join(md) + "\n")
@@ -346,12 +351,14 @@ def write_reports(data: dict, grid: Grid, out: Path) -> None:
         w.writerow(header)
         w.writerows([[r[0], *("" if v is None else round(v, 4) for v in r[1:])] for r in rows])
     os.replace(out / "results.csv.tmp", out / "results.csv")
-    plot(header, rows, out / "results.png", title=grid.name)
+    plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref)
 
 
-def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str) -> None:
+def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_reference: int = 0) -> None:
     """A heatmap (rows = methods, columns = tasks and averages) with the values
-    written in: the best cell of each column is outlined."""
+    written in. Reference rows (zero-shot base, single adapters) come first,
+    below them a white line; the best *merge* of each column is outlined in
+    red (every one, when tied)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,14 +377,18 @@ def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str) ->
             v = vals[i, j]
             ax.text(j, i, "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
                     color="black" if not np.isnan(v) and v > mid else "white")
+    merges = vals[n_reference:]
     for j in range(vals.shape[1]):
-        col = vals[:, j]
+        col = merges[:, j]
         if np.isfinite(col).any():
-            i = int(np.nanargmax(col))
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+            best = np.nanmax(col)
+            for i in np.flatnonzero(np.isclose(col, best)):
+                ax.add_patch(plt.Rectangle((j - 0.5, n_reference + i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     n_tasks = len(header) - 1 - sum(1 for h in header if h.startswith("avg"))
     ax.axvline(n_tasks - 0.5, color="white", lw=3)
-    ax.set_title(f"{title} (red: best per column)")
+    if 0 < n_reference < len(rows):
+        ax.axhline(n_reference - 0.5, color="white", lw=3)
+    ax.set_title(f"{title} (red: best merge per column; above the line: references)")
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
