@@ -265,6 +265,30 @@ def evaluate_row(row: Row, grid: Grid, tasks: list[str], task_manager) -> tuple[
     return merged, record
 
 
+def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
+    """With ``backend: vllm``: merge the rows (through the cache), start ONE
+    engine on the base sized for every low-rank artifact (vLLM multi-LoRA), and
+    order the rows so the base and LoRA rows run on it before the full-weight
+    rows, which are separate models with engines of their own."""
+    from ..api import merge
+    from ..backends.vllm import prepare_engine
+    from ..harness.model_args import parse_model_args
+
+    loras, full = [], set()
+    for r in rows:
+        h = parse_model_args(r.model_kwargs(grid))
+        spec = h.merge_spec()
+        if spec is None:
+            continue
+        art = merge(spec, cache_dir=h.cache_dir, progress=False)
+        (loras.append(art) if art.kind == "lora" else full.add(r.label))
+    opts = parse_model_args(rows[0].model_kwargs(grid)).backend_opts
+    prepare_engine(grid.base, loras, **opts)
+    print(f"[leaderboard] vllm: one engine for the base and {len(loras)} LoRA row(s); "
+          f"{len(full)} full-weight row(s) get their own", file=sys.stderr)
+    return [r for r in rows if r.label not in full] + [r for r in rows if r.label in full]
+
+
 def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) -> dict:
     """Evaluate every missing cell, writing ``results.json`` after each row."""
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +308,10 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
     failed = 0
     todo_rows = [(r, [t for t in grid.tasks if (r.label, t) not in done]) for r in grid.rows]
     n_todo = sum(1 for _, ts in todo_rows if ts)
+    if grid.backend == "vllm" and n_todo:
+        order = share_vllm_engine(grid, [r for r, ts in todo_rows if ts])
+        todo = {r.label: ts for r, ts in todo_rows}
+        todo_rows = [(r, todo[r.label]) for r in order]
     print(f"[leaderboard] {grid.name}: {len(grid.rows)} rows x {len(grid.tasks)} tasks; "
           f"{len(grid.rows) - n_todo} rows already done", file=sys.stderr)
     for i, (row, todo) in enumerate(todo_rows, 1):

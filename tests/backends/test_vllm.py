@@ -502,3 +502,33 @@ def test_gpu_engine_bf16(vl, reqs):
         assert len(b.generate(reqs)) == len(reqs)
     finally:
         b.close()
+
+
+def test_leaderboard_grid_on_one_vllm_engine(vl, work):
+    """harness-merge leaderboard with backend: vllm: the base and the low-rank
+    merges run as LoRAs of one engine (multi-LoRA), the dense merge on its own;
+    every cell gets a value, and the results feed the regression gate."""
+    import yaml
+
+    from harness_merge.backends import vllm as hm_vllm
+    from harness_merge.leaderboard import regress, runner
+
+    grid = {
+        "name": "vllm_tiny", "base": vl["base"], "adapters": {f"a{i}": str(a) for i, a in enumerate(vl["adapters"])},
+        "methods": ["copa", "ta", "ties"], "tasks": ["demo_colour"], "include_path": [str(REPO / "task_configs" / "local")],
+        "references": {"base": True, "adapters": False}, "backend": "vllm", "limit": 3, "batch_size": 4,
+        "model_args": {"dtype": "float32", "max_model_len": 1024, "max_new_tokens": 4, "cache_dir": str(vl["cache"])},
+    }
+    path = work / "vllm_grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    g = runner.load_grid(path)
+    before = len(hm_vllm.engines())
+    data = runner.run(g, work / "vllm_lb")
+    assert data["failed_cells"] == 0
+    cells = {c["label"]: c for c in data["cells"]}
+    assert set(cells) == {"base (zero-shot)", "copa", "ta", "ties"}
+    assert all(0.0 <= c["value"] <= 100.0 for c in cells.values())
+    assert cells["copa"]["manifest"]["merge"]["format"] == "lora" and cells["ties"]["manifest"]["merge"]["format"] == "full"
+    assert len(hm_vllm.engines()) - before <= 2  # the shared LoRA engine (+ the full-weight model's)
+    out = work / "vllm_lb" / "results.json"
+    assert regress.main(["--baseline", str(out), "--results", str(out)]) == 0

@@ -114,3 +114,22 @@ def test_sweep_expands_to_labelled_rows(tiny):
                                     references={"base": False, "adapters": True}), check_tasks=False)
     assert [r.label for r in g.rows] == ["adapter:a1", "adapter:a2", "ties(prune_rate=0.5,weights=[1, 2])", "ties(prune_rate=0.8,weights=[1, 2])"]
     assert g.rows[0].adapters == (ads["a1"],) and g.rows[0].method == "ta"
+
+
+def test_vllm_grid_shares_one_engine_for_lora_rows(tiny, monkeypatch):
+    """backend: vllm -> one prepare_engine call with every LoRA artifact, and the
+    full-weight rows (dense methods) run after the shared-engine rows.
+    (The real vLLM run of a grid is in tests/backends/test_vllm.py's venv.)"""
+    import sys
+    import types
+
+    root, base, ads = tiny
+    grid = runner.load_grid(write_grid(root, base, ads, backend="vllm", methods=["ties", "copa", "ta"],
+                                       model_args={"max_new_tokens": 4, "cache_dir": str(root / "cache")}))
+    calls = {}
+    fake = types.ModuleType("harness_merge.backends.vllm")
+    fake.prepare_engine = lambda b, arts, **opts: calls.setdefault("prepare", (b, [a.kind for a in arts], opts))
+    monkeypatch.setitem(sys.modules, "harness_merge.backends.vllm", fake)
+    order = runner.share_vllm_engine(grid, list(grid.rows))
+    assert [r.label for r in order] == ["base (zero-shot)", "copa", "ta", "ties"]
+    assert calls["prepare"][0] == base and calls["prepare"][1] == ["lora", "lora"]
