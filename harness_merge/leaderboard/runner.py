@@ -379,7 +379,10 @@ def write_reports(data: dict, grid: Grid, out: Path) -> None:
         w.writerow(header)
         w.writerows([[r[0], *("" if v is None else round(v, 4) for v in r[1:])] for r in rows])
     os.replace(out / "results.csv.tmp", out / "results.csv")
-    plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref)
+    try:
+        plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref)
+    except ModuleNotFoundError as e:  # the table files are written; say what the plot needs
+        print(f"[leaderboard] no results.png: {e.name} is not installed (pip install matplotlib)", file=sys.stderr)
 
 
 def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_reference: int = 0) -> None:
