@@ -61,13 +61,3 @@ def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
     else:
         raise ValueError(f"sign election method must be 'total' or 'frequency', got {method!r}")
     return torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
-
-
-def disjoint_mean(weighted: torch.Tensor, stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """TIES disjoint merge: sum of the ``weighted`` entries whose (unweighted)
-    value agrees with the elected ``sign``, divided by the *count* of agreeing
-    nonzero entries (at least 1). Variant of peft's ``disjoint_merge``."""
-    agree = (stacked.sign() == sign.unsqueeze(0)) & (stacked != 0)
-    total = (weighted * agree).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count

@@ -12,7 +12,7 @@ import torch
 
 from ..types import Dense, MergeResult, ModuleInputs
 from . import register
-from ._ops import disjoint_mean, elect_sign, prune_magnitude, prune_random
+from ._ops import elect_sign, prune_magnitude, prune_random
 from ._params import MethodParams
 
 
@@ -54,16 +54,31 @@ class DareTiesParams(DareParams):
 def _sparsified(
     inputs: ModuleInputs, params: MethodParams, sparsify, *, elect: bool, sign_method: str = "total"
 ) -> MergeResult:
-    deltas = [sparsify(d) for d in inputs.deltas()]
+    """Sparsify each delta, then a weighted sum or TIES's elect + disjoint mean.
+
+    Memory: one (N, d_out, d_in) buffer filled one delta at a time and then
+    reused in place, plus a boolean mask: about N + N/4 + 1 deltas at the peak.
+    """
     w = params.weight_list(inputs.n)
+    deltas = (f.delta() for f in inputs.lora) if inputs.kind == "lora" else iter(inputs.task_vectors)
     if not elect:
-        merged = sum(wi * d for wi, d in zip(w, deltas))
-        return Dense(params.scaling * merged)
-    stacked = torch.stack(deltas, dim=0)
+        merged = None
+        for wi, d in zip(w, deltas):
+            t = sparsify(d)
+            merged = t.mul_(wi) if merged is None else merged.add_(t, alpha=wi)
+        return Dense(merged.mul_(params.scaling))
+    stacked = torch.empty((inputs.n, *inputs.shape), dtype=torch.float32)
+    for i, d in enumerate(deltas):
+        stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method)
-    weights = torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    merged = disjoint_mean(stacked * weights, stacked, sign)
-    return Dense(params.scaling * merged)
+    agree = stacked.sign() == sign.unsqueeze(0)  # zero entries have sign 0: never agree
+    del sign
+    count = agree.sum(dim=0).clamp_(min=1)
+    stacked.mul_(torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1))))
+    stacked.mul_(agree)
+    del agree
+    merged = stacked.sum(dim=0).div_(count)
+    return Dense(merged.mul_(params.scaling))
 
 
 @register(
