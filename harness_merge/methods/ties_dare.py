@@ -70,13 +70,15 @@ def _sparsified(
     stacked = torch.empty((inputs.n, *inputs.shape), dtype=torch.float32)
     for i, d in enumerate(deltas):
         stacked[i] = sparsify(d)
-    sign = elect_sign(stacked, sign_method)
-    agree = stacked.sign() == sign.unsqueeze(0)  # zero entries have sign 0: never agree
+    sign = elect_sign(stacked, sign_method) > 0
+    # entries agreeing with the elected sign (zeros never do), as booleans: no
+    # float copy of the (N, ...) stack
+    agree = torch.where(sign.unsqueeze(0), stacked > 0, stacked < 0)
     del sign
-    count = agree.sum(dim=0).clamp_(min=1)
-    stacked.mul_(torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1))))
-    stacked.mul_(agree)
+    count = agree.sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+    stacked.masked_fill_(~agree, 0.0)
     del agree
+    stacked.mul_(torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1))))
     merged = stacked.sum(dim=0).div_(count)
     return Dense(merged.mul_(params.scaling))
 
