@@ -270,19 +270,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
     ap.add_argument("--out", type=Path, default=LOCAL, help="task_configs/local (default)")
     args = ap.parse_args(argv)
-    changed = []
-    for rel in FILES:
-        data = parquet_bytes(rel)
-        path = args.out / rel
-        if path.exists() and path.read_bytes() == data:
-            continue
-        changed.append(rel)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-    verb = "would change" if args.check else "written"
-    print(f"{len(changed)} file(s) {verb}: {', '.join(changed) or '-'}")
-    return 1 if (args.check and changed) else 0
+    from harness_merge.task_utils import sync_generated
+
+    return sync_generated({rel: parquet_bytes(rel) for rel in FILES}, args.out, check=args.check)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,15 @@ def load_backend(name: str, artifact: Any, base: str, **opts: Any) -> Backend:
     return module.load(artifact, base, **opts)
 
 
+def prefix_token_id(tokenizer) -> int:
+    """The token a rolling loglikelihood predicts the first token from: BOS,
+    else EOS, else PAD, else 0."""
+    for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if t is not None:
+            return int(t)
+    return 0
+
+
 def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_len: int) -> list[tuple[list[int], list[int]]]:
     """Split a text's tokens into ``(context_ids, target_ids)`` windows that
     score every token exactly once, each window's input at most ``max_len``

@@ -22,7 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, render_prompt, rolling_windows
+from .base import (
+    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, prefix_token_id, render_prompt, rolling_windows,
+)
 
 log = logging.getLogger("harness_merge.backends.hf")
 
@@ -459,11 +461,7 @@ class HFBackend:
         return [o for o in out]  # type: ignore[misc]
 
     def _prefix_id(self) -> int:
-        tk = self.tokenizer
-        for t in (tk.bos_token_id, tk.eos_token_id, tk.pad_token_id):
-            if t is not None:
-                return int(t)
-        return 0
+        return prefix_token_id(self.tokenizer)
 
     @torch.inference_mode()
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:

@@ -73,6 +73,7 @@ from .base import (
     GenRequest,
     LLRequest,
     cut_at_stop,
+    prefix_token_id,
     render_prompt,
     rolling_windows,
 )
@@ -709,11 +710,7 @@ class VLLMBackend:
 
     # -- loglikelihood -----------------------------------------------------
     def _prefix_id(self) -> int:
-        tk = self.tokenizer
-        for t in (tk.bos_token_id, tk.eos_token_id, tk.pad_token_id):
-            if t is not None:
-                return int(t)
-        return 0
+        return prefix_token_id(self.tokenizer)
 
     def _score(self, items: list[tuple[dict, int]]) -> list[tuple[float, bool]]:
         """items: (vLLM input with prompt_token_ids = context + continuation, n continuation tokens)."""

@@ -108,17 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
     ap.add_argument("--out", type=Path, default=TASKS_DIR)
     args = ap.parse_args(argv)
-    changed = []
-    for rel, data in files().items():
-        path = args.out / rel
-        if path.exists() and path.read_bytes() == data:
-            continue
-        changed.append(rel)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-    print(f"{len(changed)} file(s) {'would change' if args.check else 'written'}: {', '.join(changed) or '-'}")
-    return 1 if (args.check and changed) else 0
+    from ..task_utils import sync_generated
+
+    return sync_generated(files(), args.out, check=args.check)
 
 
 if __name__ == "__main__":
