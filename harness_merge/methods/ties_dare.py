@@ -57,7 +57,7 @@ def _sparsified(
     """Sparsify each delta, then a weighted sum or TIES's elect + disjoint mean.
 
     Memory: one (N, d_out, d_in) buffer filled one delta at a time and then
-    reused in place, plus a boolean mask: about N + N/4 + 1 deltas at the peak.
+    reused in place, plus the count: about N + 2 deltas at the peak.
     """
     w = params.weight_list(inputs.n)
     deltas = (f.delta() for f in inputs.lora) if inputs.kind == "lora" else iter(inputs.task_vectors)
@@ -71,15 +71,13 @@ def _sparsified(
     for i, d in enumerate(deltas):
         stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method) > 0
-    # entries agreeing with the elected sign (zeros never do), as booleans: no
-    # float copy of the (N, ...) stack
-    agree = torch.where(sign.unsqueeze(0), stacked > 0, stacked < 0)
-    del sign
-    count = agree.sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
-    stacked.masked_fill_(~agree, 0.0)
-    del agree
-    stacked.mul_(torch.tensor(w, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1))))
-    merged = stacked.sum(dim=0).div_(count)
+    count = torch.zeros(inputs.shape, dtype=stacked.dtype)
+    for i, wi in enumerate(w):  # one task at a time: boolean masks of one delta only
+        row = stacked[i]
+        agree = torch.where(sign, row > 0, row < 0)  # zeros never agree
+        count += agree
+        row.masked_fill_(~agree, 0.0).mul_(wi)
+    merged = stacked.sum(dim=0).div_(count.clamp_(min=1))
     return Dense(merged.mul_(params.scaling))
 
 
