@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,14 +17,6 @@ SIX = ("pope_local", "mme_local", "mmbench_en_dev_local", "scienceqa_img_local",
        "refcoco_bbox_rec_local")
 DEMO = ("demo_colour", "demo_shape", "demo_count")
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    # tiny matmuls on shared cores: 1 thread is many times faster than 2
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
