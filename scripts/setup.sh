@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Create .venv with harness-merge, lmms-eval 0.7.3, lm-eval 0.4.13 and the test tools.
-# Idempotent: a second run only re-installs the project (editable).
-#   VENV=path  (default .venv)   PYTHON=python3.11 (default python3)
+# Create .venv exactly as requirements/main.lock says (harness-merge editable, lmms-eval
+# 0.7.3, lm-eval 0.4.13, the test tools; torch 2.13.0+cpu), then prove it with a real
+# one-document `lmms_eval --model merged` run on a tiny built-in model.
+# Idempotent: a second run re-syncs the venv to the lock (seconds) and re-checks it.
+#   VENV=path (default .venv)  PYTHON=python3.11 (default python3)
+#   HM_NO_UV=1: plain pip on the same lock instead of uv   HM_SKIP_SMOKE=1: no smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+LOCK=requirements/main.lock
+start=$(date +%s)
+source scripts/_uv.sh
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q -U pip
 fi
-PIP="$VENV/bin/pip"
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  echo "[setup] installing torch 2.13.0 (CPU wheel where the machine has it)"
-  "$PIP" install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+quiet_pip() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+if [ -n "$UV" ]; then
+  echo "[setup] syncing $VENV to $LOCK with uv $UV_VERSION"
+  # sync: install exactly the lock, remove what it does not list; then the project, editable.
+  "$UV" pip sync --python "$VENV/bin/python" "${FIND_LINKS[@]}" --build-constraint requirements/build.txt "$LOCK"
+  "$UV" pip install --python "$VENV/bin/python" --no-deps --build-constraint requirements/build.txt -q -e .
+else
+  echo "[setup] installing $LOCK with pip (no uv)"
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$LOCK" 2>&1 | quiet_pip
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | quiet_pip
 fi
-echo "[setup] installing harness-merge with lmms-eval, lm-eval and test extras"
-"$PIP" install -q -c constraints.txt -e ".[lmms,lm_eval,plot,test]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-# lmms-eval pulls PyPI's torchvision, which cannot load beside the CPU torch wheel
-# and then breaks transformers' image imports: remove it where it does not import.
-if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
-  "$PIP" uninstall -q -y torchvision torchaudio >/dev/null 2>&1 || true
+"$VENV/bin/python" scripts/check_lock.py "$LOCK" \
+  || { echo "[setup] ERROR: $VENV does not match $LOCK (see above)" >&2; exit 1; }
+echo "[setup] $("$VENV/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
+if [ "${HM_SKIP_SMOKE:-0}" != 1 ]; then
+  echo "[setup] smoke test: one document through lmms_eval --model merged"
+  "$VENV/bin/python" scripts/smoke.py || { echo "[setup] ERROR: the smoke evaluation failed (see above)" >&2; exit 1; }
 fi
-"$VENV/bin/python" -c "import harness_merge, lmms_eval, lm_eval, peft" \
-  || { echo "[setup] ERROR: the install did not complete (see pip's output above)" >&2; exit 1; }
-echo "[setup] ok: $("$VENV/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
+echo "[setup] ok in $(( $(date +%s) - start )) s"
