@@ -36,6 +36,7 @@ class MethodSpec:
     inputs: frozenset[str] = field(default_factory=lambda: frozenset({"lora", "dense"}))
     min_inputs: int = 1
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False
+    elementwise: bool = False
 
     def returns_lowrank(self, params: MethodParams) -> bool:
         """Whether every module of LoRA inputs comes back ``LowRank`` with ``params``."""
@@ -59,13 +60,15 @@ def register(
     inputs: Iterable[str] = ("lora", "dense"),
     min_inputs: int = 1,
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False,
+    elementwise: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
 
     ``lowrank_on_lora`` (a bool, or a function of the params): the method
     returns ``LowRank`` for every module of LoRA inputs, so its artifact is a
     LoRA adapter by default (else full weights when a base is given, or a LoRA
-    by SVD)."""
+    by SVD). ``elementwise``: defined entry by entry, so it applies to tensors
+    of any shape (1-D norms and biases under ``nonlinear=method``)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -73,7 +76,8 @@ def register(
         if params.method == "?":
             raise RuntimeError(f"{params.__name__} must set the ClassVar 'method'")
         _REGISTRY[name] = MethodSpec(
-            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora
+            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora,
+            elementwise,
         )
         return fn
 

@@ -89,6 +89,7 @@ def pcb_balance(
     reference_url="https://arxiv.org/abs/2410.02396",
     inputs=("lora", "dense"),
     min_inputs=2,
+    elementwise=True,
 )
 def pcb(
     inputs: ModuleInputs, params: PCBParams, *, generator: torch.Generator

@@ -112,6 +112,7 @@ def _sparsified(
     summary="TIES: trim to top-k by magnitude, elect sign, disjoint mean (on dense deltas)",
     reference_url="https://arxiv.org/abs/2306.01708",
     min_inputs=2,
+    elementwise=True,
 )
 def ties(inputs: ModuleInputs, params: TiesParams, *, generator: torch.Generator | None = None) -> MergeResult:
     """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708).
@@ -139,6 +140,7 @@ def ties(inputs: ModuleInputs, params: TiesParams, *, generator: torch.Generator
     params=DareParams,
     summary="DARE + task arithmetic: random drop p, rescale 1/(1-p), weighted sum",
     reference_url="https://arxiv.org/abs/2311.03099",
+    elementwise=True,
 )
 def dare(inputs: ModuleInputs, params: DareParams, *, generator: torch.Generator) -> MergeResult:
     """DARE (Yu et al., ICML 2024, arXiv 2311.03099) followed by task arithmetic.
@@ -160,6 +162,7 @@ def dare(inputs: ModuleInputs, params: DareParams, *, generator: torch.Generator
     summary="DARE-TIES: random drop + rescale, then TIES (magnitude trim, sign election, disjoint mean)",
     reference_url="https://arxiv.org/abs/2311.03099",
     min_inputs=2,
+    elementwise=True,
 )
 def dare_ties(inputs: ModuleInputs, params: DareTiesParams, *, generator: torch.Generator) -> MergeResult:
     """DARE-TIES: DARE's random drop and rescale, then TIES.
