@@ -65,6 +65,11 @@ class MethodParams:
         on), or None when there is nothing worth saying."""
         return None
 
+    @classmethod
+    def listing_note(cls) -> str | None:
+        """One line for ``harness-merge methods`` on what the defaults cost."""
+        return None
+
     def weight_list(self, n: int, default: float = 1.0) -> list[float]:
         return list(self.weights) if self.weights is not None else [default] * n
 

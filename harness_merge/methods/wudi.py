@@ -72,6 +72,11 @@ class _WudiBase(MethodParams):
         """Whether the optimisation runs on the full ``d_out x d_in`` matrix."""
         return kind != "lora" or self.space == "dense"
 
+    @classmethod
+    def listing_note(cls) -> str | None:
+        note = cls().plan_note("lora", [(4096, 4096)], 3)
+        return f"cost of the defaults, one 4096x4096 module of 3 LoRA adapters: {note}" if note else None
+
     def plan_note(self, kind: str, shapes: list[tuple[int, ...]], n_inputs: int) -> str | None:
         """What an iterative dense run costs, said before it starts (None when cheap)."""
         if self.solver != "iterative" or not self.runs_dense(kind):
@@ -91,7 +96,7 @@ class _WudiBase(MethodParams):
         ) + (" space=factor is the cheap (not faithful) LoRA variant" if kind == "lora" and self.method == "wudi" else "")
         return (
             f"{self.method}: {self.iterations} {self.resolved(kind)['optimizer']} steps on {len(mats)} dense "
-            f"matrices: ~{flops / 1e12:.3g} TFLOP, about {_human(secs)} on this {where} "
+            f"{'matrix' if len(mats) == 1 else 'matrices'}: ~{flops / 1e12:.3g} TFLOP, about {_human(secs)} on this {where} "
             f"(measured {rate / 1e9:.0f} GFLOP/s).{hint}"
         )
 
@@ -459,7 +464,7 @@ def wudi(
 @register(
     "wudi2",
     params=Wudi2Params,
-    summary="WUDI v2: WUDI with low-rank task inputs, SGD and mean init for LoRA",
+    summary="WUDI v2: WUDI with low-rank task inputs; recipe of the released Qwen2-VL (SGD) or InternVL (Adam) script",
     reference_url="https://arxiv.org/abs/2505.19892",
     inputs=("lora", "dense"),
     min_inputs=2,
