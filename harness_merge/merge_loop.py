@@ -67,12 +67,32 @@ def _method_names(inputs, params: MethodParams) -> list[str]:
     return [m for m in inputs.module_names if inputs.is_matrix(m)]
 
 
+def collect_stats(inputs, passes, names: list[str], *, progress: bool = True) -> dict:
+    """Run a method's statistics passes: each streams every module in ``names``
+    (one in memory at a time) through ``update``, then ``finish`` adds to the
+    statistics the next passes and the merge see."""
+    stats: dict = {}
+    for p in passes:
+        state = None
+        for name in tqdm(names, desc=p.name, unit="module", disable=not progress, leave=False):
+            mi = inputs.read(name)
+            state = p.update(state, mi, stats)
+            del mi
+        stats.update(p.finish(state, stats))
+    return stats
+
+
 def iter_merged(
     inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, names=None
 ) -> Iterator[tuple[str, MergeResult | None]]:
     """Yield ``(module name, result)`` per module; ``None`` where nothing changed."""
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
+    extra = {}
+    with torch.no_grad():
+        passes = spec.passes(params)
+        if passes:
+            extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
     bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False)
     with torch.no_grad():
         for name in bar:
@@ -83,7 +103,7 @@ def iter_merged(
                 # LoRA names a module, a checkpoint its weight: one key for both, so
                 # random methods draw the same masks from either input form.
                 key = name.removesuffix(".weight")
-                yield name, spec.fn(mi, params, generator=module_generator(seed, key))
+                yield name, spec.fn(mi, params, generator=module_generator(seed, key), **extra)
             else:
                 yield name, Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
             del mi

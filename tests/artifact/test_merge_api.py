@@ -210,6 +210,9 @@ SAME_ON_BOTH = {
     "tsv": {"spectrum": "numerical_rank"},
     "iso_c": {"spectrum": "numerical_rank"},
     "iso_cts": {"spectrum": "numerical_rank"},
+    # scope=model takes quantiles over the modules present: checkpoints also hold
+    # the matrices no adapter touched (zero task vectors)
+    "pcb": {"scope": "module"},
     "wudi": {"solver": "closed_form"},
     "wudi2": {"solver": "closed_form", "init": "mean", "center": "no"},
     "dare": {"drop_rate": "0.5"},
