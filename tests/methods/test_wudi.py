@@ -421,3 +421,11 @@ def test_wudi_dense_plan_note_states_cost_before_start():
     assert get("wudi").make_params({"space": "factor"}).plan_note("lora", [(4096, 4096)] * 8, 3) is None
     assert p.plan_note("lora", [(16, 16)], 3) is None  # tiny: nothing to say
     assert get("wudi").make_params({"solver": "closed_form"}).plan_note("dense", [(4096, 4096)], 3) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: test_wudi_default_is_released_dense_adam")
+def test_wudi_dense_on_gpu_equals_cpu():
+    inp = _lora(n=3, r=3, d_out=64, d_in=48, seed=15)
+    cpu = _run("wudi", inp, iterations=40, lr=1e-2)
+    gpu = _run("wudi", inp, iterations=40, lr=1e-2, device="cuda")
+    torch.testing.assert_close(gpu.delta, cpu.delta, rtol=1e-4, atol=1e-5)
