@@ -43,6 +43,25 @@ def _frame(inputs: ModuleInputs, spectrum: str):
     return module_cores(inputs, factor=spectrum == "numerical_rank")
 
 
+def _svd_note(method: str, spectrum: str, kind: str, shapes, svds_per_module) -> str | None:
+    """The cost of dense SVDs (spectrum=full, or checkpoints), said before a merge:
+    ~10 m n min(m, n) flops per SVD at half the measured matmul rate (which
+    matches the 40 s of one 4096x4096 float32 SVD measured on 2 cores)."""
+    if spectrum != "full" and kind == "lora":
+        return None
+    mats = [s for s in shapes if len(s) == 2]
+    flops = sum(svds_per_module * 10.0 * a * b * min(a, b) for a, b in mats)
+    if flops < 5e11:
+        return None
+    from .wudi import _human, _matmul_rate
+
+    secs = flops / (0.5 * _matmul_rate("cpu"))
+    hint = " spectrum=numerical_rank works in factor space on LoRA (seconds)" if kind == "lora" else ""
+    return (f"{method}: {svds_per_module} dense SVD{'s' if svds_per_module > 1 else ''} per module on "
+            f"{len(mats)} matri{'ces' if len(mats) > 1 else 'x'}: "
+            f"~{flops / 1e12:.3g} TFLOP, roughly {_human(secs)} on this CPU.{hint}")
+
+
 # --------------------------------------------------------------------------- TSV
 @dataclass(frozen=True)
 class TSVParams(MethodParams):
@@ -57,6 +76,9 @@ class TSVParams(MethodParams):
 
     keep_fraction: float | None = None
     spectrum: Spectrum = "full"
+
+    def plan_note(self, kind, shapes, n_inputs):
+        return _svd_note(self.method, self.spectrum, kind, shapes, n_inputs + 2)
 
     def validate(self) -> None:
         if self.keep_fraction is not None and not 0.0 < self.keep_fraction <= 1.0:
@@ -140,6 +162,9 @@ class IsoCParams(MethodParams):
     scaling: float = 1.5
     spectrum: Spectrum = "full"
 
+    def plan_note(self, kind, shapes, n_inputs):
+        return _svd_note(self.method, self.spectrum, kind, shapes, 1)
+
 
 def _iso_c_core(cores: list[torch.Tensor], shape, full: bool = False) -> torch.Tensor:
     total = torch.stack(cores).sum(0)
@@ -199,6 +224,9 @@ class IsoCTSParams(MethodParams):
     scaling: float = 1.5
     common_fraction: float = 0.8
     spectrum: Spectrum = "full"
+
+    def plan_note(self, kind, shapes, n_inputs):
+        return _svd_note(self.method, self.spectrum, kind, shapes, n_inputs + 3)
 
     def validate(self) -> None:
         if not 0.0 < self.common_fraction < 1.0:

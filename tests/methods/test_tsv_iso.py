@@ -377,3 +377,11 @@ def test_full_spectrum_equals_numerical_rank_on_full_rank_checkpoints(name):
     torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-4)
     lora = _inputs("lora", torch.float32)
     assert isinstance(_run(name, lora), LowRank) and isinstance(run_method(name, lora), Dense)
+
+
+def test_full_spectrum_states_dense_svd_cost_before_a_large_merge():
+    p = get("tsv").make_params({})
+    note = p.plan_note("lora", [(4096, 4096)] * 4, 3)
+    assert note and "5 dense SVDs per module" in note and "spectrum=numerical_rank" in note
+    assert get("tsv").make_params({"spectrum": "numerical_rank"}).plan_note("lora", [(4096, 4096)], 3) is None
+    assert get("iso_c").make_params({}).plan_note("lora", [(64, 64)], 3) is None  # small: nothing to say
