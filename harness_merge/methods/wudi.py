@@ -69,8 +69,16 @@ class _WudiBase(MethodParams):
         raise NotImplementedError
 
     def runs_dense(self, kind: str) -> bool:
-        """Whether the optimisation runs on the full ``d_out x d_in`` matrix."""
-        return kind != "lora" or self.space == "dense"
+        """Whether the optimisation runs on the full ``d_out x d_in`` matrix.
+
+        ``space=auto``: factor space on LoRA only where it gives the dense
+        result exactly (SGD or the closed form, which are basis-equivariant),
+        dense for Adam (element-wise, so its trajectory depends on the basis)."""
+        if kind != "lora" or self.space == "dense":
+            return True
+        if self.space == "factor":
+            return False
+        return self.solver == "iterative" and self.resolved(kind)["optimizer"] == "adam"
 
     @classmethod
     def listing_note(cls) -> str | None:
@@ -108,8 +116,9 @@ class WudiParams(_WudiBase):
 
     space: ``dense`` (default) materialises LoRA deltas and runs Adam on the
     full matrix, the released code's trajectory (returns ``Dense``);
-    ``factor`` (or ``auto``) runs it on the factor-space coordinates of LoRA
-    inputs (cheap, returns ``LowRank``): Adam is element-wise, so this is a
+    ``factor`` runs it on the factor-space coordinates of LoRA inputs (cheap,
+    returns ``LowRank``; ``auto`` does so only for SGD or the closed form,
+    which give the dense result exactly): Adam is element-wise, so this is a
     different, basis-dependent optimisation (measured: relative gap 0.21 to
     dense, final loss 1.93e-2 vs 1.19e-2, issue 11). Checkpoints are dense.
     device: ``cuda`` runs the optimisation on a GPU (the released code does).
@@ -391,13 +400,12 @@ def solve_iterative(
 def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult:
     params.check_inputs(inputs.n)
     cfg = params.resolved(inputs.kind)
-    factor = {"auto": None, "factor": True, "dense": False}[params.space]  # auto: factor on LoRA
     if params.space == "factor" and inputs.kind != "lora":
         raise MethodParamError(
             f"{params.method}: space=factor needs LoRA inputs, {inputs.name} is a full checkpoint; "
             f"use space=auto"
         )
-    frame, cores = module_cores(inputs, factor=factor)
+    frame, cores = module_cores(inputs, factor=not params.runs_dense(inputs.kind))
     prob = wudi_problem(
         cores,
         frame.shape,
@@ -431,7 +439,7 @@ def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult
     reference_url="https://arxiv.org/abs/2503.08099",
     inputs=("lora", "dense"),
     min_inputs=2,
-    lowrank_on_lora=lambda p: p.space != "dense",
+    lowrank_on_lora=lambda p: not p.runs_dense("lora"),
 )
 def wudi(
     inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator
@@ -468,7 +476,7 @@ def wudi(
     reference_url="https://arxiv.org/abs/2505.19892",
     inputs=("lora", "dense"),
     min_inputs=2,
-    lowrank_on_lora=lambda p: p.space != "dense",
+    lowrank_on_lora=lambda p: not p.runs_dense("lora"),
 )
 def wudi2(
     inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator

@@ -429,3 +429,17 @@ def test_wudi_dense_on_gpu_equals_cpu():
     cpu = _run("wudi", inp, iterations=40, lr=1e-2)
     gpu = _run("wudi", inp, iterations=40, lr=1e-2, device="cuda")
     torch.testing.assert_close(gpu.delta, cpu.delta, rtol=1e-4, atol=1e-5)
+
+
+def test_wudi2_space_auto_is_factor_only_where_exact():
+    """auto: SGD (default recipe) in factor space, LowRank; Adam (internvl
+    recipe) on the dense delta, the released trajectory."""
+    inp = _lora(n=3, r=3, d_out=24, d_in=18, seed=16)
+    assert isinstance(_run("wudi2", inp, iterations=5), LowRank)
+    res = _run("wudi2", inp, recipe="internvl", iterations=30, lr=1e-2)
+    assert isinstance(res, Dense)
+    ref = _released_wudi2(inp.deltas(), 30, sgd=False, lr=1e-2, centred=True)
+    torch.testing.assert_close(res.delta, ref, rtol=1e-3, atol=1e-4)
+    assert get("wudi2").returns_lowrank(get("wudi2").make_params({}))
+    assert not get("wudi2").returns_lowrank(get("wudi2").make_params({"recipe": "internvl"}))
+    assert not get("wudi").returns_lowrank(get("wudi").make_params({}))
