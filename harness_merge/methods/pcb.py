@@ -6,6 +6,11 @@ vector per task); the merge driver streams the modules through the passes of
 :func:`pcb_model_passes` (exact order statistics by radix selection, memory
 bounded by one module plus the count tables), then merges module by module.
 ``scope=module`` takes them per module.
+
+"The whole model" is every tensor the method runs on: the linear matrices
+under ``nonlinear=average`` (embeddings, lm_head and norms are averaged and
+left out of the statistics); every tensor under ``nonlinear=method``, which is
+the released code's flattened checkpoint (less its ``remove_keys``).
 """
 
 from __future__ import annotations
