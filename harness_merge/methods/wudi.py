@@ -250,16 +250,18 @@ class Problem:
             return torch.zeros(b_, 0, dtype=dtype), torch.zeros(a_, 0, dtype=dtype)
         return torch.cat(ps, 1), torch.cat(rs, 1)
 
-    def normal_equations(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def normal_equations(
+        self, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``G = sum_i a_i P_i P_i^T`` (b x b) and ``H = sum_i a_i T_i P_i P_i^T``
-        (a x b), accumulated task by task (never the (a x K) stack)."""
+        (a x b), accumulated task by task (never the (a x K) stack), on ``device``."""
         a_, b_ = self.init.shape
-        G = torch.zeros(b_, b_, dtype=dtype)
-        H = torch.zeros(a_, b_, dtype=dtype)
+        G = torch.zeros(b_, b_, dtype=dtype, device=device)
+        H = torch.zeros(a_, b_, dtype=dtype, device=device)
         for t, p, a in zip(self.targets, self.inputs, self.coefs):
             if a == 0.0 or p.shape[1] == 0:
                 continue
-            p, t = p.to(dtype), t.to(dtype)
+            p, t = p.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
             if p.shape[1] > p.shape[0]:
                 gi = p @ p.T
                 G += a * gi
@@ -378,8 +380,8 @@ def solve_iterative(
     the stack is narrower than ``X``), float32 as the released code."""
     dev = torch.device(device)
     if prob.width() > prob.init.shape[1]:  # fewer flops through the normal equations
-        G, H = prob.normal_equations(torch.float32)
-        G, H, P, R = G.to(dev), H.to(dev), None, None
+        G, H = prob.normal_equations(torch.float32, dev)  # on the device: d_in^2 d_out flops per task
+        P, R = None, None
     else:
         P, R = prob.stacked(torch.float32)
         P, R = P.to(dev), R.to(dev)
