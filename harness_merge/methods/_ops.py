@@ -5,7 +5,6 @@ from typing import Literal
 
 import torch
 
-
 KeepRule = Literal["released", "exact"]
 
 

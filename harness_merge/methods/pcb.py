@@ -122,7 +122,7 @@ def _clamp_ranks(d: int, clamp_ratio: float) -> tuple[int, int]:
     return int(d * clamp_ratio), int(d * (1 - clamp_ratio)) - 1
 
 
-def pcb_model_passes(params: "PCBParams") -> list[StatPass]:
+def pcb_model_passes(params: PCBParams) -> list[StatPass]:
     """The statistics passes of ``scope=model`` (none for ``scope=module``):
     exact clamp bounds of each task's ``|tau|`` over the model, then the exact
     drop threshold and the max of each task's ``beta``."""
@@ -179,7 +179,7 @@ def pcb_model_passes(params: "PCBParams") -> list[StatPass]:
     ]
 
 
-def _merge_model_scope(inputs: ModuleInputs, params: "PCBParams", stats: dict) -> Dense:
+def _merge_model_scope(inputs: ModuleInputs, params: PCBParams, stats: dict) -> Dense:
     tv = _flat(inputs)
     clamped, beta = _terms(tv, stats["lo"], stats["hi"])
     thr, top = stats["thr"].unsqueeze(1), stats["bmax"].unsqueeze(1)

@@ -35,7 +35,6 @@ from ._lowrank import (
 )
 from ._params import MethodParams
 
-
 Spectrum = Literal["full", "numerical_rank"]
 
 
