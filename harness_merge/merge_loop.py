@@ -1,27 +1,35 @@
 """The merge driver: validate everything that can be validated without reading
 a tensor, then stream one module at a time through the method.
 
-Policy for tensors a method cannot sensibly treat (the same for every method):
-tensors that are not 2-D, and embedding-like matrices (token/position
-embeddings, lm_head, patch embeddings), get the plain average of the task
-vectors, ``mean_n tau_n`` (no lambda), i.e. the weight average of the
-fine-tuned models. Tensors no input changed are skipped (delta 0).
+Policy for tensors that are not linear maps (full checkpoints only: tensors
+that are not 2-D, and embedding-like matrices - token/position embeddings,
+lm_head, patch embeddings), set by the ``nonlinear`` parameter every method
+has: ``average`` (default) gives them the plain average of the task vectors,
+``mean_n tau_n`` (no lambda), i.e. the weight average of the fine-tuned
+models, whatever the method; ``method`` runs the method on them too, lambda
+included, as mergekit does (1-D tensors need an element-wise method). The
+choice is part of the parameters, so it is recorded in the manifest and the
+cache key. Tensors no input changed are skipped (delta 0).
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import MethodParamError
-from .methods import MethodSpec, module_generator
+from .methods import MethodSpec, available, get, module_generator
 from .methods._params import MethodParams
 from .types import Dense, MergeResult
 
+log = logging.getLogger(__name__)
 
-def validate_plan(inputs, spec: MethodSpec, params: MethodParams) -> None:
-    """Arity, input kind and rank checks; raises before any tensor is read."""
+
+def validate_plan(inputs, spec: MethodSpec, params: MethodParams) -> str | None:
+    """Arity, input kind and rank checks; raises before any tensor is read.
+    Logs (as a warning) and returns the method's cost note, if any."""
     kind = inputs.kind
     if kind not in spec.inputs:
         raise MethodParamError(
@@ -37,6 +45,41 @@ def validate_plan(inputs, spec: MethodSpec, params: MethodParams) -> None:
     if kind == "lora":
         for m in inputs.module_names:
             params.check_ranks(m, inputs.ranks(m))
+    if kind == "dense" and params.nonlinear == "method" and not spec.elementwise:
+        one_d = [m for m in inputs.module_names if len(inputs.shape(m)) != 2]
+        if one_d:
+            raise MethodParamError(
+                f"{spec.name}: nonlinear=method runs the method on every tensor, but {spec.name} needs "
+                f"matrices and {one_d[0]} has shape {tuple(inputs.shape(one_d[0]))} "
+                f"({len(one_d)} such tensors); use nonlinear=average, or an element-wise method "
+                f"({', '.join(sorted(m for m in available() if get(m).elementwise))})"
+            )
+    note = params.plan_note(kind, [tuple(inputs.shape(m)) for m in _method_names(inputs, params)], n)
+    if note:
+        log.warning(note)
+    return note
+
+
+def _method_names(inputs, params: MethodParams) -> list[str]:
+    """The modules the method itself runs on (the rest get the average)."""
+    if params.nonlinear == "method":
+        return list(inputs.module_names)
+    return [m for m in inputs.module_names if inputs.is_matrix(m)]
+
+
+def collect_stats(inputs, passes, names: list[str], *, progress: bool = True) -> dict:
+    """Run a method's statistics passes: each streams every module in ``names``
+    (one in memory at a time) through ``update``, then ``finish`` adds to the
+    statistics the next passes and the merge see."""
+    stats: dict = {}
+    for p in passes:
+        state = None
+        for name in tqdm(names, desc=p.name, unit="module", disable=not progress, leave=False):
+            mi = inputs.read(name)
+            state = p.update(state, mi, stats)
+            del mi
+        stats.update(p.finish(state, stats))
+    return stats
 
 
 def iter_merged(
@@ -45,17 +88,22 @@ def iter_merged(
     """Yield ``(module name, result)`` per module; ``None`` where nothing changed."""
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
+    extra = {}
+    with torch.no_grad():
+        passes = spec.passes(params)
+        if passes:
+            extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
     bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False)
     with torch.no_grad():
         for name in bar:
             mi = inputs.read(name)
             if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
                 yield name, None
-            elif inputs.is_matrix(name):
+            elif inputs.is_matrix(name) or params.nonlinear == "method":
                 # LoRA names a module, a checkpoint its weight: one key for both, so
                 # random methods draw the same masks from either input form.
                 key = name.removesuffix(".weight")
-                yield name, spec.fn(mi, params, generator=module_generator(seed, key))
+                yield name, spec.fn(mi, params, generator=module_generator(seed, key), **extra)
             else:
                 yield name, Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
             del mi

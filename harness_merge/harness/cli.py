@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
 import yaml
@@ -94,9 +95,16 @@ def cmd_methods(args) -> int:
         spec = methods.get(name)
         print(f"{name:10s} {spec.summary}")
         print(f"{'':10s} inputs: {', '.join(sorted(spec.inputs))}; min adapters: {spec.min_inputs}; {spec.reference_url}")
-        fields = [f for f in dataclasses.fields(spec.params_cls)]
-        ps = ", ".join(f"{f.name}={f.default!r}" for f in fields)
-        print(f"{'':10s} params: {ps}\n")
+        hints = typing.get_type_hints(spec.params_cls)
+        ps = []
+        for f in dataclasses.fields(spec.params_cls):
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            ps.append(f"{f.name}={f.default!r}" + (f" ({'|'.join(map(str, choices))})" if choices else ""))
+        print(f"{'':10s} params: {', '.join(ps)}")
+        note = spec.params_cls.listing_note()
+        if note:
+            print(f"{'':10s} {note}")
+        print()
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -27,6 +27,22 @@ _FAMILIES = ("linear", "ties_dare", "copa", "pcb", "tsv_iso", "wudi")
 
 
 @dataclass(frozen=True)
+class StatPass:
+    """One pass of the merge driver over every module the method runs on, before
+    the merge, for a method whose statistics span the whole model.
+
+    ``update(state, module_inputs, stats) -> state`` folds one module into the
+    pass's state (``None`` at the start; ``stats`` holds what earlier passes
+    found); ``finish(state, stats) -> dict`` adds this pass's findings to
+    ``stats``. Both are pure tensor functions; the driver streams the modules.
+    """
+
+    name: str
+    update: Callable[[Any, Any, dict], Any]
+    finish: Callable[[Any, dict], dict]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     fn: MergeFn
@@ -36,6 +52,13 @@ class MethodSpec:
     inputs: frozenset[str] = field(default_factory=lambda: frozenset({"lora", "dense"}))
     min_inputs: int = 1
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False
+    elementwise: bool = False
+    model_passes: Callable[[MethodParams], list[StatPass]] | None = None
+
+    def passes(self, params: MethodParams) -> list[StatPass]:
+        """The statistics passes the driver runs before merging (usually none);
+        the method then receives the collected ``stats`` as a keyword."""
+        return list(self.model_passes(params)) if self.model_passes is not None else []
 
     def returns_lowrank(self, params: MethodParams) -> bool:
         """Whether every module of LoRA inputs comes back ``LowRank`` with ``params``."""
@@ -59,13 +82,17 @@ def register(
     inputs: Iterable[str] = ("lora", "dense"),
     min_inputs: int = 1,
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False,
+    elementwise: bool = False,
+    model_passes: Callable[[MethodParams], list[StatPass]] | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
 
     ``lowrank_on_lora`` (a bool, or a function of the params): the method
     returns ``LowRank`` for every module of LoRA inputs, so its artifact is a
     LoRA adapter by default (else full weights when a base is given, or a LoRA
-    by SVD)."""
+    by SVD). ``elementwise``: defined entry by entry, so it applies to tensors
+    of any shape (1-D norms and biases under ``nonlinear=method``).
+    ``model_passes``: statistics passes over the whole model (see StatPass)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -73,7 +100,8 @@ def register(
         if params.method == "?":
             raise RuntimeError(f"{params.__name__} must set the ClassVar 'method'")
         _REGISTRY[name] = MethodSpec(
-            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora
+            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora,
+            elementwise, model_passes,
         )
         return fn
 
@@ -121,4 +149,4 @@ def module_generator(seed: int, module_name: str) -> torch.Generator:
     return g
 
 
-__all__ = ["MethodSpec", "MethodParams", "register", "available", "get", "module_generator"]
+__all__ = ["MethodSpec", "MethodParams", "StatPass", "register", "available", "get", "module_generator"]

@@ -86,12 +86,13 @@ def polar_factor(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def truncated(
-    x: torch.Tensor, k: int, shape: Sequence[int]
+    x: torch.Tensor, k: int, shape: Sequence[int], *, cap: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``min(k, numerical rank)`` singular triplets of ``x``: ``(U, S, V)``
-    with ``V`` as columns (``x ~ U diag(S) V^T``)."""
+    with ``V`` as columns (``x ~ U diag(S) V^T``). ``cap=False``: the top ``k``
+    whatever their singular values (as the released SVD-merging codes)."""
     u, s, vh = svd(x)
-    k = max(0, min(int(k), numerical_rank(s, shape)))
+    k = max(0, min(int(k), numerical_rank(s, shape) if cap else s.numel()))
     return u[:, :k], s[:k], vh[:k, :].T
 
 

@@ -1,33 +1,64 @@
 """Shared primitives of the sparsification methods (pure tensor functions)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+KeepRule = Literal["released", "exact"]
 
-def magnitude_mask(x: torch.Tensor, keep: float) -> torch.Tensor:
+
+def magnitude_mask(
+    x: torch.Tensor,
+    keep: float,
+    *,
+    rule: KeepRule = "exact",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Boolean mask keeping the ``keep`` fraction of entries of largest |x|,
     over the whole tensor (not per row).
 
-    Variant: exactly ``k = floor(keep * numel)`` entries are kept (a 1e-6 guard
+    ``rule="released"`` (the RobustMerge and MLLMerging code): with
+    ``j = int((1 - keep) * numel)`` (the number to prune), keep every entry with
+    ``|x| >= kthvalue(|x|, j)``, the j-th smallest magnitude (1-based); that is
+    ``numel - j + 1`` entries or more, and *all* entries tied at the threshold
+    are kept (no positional choice). ``j == 0`` keeps everything.
+
+    ``rule="exact"``: exactly ``k = floor(keep * numel)`` entries (a 1e-6 guard
     absorbs float error, so keep=1-0.8 of 100 keeps 20), as
-    ``peft.utils.merge_utils.magnitude_based_pruning``; entries tied with the
-    k-th largest magnitude are taken in index order. A selection (linear time:
-    numpy's introselect on CPU, ``kthvalue`` elsewhere) finds the threshold
-    instead of a top-k sort, which is ~40x slower at 7B module sizes.
+    ``peft.utils.merge_utils.magnitude_based_pruning``. Entries tied with the
+    k-th largest magnitude (frequent in bf16) are chosen by a random
+    permutation drawn from ``generator`` (a fixed seed-0 generator when None),
+    so no output row is favoured by its position.
+
+    A selection (linear time: numpy's introselect on CPU, ``kthvalue``
+    elsewhere) finds the threshold instead of a top-k sort, which is ~40x
+    slower at 7B module sizes.
     """
     if keep >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
     n = x.numel()
+    flat = x.abs().reshape(-1)
+    if rule == "released":
+        j = int((1.0 - keep) * n + 1e-6)
+        if j <= 0:
+            return torch.ones_like(x, dtype=torch.bool)
+        threshold = _kth_largest(flat, n - j + 1)
+        return (flat >= threshold).reshape(x.shape)
+    if rule != "exact":
+        raise ValueError(f"keep rule must be 'released' or 'exact', got {rule!r}")
     k = int(keep * n + 1e-6)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    flat = x.abs().reshape(-1)
     threshold = _kth_largest(flat, k)
     mask = flat > threshold
     missing = k - int(mask.sum())
-    if missing > 0:  # ties at the threshold: take the first ones
-        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        mask[ties] = True
+    if missing > 0:  # ties at the threshold: a seeded random subset of them
+        ties = torch.nonzero(flat == threshold).squeeze(1)
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        pick = torch.randperm(ties.numel(), generator=generator)[:missing].to(ties.device)
+        mask[ties[pick]] = True
     return mask.reshape(x.shape)
 
 
@@ -40,9 +71,16 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, n - k + 1).values
 
 
-def prune_magnitude(x: torch.Tensor, prune_rate: float) -> torch.Tensor:
-    """Zero the ``prune_rate`` fraction of entries of smallest magnitude."""
-    return x * magnitude_mask(x, 1.0 - prune_rate)
+def prune_magnitude(
+    x: torch.Tensor,
+    prune_rate: float,
+    *,
+    rule: KeepRule = "exact",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Zero the ``prune_rate`` fraction of entries of smallest magnitude
+    (``rule`` and ties as :func:`magnitude_mask`)."""
+    return x * magnitude_mask(x, 1.0 - prune_rate, rule=rule, generator=generator)
 
 
 def prune_random(
@@ -57,12 +95,15 @@ def prune_random(
     return out / (1.0 - drop_rate) if rescale else out
 
 
-def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
+def elect_sign(stacked: torch.Tensor, method: str = "total", zero: str = "positive") -> torch.Tensor:
     """TIES sign election over dim 0 of an (N, ...) stack.
 
     ``total``: sign of the sum of values; ``frequency``: sign of the sum of signs.
-    Entries whose vote is 0 elect +1 (as peft's ``calculate_majority_sign_mask``).
-    Returns the elected sign (+1/-1) per entry.
+    Entries whose vote is 0 elect +1 with ``zero="positive"`` (as peft's
+    ``calculate_majority_sign_mask``), or, with ``zero="majority"``, the sign of
+    the sum of the elected signs over the whole tensor (as MLLMerging's
+    ``ties_merging.get_param_signs``; 0 if that sum is 0 too, so nothing agrees).
+    Returns the elected sign (+1/-1, or 0) per entry.
     """
     if method == "total":
         vote = stacked.sum(dim=0)
@@ -70,4 +111,9 @@ def elect_sign(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:
         vote = (stacked > 0).sum(dim=0) - (stacked < 0).sum(dim=0)
     else:
         raise ValueError(f"sign election method must be 'total' or 'frequency', got {method!r}")
-    return torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
+    if zero == "positive":
+        return torch.where(vote >= 0, 1.0, -1.0).to(stacked.dtype)
+    if zero != "majority":
+        raise ValueError(f"zero vote rule must be 'positive' or 'majority', got {zero!r}")
+    sign = torch.sign(vote).to(stacked.dtype)
+    return torch.where(sign == 0, torch.sign(sign.sum()), sign)

@@ -23,12 +23,19 @@ class MethodParams:
     scaling: lambda, multiplies the merged update (the second seed paper applies
         one lambda to all methods).
     weights: per-input weights (one per adapter/checkpoint) or None (method default).
+    nonlinear: what full checkpoints' embeddings, lm_head, patch embeddings and
+        non-2-D tensors (norms, biases) get: ``average`` (default: the plain mean
+        of their task vectors, no lambda, whatever the method) or ``method``
+        (the method itself, lambda included, as mergekit does for every tensor;
+        1-D tensors need an element-wise method: ta, wa, ties, dare, dare_ties,
+        pcb). LoRA adapters have no such tensors.
     """
 
     method: typing.ClassVar[str] = "?"
 
     scaling: float = 1.0
     weights: Optional[tuple[float, ...]] = None
+    nonlinear: Literal["average", "method"] = "average"
 
     def __post_init__(self) -> None:
         if self.scaling < 0:
@@ -51,6 +58,17 @@ class MethodParams:
 
     def check_ranks(self, module: str, ranks: list[int]) -> None:
         """Checks on the LoRA ranks of one module, run before any tensor is read."""
+
+    def plan_note(self, kind: str, shapes: list[tuple[int, ...]], n_inputs: int) -> str | None:
+        """A sentence on what this merge will cost, said before it starts
+        (``kind``: "lora" | "dense"; ``shapes`` of the modules the method runs
+        on), or None when there is nothing worth saying."""
+        return None
+
+    @classmethod
+    def listing_note(cls) -> str | None:
+        """One line for ``harness-merge methods`` on what the defaults cost."""
+        return None
 
     def weight_list(self, n: int, default: float = 1.0) -> list[float]:
         return list(self.weights) if self.weights is not None else [default] * n

@@ -12,7 +12,7 @@ import torch
 from ..errors import MethodParamError
 from ..types import LowRank, MergeResult, ModuleInputs
 from . import register
-from ._ops import magnitude_mask
+from ._ops import KeepRule, magnitude_mask
 from ._params import MethodParams
 
 
@@ -25,6 +25,12 @@ class CopaParams(MethodParams):
     it off). combine: ``product_of_sums`` (NeurIPS eq. 5 and the released code,
     rank r, lambda on both factors so the delta carries lambda^2) or
     ``sum_of_products`` (ICML text, rank N*r, delta carries lambda).
+    keep_rule: ``released`` (default, the released code: keep every entry with
+    ``|x| >= kthvalue(|x|, int(k * numel))``, i.e. ``numel - int(k numel) + 1``
+    entries or more, all ties at the threshold kept) or ``exact`` (exactly
+    ``floor((1 - k) numel)`` entries, ties at the threshold drawn by a seeded
+    permutation; ``seed``).
+    seed: seeds the tie draws of ``keep_rule=exact`` (unused otherwise).
     weights: per-adapter multipliers next to lambda (default 1)."""
 
     method: ClassVar[str] = "copa"
@@ -32,6 +38,8 @@ class CopaParams(MethodParams):
     prune_rate: float = 0.8
     clamp_quantile: Optional[float] = 0.8
     combine: Literal["product_of_sums", "sum_of_products"] = "product_of_sums"
+    keep_rule: KeepRule = "released"
+    seed: int = 0
 
     def validate(self) -> None:
         self._check_fraction("prune_rate")
@@ -89,17 +97,24 @@ def cross_task_normalise(scales: list[torch.Tensor]) -> list[torch.Tensor]:
     min_inputs=2,
     lowrank_on_lora=True,
 )
-def copa(inputs: ModuleInputs, params: CopaParams, *, generator=None) -> MergeResult:
+def copa(inputs: ModuleInputs, params: CopaParams, *, generator: torch.Generator | None = None) -> MergeResult:
     """CoPA-Merging / RobustMerge on one module of N LoRA adapters.
 
-    1. ``A~_n = M_A(k) * A_n``, ``B~_n = M_B(k) * B_n`` (magnitude, whole matrix);
+    1. ``A~_n = M_A(k) * A_n``, ``B~_n = M_B(k) * B_n`` (magnitude, whole matrix,
+       ``keep_rule``);
     2. ``s_n[i] = sum_j |A_n[i,j]| / sum_j |A~_n[i,j]|`` (then the clamp);
     3. ``s~_n = s_n / sum_m s_m``;
     4. product_of_sums: ``(lambda sum_n w_n B~_n diag(s~_n)) (lambda sum_n w_n A~_n)``;
        sum_of_products: ``lambda sum_n w_n B~_n diag(s~_n) A~_n``.
-    Variant: ``scale_n`` (alpha/r) is folded into B_n first (a uniform factor, so
-    the masks are unchanged); default combine is the released code's
-    product_of_sums, lambda on both factors.
+    Reference: ``llava/model/builder.py:load_and_merge_pretrained_model`` of
+    github.com/AuroraZengfh/RobustMerge (``mask_ratio = 0.2``, ``fuse_weight =
+    2.0``): the defaults (keep_rule=released, product_of_sums, clamp 0.8,
+    lambda 2) compute what it computes.
+    Variant: ``scale_n`` (alpha/r) is folded into B_n after its mask is taken
+    from the stored B_n (a uniform factor; the released code has no scale).
+    ``keep_rule=exact`` keeps exactly floor((1-k) numel) entries; its gap to the
+    released rule (relative Frobenius, merged delta): 0.035 on fp32 and 0.09 on
+    bf16 random 512x16 factors, 0.12-0.51 on the adapters of issue 11.
     """
     if inputs.kind != "lora":
         raise MethodParamError(
@@ -109,11 +124,12 @@ def copa(inputs: ModuleInputs, params: CopaParams, *, generator=None) -> MergeRe
     keep = 1.0 - params.prune_rate
     w = params.weight_list(inputs.n)
     A_t, B_t, scales = [], [], []
+    rule = params.keep_rule
     for f in inputs.lora:
-        mask_A = magnitude_mask(f.A, keep)
-        B = f.B_scaled
+        mask_A = magnitude_mask(f.A, keep, rule=rule, generator=generator)
+        mask_B = magnitude_mask(f.B, keep, rule=rule, generator=generator)
         A_t.append(f.A * mask_A)
-        B_t.append(B * magnitude_mask(B, keep))
+        B_t.append(f.B_scaled * mask_B)
         scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile))
     scales = cross_task_normalise(scales)
     lam = params.scaling

@@ -63,6 +63,7 @@ def linear_combination(inputs: ModuleInputs, coeffs: list[float]) -> MergeResult
     summary="Task arithmetic: lambda * sum_n w_n delta_n (exact low-rank on LoRA)",
     reference_url="https://arxiv.org/abs/2212.04089",
     lowrank_on_lora=True,
+    elementwise=True,
 )
 def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, generator=None) -> MergeResult:
     """Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089).
@@ -80,6 +81,7 @@ def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, gener
     summary="Weight average: lambda * sum_n w_n delta_n / sum_n w_n (model soup)",
     reference_url="https://arxiv.org/abs/2203.05482",
     lowrank_on_lora=True,
+    elementwise=True,
 )
 def weight_average(inputs: ModuleInputs, params: WeightAverageParams, *, generator=None) -> MergeResult:
     """Weight averaging / model soup (Wortsman et al., ICML 2022, arXiv 2203.05482).

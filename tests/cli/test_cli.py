@@ -67,6 +67,9 @@ def test_methods_lists_every_method_with_defaults(capsys):
     for name in ("copa", "ta", "wa", "ties", "dare", "dare_ties"):
         assert f"\n{name} " in "\n" + stdout
     assert "prune_rate=0.8" in stdout and "combine='product_of_sums'" in stdout
+    # the variants are named with their choices, and a dense wudi run's cost is stated
+    assert "keep_rule='released' (released|exact)" in stdout and "spectrum='full' (full|numerical_rank)" in stdout
+    assert "recipe='qwen2vl' (qwen2vl|internvl|by_input)" in stdout and "TFLOP" in stdout
 
 
 def test_console_script_runs(adapters, tmp_path):

@@ -65,7 +65,7 @@ def test_unknown_key_lists_valid_ones_and_suggests():
         parse_model_args("pretrained=/b,adapters=[/a],method=copa,prune_rat=0.5")
     msg = str(ei.value)
     assert "prune_rat" in msg and "did you mean 'prune_rate'" in msg
-    assert "method copa parameters: scaling, weights, prune_rate" in msg and "batch_size" in msg
+    assert "method copa parameters: scaling, weights, nonlinear, prune_rate" in msg and "batch_size" in msg
 
 
 def test_unknown_method_lists_available():

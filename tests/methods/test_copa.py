@@ -54,9 +54,11 @@ def oracle(mi, k, lam, q, combine):
 
 @pytest.mark.parametrize("combine", ["product_of_sums", "sum_of_products"])
 @pytest.mark.parametrize("k,q", [(0.8, 0.8), (0.5, None), (0.0, 0.8)])
-def test_copa_matches_oracle(combine, k, q):
+def test_copa_exact_keep_rule_matches_oracle(combine, k, q):
+    """keep_rule=exact: floor((1-k) n) entries per matrix (fp32 random: no ties)."""
     mi = lora_inputs(n=3, d_out=14, d_in=60, ranks=(5, 5, 5), scales=[2.0, 1.0, 0.5], seed=4)
-    res = run(mi, prune_rate=k, clamp_quantile="none" if q is None else q, combine=combine, scaling=2.0)
+    res = run(mi, prune_rate=k, clamp_quantile="none" if q is None else q, combine=combine, scaling=2.0,
+              keep_rule="exact")
     assert isinstance(res, LowRank)
     assert res.rank == (5 if combine == "product_of_sums" else 15)
     torch.testing.assert_close(res.delta(), oracle(mi, k, 2.0, q, combine), rtol=1e-4, atol=1e-5)
@@ -138,3 +140,58 @@ def test_copa_refuses_dense_inputs():
 def test_bad_params(bad, match):
     with pytest.raises(MethodParamError, match=match):
         methods.get("copa").make_params(bad)
+
+
+# ------------------------------------------------- the released RobustMerge code's semantics
+def released_robustmerge(mi, mask_ratio=0.2, fuse=2.0):
+    """``load_and_merge_pretrained_model`` of AuroraZengfh/RobustMerge, written out
+    per adapter matrix: stack the T adapters, keep ``|x| >= kthvalue(int(n (1 -
+    mask_ratio)))`` per task, s = sum|A| / sum|mask A| per rank row, clamp the
+    lowest to the sorted value at int(r (1 - 0.2)), merged A = sum fuse * A~,
+    merged B = sum(fuse * s * B~) / sum(s); the adapter's alpha/r applies on top."""
+    def trim(stack):
+        t, d1, d2 = stack.shape
+        flat = stack.reshape(t, -1)
+        k = int(d1 * d2 * (1 - mask_ratio))
+        kth = torch.stack([row.abs().sort().values[k - 1] for row in flat]).unsqueeze(1)
+        masks = (flat.abs() >= kth).reshape(t, d1, d2)
+        return masks, masks * stack
+    A = torch.stack([f.A for f in mi.lora])
+    B = torch.stack([f.B for f in mi.lora])
+    mA, At = trim(A)
+    _, Bt = trim(B)
+    s = A.abs().sum(-1) / (mA * A).abs().sum(-1)  # (T, r)
+    r = s.shape[1]
+    lo = s.sort(dim=1).values[:, int(r * (1 - 0.2))].unsqueeze(1)
+    s = torch.clamp(s, lo, s.max(dim=1, keepdim=True).values)
+    A_m = (fuse * At).sum(0)
+    B_m = (fuse * s.unsqueeze(1) * Bt).sum(0) / s.unsqueeze(1).sum(0)
+    return mi.lora[0].scale * B_m.float() @ A_m.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copa_default_is_the_released_code(dtype):
+    """Defaults (keep_rule=released, product_of_sums, clamp 0.8, lambda 2) equal
+    the released code, also in bf16 where many magnitudes tie at the threshold."""
+    mi = lora_inputs(n=3, d_out=40, d_in=64, ranks=(8, 8, 8), scales=[2.0] * 3, seed=9)
+    # the inputs layer hands methods float32 copies of the stored (bf16) values
+    lora = tuple(LoRAFactors(A=f.A.to(dtype).float(), B=f.B.to(dtype).float(), scale=f.scale) for f in mi.lora)
+    mi = ModuleInputs(name="m", lora=lora)
+    ours = run(mi).delta()
+    ref = released_robustmerge(mi)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_copa_keep_rules_differ_on_bf16_ties():
+    """bf16 factors tie at the threshold: the released rule keeps them all
+    (more than floor(0.2 n) entries), the exact rule exactly floor(0.2 n)."""
+    from harness_merge.methods._ops import magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(8, 512, generator=g) * 0.01).to(torch.bfloat16).float()
+    n = A.numel()
+    released = magnitude_mask(A, 0.2, rule="released")
+    exact = magnitude_mask(A, 0.2, rule="exact", generator=torch.Generator().manual_seed(0))
+    assert int(exact.sum()) == int(0.2 * n)
+    assert int(released.sum()) > n - int(0.8 * n) + 1  # ties at the k-th value kept
+    assert bool((released | ~exact).all())  # the exact mask is a subset

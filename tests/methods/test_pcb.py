@@ -14,6 +14,9 @@ from harness_merge.types import Dense, LoRAFactors, ModuleInputs
 
 
 def _run(inp, **params):
+    """One module on its own: the per-module variant (scope=model is tested
+    at the end of the file through the driver's passes)."""
+    params.setdefault("scope", "module")
     spec = get("pcb")
     return spec.fn(
         inp, spec.make_params(params), generator=module_generator(0, inp.name)
@@ -162,3 +165,108 @@ def test_pcb_weights_length_checked():
         MethodParamError, match=r"pcb: weights has 2 values but 3 inputs"
     ):
         _run(_dense(n=3), weights=[1.0, 1.0])
+
+
+# ------------------------------------------------ scope=model: the released code
+def _released_pcb(flat, pcb_ratio, clamp_ratio=1e-4):
+    """PCB_merge of duguodong7/pcb-merging on the (N, D) flattened model,
+    written out with sorts: clamp |tau| to sorted[int(D c)], sorted[int(D (1 -
+    c)) - 1]; exp(N Norm^2) tanh(tau sum tau); clamp to sorted[int(D (1 - r))];
+    Norm; sum(tau_c s) / max(sum s, 1e-12)."""
+    n, d = flat.shape
+    srt = flat.abs().sort(dim=1).values
+    lo, hi = srt[:, int(d * clamp_ratio)].unsqueeze(1), srt[:, int(d * (1 - clamp_ratio)) - 1].unsqueeze(1)
+    mag = torch.clamp(flat.abs(), lo, hi)
+    clamped = torch.sign(flat) * mag
+    norm = (mag - mag.min(1, keepdim=True).values) / (mag.max(1, keepdim=True).values - mag.min(1, keepdim=True).values)
+    beta = torch.exp(n * norm**2) * torch.tanh(flat * flat.sum(0))
+    bs = beta.sort(dim=1).values
+    beta = torch.clamp(beta, bs[:, int(d * (1 - pcb_ratio))].unsqueeze(1), bs[:, d - 1].unsqueeze(1))
+    score = (beta - beta.min(1, keepdim=True).values) / (beta.max(1, keepdim=True).values - beta.min(1, keepdim=True).values)
+    return (clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
+
+
+class _Model:
+    """Duck-typed input set: three modules of three tasks."""
+
+    kind = "dense"
+
+    def __init__(self, mods):
+        self.mods = mods
+        self.refs = ["a", "b", "c"]
+
+    @property
+    def module_names(self):
+        return list(self.mods)
+
+    def is_matrix(self, name):
+        return True
+
+    def shape(self, name):
+        return tuple(self.mods[name].shape)
+
+    def read(self, name):
+        m = self.mods[name]
+        if m.kind == "lora":
+            return m
+        return ModuleInputs(name, task_vectors=m.task_vectors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dense", "lora"])
+def test_pcb_default_scope_model_is_the_released_code_on_the_flattened_model(kind, dtype):
+    from harness_merge.merge_loop import iter_merged
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"q": (30, 20), "k": (10, 20), "o": (20, 30)}
+    mods = {}
+    for name, (a, b) in shapes.items():
+        if kind == "lora":
+            mods[name] = ModuleInputs(name, lora=tuple(LoRAFactors(
+                torch.randn(4, b, generator=g).to(dtype).float(), torch.randn(a, 4, generator=g).to(dtype).float(), 0.5)
+                for _ in range(3)))
+        else:
+            scale = {"q": 1.0, "k": 3.0, "o": 0.2}[name]  # modules of different magnitudes
+            mods[name] = ModuleInputs(name, task_vectors=tuple(
+                (scale * torch.randn(a, b, generator=g)).to(dtype).float() for _ in range(3)))
+    model = _Model(mods)
+    spec = get("pcb")
+    out = dict(iter_merged(model, spec, spec.make_params({}), progress=False))
+    flat = torch.cat([torch.stack([d.reshape(-1) for d in mods[n].deltas()]) for n in shapes], dim=1)
+    ref = _released_pcb(flat, pcb_ratio=0.1)
+    ours = torch.cat([out[n].delta.reshape(-1) for n in shapes])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    per_module = torch.cat([_run(mods[n]).delta.reshape(-1) for n in shapes])
+    assert float((per_module - ref).norm() / ref.norm()) > 0.05  # the scope matters
+
+
+def test_pcb_scope_model_on_one_module_equals_scope_module():
+    from harness_merge.merge_loop import iter_merged
+
+    inp = _dense(n=3, shape=(40, 25), seed=3)
+    spec = get("pcb")
+    out = dict(iter_merged(_Model({"w": inp}), spec, spec.make_params({"prune_rate": 0.8}), progress=False))
+    torch.testing.assert_close(out["w"].delta, _run(inp, prune_rate=0.8).delta, rtol=1e-5, atol=1e-6)
+
+
+def test_pcb_scope_model_called_alone_says_what_it_needs():
+    with pytest.raises(MethodParamError, match="scope=model needs the model-wide statistics"):
+        _run(_dense(), scope="model")
+
+
+def test_order_statistics_exact_over_chunks():
+    from harness_merge.methods import _orderstat as ost
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1000, generator=g).to(torch.bfloat16).float()  # many ties
+    x[0, :5] = 0.0
+    x[1, 3] = -0.0
+    chunks = [x[:, :300], x[:, 300:700], x[:, 700:]]
+    ranks = [[0, 10, 999], [500, 1, 998], [250, 750, 3]]
+    bins = ost.locate(sum(ost.count_high(c) for c in chunks), ranks)
+    low = None
+    for c in chunks:
+        part = ost.count_low(c, bins)
+        low = part if low is None else [[a + b for a, b in zip(ra, rb)] for ra, rb in zip(low, part)]
+    srt = x.sort(dim=1).values
+    assert ost.resolve(bins, low) == [[float(srt[r, k]) for k in ks] for r, ks in enumerate(ranks)]

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import as_dense as _dense_of, run_method as _run
+from .helpers import as_dense as _dense_of, run_method
+
+# Most tests below check the basis-free variant spectrum=numerical_rank against
+# its own formulas; the defaults (spectrum=full, the released codes) are tested
+# at the end of the file against the released semantics.
+
+
+def _run(name, mi, **params):
+    params.setdefault("spectrum", "numerical_rank")
+    return run_method(name, mi, **params)
 
 from harness_merge.errors import MethodParamError
 from harness_merge.methods import get
@@ -264,3 +273,115 @@ def test_mixed_ranks_and_scales_factor_equals_dense(name):
     inp = _lora(n=3, ranks=[2, 5, 3], d_out=33, d_in=27, seed=12)
     # the dense path runs float32 SVDs: singular vectors agree to ~1e-5 relative
     assert _rel(_run(name, inp).delta(), _run(name, _dense_of(inp)).delta) < 1e-4
+
+
+# ----------------------------------------- defaults: the released codes' semantics
+def _ref_tsv(deltas):
+    """compute_and_sum_svd_mem_reduction (TSV released code) on one matrix:
+    k = int(min(m, n) / N) triplets per task into zero-padded blocks, polar
+    factors by SVD, U_u V_u diag(S) U_v V_v."""
+    n = len(deltas)
+    m = min(deltas[0].shape)
+    k = int(m * (1.0 / n))
+    sum_u = sum_s = sum_v = None
+    for i, d in enumerate(deltas):
+        u, s, v = torch.linalg.svd(d, full_matrices=False)
+        if i == 0:
+            sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
+        sum_u[:, i * k:(i + 1) * k] = u[:, :k]
+        sum_s[i * k:(i + 1) * k] = s[:k]
+        sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+    uu, _, vu = torch.linalg.svd(sum_u, full_matrices=False)
+    uv, _, vv = torch.linalg.svd(sum_v, full_matrices=False)
+    return uu @ vu @ torch.diag(sum_s) @ uv @ vv
+
+
+def _ref_iso_c(deltas):
+    total = torch.stack(deltas).sum(0)  # the order of our sum: on LoRA the null basis follows rounding
+    u, s, v = torch.linalg.svd(total, full_matrices=False)
+    return u @ torch.diag(torch.full_like(s, s.mean())) @ v
+
+
+def _ref_iso_cts(deltas, frac):
+    n, shape = len(deltas), deltas[0].shape
+    total = torch.stack(deltas).sum(0)
+    kc = int(min(shape) * frac)
+    kc = min(shape) - round((min(shape) - kc) / n) * n
+    u, s, v = torch.linalg.svd(total, full_matrices=False)
+    cu, cs, cv = u[:, :kc], s[:kc], v[:kc, :]
+    kt = int((min(shape) - kc) / n)
+    U = S = V = None
+    for i, w in enumerate(deltas):
+        ut, st, vt = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
+        if i == 0:
+            U, S, V = torch.zeros_like(ut), torch.zeros_like(st), torch.zeros_like(vt)
+        U[:, i * kt:(i + 1) * kt], S[i * kt:(i + 1) * kt], V[i * kt:(i + 1) * kt] = ut[:, :kt], st[:kt], vt[:kt]
+    U[:, n * kt:n * kt + kc], S[n * kt:n * kt + kc], V[n * kt:n * kt + kc] = cu, cs, cv
+    a, _, b = torch.linalg.svd(U, full_matrices=False)
+    c, _, d = torch.linalg.svd(V, full_matrices=False)
+    return (a @ b) @ torch.diag(torch.full_like(S, S.mean())) @ (c @ d)
+
+
+def _inputs(kind, dtype):
+    """3 tasks, min(m, n) = 12 (divisible by 3: no zero-padded TSV blocks)."""
+    if kind == "lora":
+        mi = _lora(n=3, r=2, d_out=18, d_in=12, seed=3)
+        lora = tuple(LoRAFactors(f.A.to(dtype).float(), f.B.to(dtype).float(), f.scale) for f in mi.lora)
+        return ModuleInputs(mi.name, lora=lora)
+    g = torch.Generator().manual_seed(4)
+    return ModuleInputs("w", task_vectors=tuple(torch.randn(18, 12, generator=g).to(dtype).float() for _ in range(3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_tsv_default_is_the_released_code(kind, dtype):
+    mi = _inputs(kind, dtype)
+    res = run_method("tsv", mi)
+    assert isinstance(res, Dense)
+    torch.testing.assert_close(res.delta, _ref_tsv(mi.deltas()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_iso_c_default_is_the_released_code(kind, dtype):
+    mi = _inputs(kind, dtype)
+    res = run_method("iso_c", mi, scaling=1.0)
+    assert isinstance(res, Dense)
+    ref = _ref_iso_c(mi.deltas())
+    torch.testing.assert_close(res.delta, ref, rtol=1e-4, atol=1e-5)
+    # the basis-free facts: a flat spectrum over all min(m, n) = 12 directions, at
+    # the mean singular value of the sum (zeros included on LoRA)
+    sv = torch.linalg.svdvals(res.delta.double())
+    s_sum = torch.linalg.svdvals(torch.stack(mi.deltas()).sum(0).double())
+    torch.testing.assert_close(sv, torch.full_like(sv, float(s_sum.mean())), rtol=1e-4, atol=1e-6)
+    if kind == "lora":  # full rank: most of the norm outside the rank-6 LoRA subspace
+        QB, _ = torch.linalg.qr(torch.cat([f.B for f in mi.lora], 1).double())
+        QA, _ = torch.linalg.qr(torch.cat([f.A.T for f in mi.lora], 1).double())
+        inside = QB @ (QB.T @ res.delta.double() @ QA) @ QA.T
+        assert float(inside.norm()) < float((res.delta.double() - inside).norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_iso_cts_default_is_the_released_code(kind, dtype):
+    mi = _inputs(kind, dtype)
+    res = run_method("iso_cts", mi, scaling=1.0)
+    assert isinstance(res, Dense)
+    torch.testing.assert_close(res.delta, _ref_iso_cts(mi.deltas(), 0.8), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts"])
+def test_full_spectrum_equals_numerical_rank_on_full_rank_checkpoints(name):
+    mi = _inputs("dense", torch.float32)
+    a, b = run_method(name, mi), _run(name, mi)
+    torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=1e-4)
+    lora = _inputs("lora", torch.float32)
+    assert isinstance(_run(name, lora), LowRank) and isinstance(run_method(name, lora), Dense)
+
+
+def test_full_spectrum_states_dense_svd_cost_before_a_large_merge():
+    p = get("tsv").make_params({})
+    note = p.plan_note("lora", [(4096, 4096)] * 4, 3)
+    assert note and "5 dense SVDs per module" in note and "spectrum=numerical_rank" in note
+    assert get("tsv").make_params({"spectrum": "numerical_rank"}).plan_note("lora", [(4096, 4096)], 3) is None
+    assert get("iso_c").make_params({}).plan_note("lora", [(64, 64)], 3) is None  # small: nothing to say

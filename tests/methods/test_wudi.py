@@ -112,7 +112,7 @@ def test_wudi_paper_defaults():
         300,
         1.0,
         "iterative",
-        "auto",
+        "dense",
     )
     assert p.resolved("dense") == {
         "optimizer": "adam",
@@ -132,7 +132,7 @@ def test_wudi_lora_space_dense_equals_checkpoint_input_exactly():
 def test_wudi_lora_factor_adam_lowers_loss_and_stays_low_rank():
     inp = _lora(n=3, r=3)
     taus = [f.delta() for f in inp.lora]
-    res = _run("wudi", inp, lr=1e-2, iterations=300)
+    res = _run("wudi", inp, lr=1e-2, iterations=300, space="factor")
     assert isinstance(res, LowRank) and res.rank <= 9
     assert wudi_loss(res.delta(), taus) < wudi_loss(sum(taus), taus)
 
@@ -141,7 +141,7 @@ def test_wudi_lora_factor_adam_lowers_loss_and_stays_low_rank():
 def test_wudi_sgd_and_closed_form_factor_path_equal_dense_path(solver):
     inp = _lora(n=3, r=3, seed=3)
     kw = {"optimizer": "sgd", "lr": 0.05, "iterations": 100, "solver": solver}
-    fac, den = _run("wudi", inp, **kw), _run("wudi", _dense_of(inp), **kw)
+    fac, den = _run("wudi", inp, space="factor", **kw), _run("wudi", _dense_of(inp), **kw)
     assert isinstance(fac, LowRank) and isinstance(den, Dense)
     assert _rel(fac.delta(), den.delta) < 1e-4
 
@@ -157,20 +157,19 @@ def test_wudi_weights_scale_loss_terms():
 
 
 # ----------------------------------------------------------------- WUDI v2
-def test_wudi2_lora_defaults_sgd_mean_init_lr_1e4():
+def test_wudi2_recipes():
+    """Default recipe qwen2vl (the released Qwen2-VL script) for every input
+    kind; internvl; by_input (the former default) picks by input kind."""
+    sgd = {"optimizer": "sgd", "lr": 1e-4, "init": "mean", "center": False}
+    adam = {"optimizer": "adam", "lr": 1e-5, "init": "sum", "center": True}
     p = get("wudi2").params_cls()
-    assert p.resolved("lora") == {
-        "optimizer": "sgd",
-        "lr": 1e-4,
-        "init": "mean",
-        "center": False,
-    }
-    assert p.resolved("dense") == {
-        "optimizer": "adam",
-        "lr": 1e-5,
-        "init": "sum",
-        "center": True,
-    }
+    assert p.resolved("lora") == sgd and p.resolved("dense") == sgd
+    internvl = get("wudi2").make_params({"recipe": "internvl"})
+    assert internvl.resolved("lora") == adam and internvl.resolved("dense") == adam
+    by_input = get("wudi2").make_params({"recipe": "by_input"})
+    assert by_input.resolved("lora") == sgd and by_input.resolved("dense") == adam
+    over = get("wudi2").make_params({"recipe": "internvl", "init": "mean", "optimizer": "sgd"})
+    assert over.resolved("dense") == {"optimizer": "sgd", "lr": 1e-4, "init": "mean", "center": True}
     assert (p.iterations, p.momentum, p.rank) == (300, 0.9, None)
 
 
@@ -231,7 +230,7 @@ def test_wudi2_closed_form_satisfies_its_normal_equations():
 def test_wudi2_centred_targets_for_checkpoints():
     inp = _dense(n=3, m=9, k=9, seed=8)
     taus = [t.double() for t in inp.task_vectors]
-    x = _run("wudi2", inp, solver="closed_form").delta.double()  # auto: centred
+    x = _run("wudi2", inp, solver="closed_form", recipe="internvl").delta.double()  # centred
     mean = sum(taus) / 3
     G = torch.zeros(9, 9, dtype=torch.float64)
     H = torch.zeros(9, 9, dtype=torch.float64)
@@ -250,7 +249,7 @@ def test_wudi2_centred_targets_for_checkpoints():
 @pytest.mark.parametrize("name", ["wudi", "wudi2"])
 def test_deterministic_same_bytes(name):
     inp = _lora(seed=9)
-    a, b = _run(name, inp, iterations=20), _run(name, inp, iterations=20)
+    a, b = _run(name, inp, iterations=20, space="factor"), _run(name, inp, iterations=20, space="factor")
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
@@ -322,3 +321,125 @@ def test_optimiser_arithmetic_matches_torch_optim(optimizer):
         ref.grad = 2.0 * (ref.detach() @ G - H)
         opt.step()
     assert torch.allclose(ours, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- defaults: the released code, by autograd
+def _released_wudi(taus, iters, lr):
+    """MLLMerging wudi_merging on one matrix: Adam(lr) from the sum on
+    sum_i ||(x - tau_i) tau_i^T||^2 / ||tau_i||^2, gradients by autograd."""
+    v = torch.stack(taus).float()
+    x = torch.nn.Parameter(v.sum(0).clone())
+    opt = torch.optim.Adam([x], lr=lr)
+    norms = v.reshape(len(taus), -1).norm(dim=-1) ** 2
+    for _ in range(iters):
+        opt.zero_grad()
+        inner = torch.matmul(x.unsqueeze(0) - v, v.transpose(1, 2))
+        (inner.square() / norms[:, None, None]).sum().backward()
+        opt.step()
+    return x.detach()
+
+
+def _released_wudi2(taus, iters, *, sgd: bool, lr: float, centred: bool):
+    """MLLMerging wudi_merging2 (LLaMA-Factory: SGD momentum 0.9 from the mean,
+    uncentred targets; InternVL: Adam from the sum, centred targets)."""
+    v = torch.stack(taus).float()
+    n = v.shape[0]
+    avg = v.mean(0)
+    k = int(min(v.shape[1:]) / n)
+    lows, tgts = [], []
+    for t in v:
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        lows.append(torch.diag(s[:k]) @ vh[:k])
+        if centred:
+            u2, s2, v2 = torch.linalg.svd(t - avg, full_matrices=False)
+            tgts.append(u2[:, :k] @ torch.diag(s2[:k]) @ v2[:k] + avg)
+        else:
+            tgts.append(u[:, :k] @ torch.diag(s[:k]) @ vh[:k])
+    low, tgt = torch.stack(lows), torch.stack(tgts)
+    x = torch.nn.Parameter((avg if sgd else v.sum(0)).clone())
+    opt = torch.optim.SGD([x], lr=lr, momentum=0.9) if sgd else torch.optim.Adam([x], lr=lr)
+    norms = v.reshape(n, -1).norm(dim=-1) ** 2
+    for _ in range(iters):
+        inner = torch.matmul(x.unsqueeze(0) - tgt, low.transpose(1, 2))
+        loss = (inner.square() / norms[:, None, None]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x.detach()
+
+
+def _bf16(mi, dtype):
+    if mi.kind == "lora":
+        return ModuleInputs(mi.name, lora=tuple(LoRAFactors(f.A.to(dtype).float(), f.B.to(dtype).float(), f.scale)
+                                                for f in mi.lora))
+    return ModuleInputs(mi.name, task_vectors=tuple(t.to(dtype).float() for t in mi.task_vectors))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_wudi_default_is_released_dense_adam(kind, dtype):
+    """Default wudi on LoRA runs Adam on the dense delta (Dense result) and
+    follows the released code's trajectory (lr raised so 40 steps move)."""
+    inp = _bf16(_lora(n=3, r=3, d_out=20, d_in=16, seed=11) if kind == "lora" else _dense(m=12, k=10, seed=11), dtype)
+    res = _run("wudi", inp, iterations=40, lr=1e-2)
+    assert isinstance(res, Dense)
+    ref = _released_wudi(inp.deltas(), 40, 1e-2)
+    torch.testing.assert_close(res.delta, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_wudi_factor_space_is_a_different_optimisation():
+    inp = _lora(n=3, r=3, seed=12)
+    dense = _run("wudi", inp, iterations=60, lr=1e-2)
+    factor = _run("wudi", inp, iterations=60, lr=1e-2, space="factor")
+    assert isinstance(factor, LowRank) and isinstance(dense, Dense)
+    assert _rel(factor.delta(), dense.delta) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["lora", "dense"])
+def test_wudi2_default_is_released_qwen2vl_script(kind, dtype):
+    """Default wudi2 = the released LLaMA-Factory (Qwen2-VL) script for LoRA
+    and for checkpoints alike: SGD momentum 0.9 from the mean."""
+    inp = _bf16(_lora(n=3, r=3, d_out=24, d_in=18, seed=13) if kind == "lora" else _dense(m=12, k=9, seed=13), dtype)
+    res = _run("wudi2", inp, iterations=50, lr=0.05)
+    ref = _released_wudi2(inp.deltas(), 50, sgd=True, lr=0.05, centred=False)
+    d = res.delta() if isinstance(res, LowRank) else res.delta
+    torch.testing.assert_close(d, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_wudi2_internvl_recipe_is_released_internvl_script():
+    inp = _dense(m=12, k=9, seed=14)
+    res = _run("wudi2", inp, recipe="internvl", iterations=50, lr=1e-2)
+    ref = _released_wudi2(inp.deltas(), 50, sgd=False, lr=1e-2, centred=True)
+    torch.testing.assert_close(res.delta, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_wudi_dense_plan_note_states_cost_before_start():
+    p = get("wudi").params_cls()
+    note = p.plan_note("lora", [(4096, 4096)] * 8, 3)
+    assert note and "TFLOP" in note and "on this CPU" in note and "space=factor" in note
+    assert get("wudi").make_params({"space": "factor"}).plan_note("lora", [(4096, 4096)] * 8, 3) is None
+    assert p.plan_note("lora", [(16, 16)], 3) is None  # tiny: nothing to say
+    assert get("wudi").make_params({"solver": "closed_form"}).plan_note("dense", [(4096, 4096)], 3) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: test_wudi_default_is_released_dense_adam")
+def test_wudi_dense_on_gpu_equals_cpu():
+    inp = _lora(n=3, r=3, d_out=64, d_in=48, seed=15)
+    cpu = _run("wudi", inp, iterations=40, lr=1e-2)
+    gpu = _run("wudi", inp, iterations=40, lr=1e-2, device="cuda")
+    torch.testing.assert_close(gpu.delta, cpu.delta, rtol=1e-4, atol=1e-5)
+
+
+def test_wudi2_space_auto_is_factor_only_where_exact():
+    """auto: SGD (default recipe) in factor space, LowRank; Adam (internvl
+    recipe) on the dense delta, the released trajectory."""
+    inp = _lora(n=3, r=3, d_out=24, d_in=18, seed=16)
+    assert isinstance(_run("wudi2", inp, iterations=5), LowRank)
+    res = _run("wudi2", inp, recipe="internvl", iterations=30, lr=1e-2)
+    assert isinstance(res, Dense)
+    ref = _released_wudi2(inp.deltas(), 30, sgd=False, lr=1e-2, centred=True)
+    torch.testing.assert_close(res.delta, ref, rtol=1e-3, atol=1e-4)
+    assert get("wudi2").returns_lowrank(get("wudi2").make_params({}))
+    assert not get("wudi2").returns_lowrank(get("wudi2").make_params({"recipe": "internvl"}))
+    assert not get("wudi").returns_lowrank(get("wudi").make_params({}))
