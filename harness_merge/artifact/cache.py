@@ -228,7 +228,9 @@ class MergeCache:
     # -- building -------------------------------------------------------------
     @staticmethod
     def seal(folder: Path) -> dict[str, dict]:
-        """Record sizes and hashes, make the files read-only, fsync the tree."""
+        """Record sizes and hashes, make the files read-only (else umask
+        permissions), fsync the tree."""
+        fsio.apply_umask(folder)
         files = record_files(folder)
         (Path(folder) / FILES_RECORD).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
         for p in Path(folder).rglob("*"):

@@ -126,6 +126,29 @@ def rmtree(p: Path) -> None:
             pass
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux: no set-and-restore race)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give every file 0666 and every folder 0777 less the umask: some writers
+    (safetensors) create their files 0600 whatever the umask."""
+    mask = current_umask()
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(Path(d) / f, 0o666 & ~mask)
+
+
 def fsync_path(p: Path) -> None:
     fd = os.open(p, os.O_RDONLY)
     try:
@@ -228,7 +251,7 @@ def os_error_text(e: BaseException) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     import re
 
-    m = re.search(r"code: (\d+)", text)
+    m = re.search(r"(?:code: |os error )(\d+)", text)
     if m:
         return os.strerror(int(m.group(1)))
     return text
@@ -240,5 +263,5 @@ def io_errno(e: BaseException) -> int | None:
         return e.errno
     import re
 
-    m = re.search(r"code: (\d+)", str(e))
+    m = re.search(r"(?:code: |os error )(\d+)", str(e))
     return int(m.group(1)) if m else None

@@ -138,6 +138,7 @@ def publish(src: Path, out: Path, *, files: dict[str, dict] | None) -> None:
 def publish_built(tmp: Path, out: Path) -> None:
     """Move a finished build folder (in ``out``'s parent) to ``out`` atomically."""
     tmp, out = Path(tmp), Path(out)
+    fsio.apply_umask(tmp)
     fsio.fsync_tree(tmp)
     with out_lock(out):
         recover(out)
