@@ -14,7 +14,7 @@ the sizes match and the hashes do (the hash check is remembered per file by
 hit; any write or chmod changes ctime). A damaged entry is reported, moved
 aside to ``<root>/damaged/`` and rebuilt. Temp folders of dead merges (any
 key) are removed by the next miss. File hashes of the inputs are memoised by
-(path, size, mtime, inode), so a repeat run does not re-read the inputs.
+(path, size, mtime, ctime, inode), so a repeat run does not re-read the inputs.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def code_version() -> str:
 
 
 class FileHasher:
-    """sha256 of files, memoised on disk by (realpath, size, mtime_ns, inode)."""
+    """sha256 of files, memoised on disk by (realpath, size, mtime_ns, ctime_ns,
+    inode): an in-place edit that restores the mtime still changes the ctime."""
 
     def __init__(self, memo_dir: Path | None):
         self.memo_dir = memo_dir
@@ -73,12 +74,16 @@ class FileHasher:
 
     def __call__(self, path: Path) -> str:
         st = os.stat(path)
-        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
         memo = None
         if self.memo_dir is not None:
             memo = self.memo_dir / hashlib.sha1(ident.encode()).hexdigest()
-            if memo.is_file():
-                return memo.read_text().strip()
+            try:
+                text = memo.read_text().strip()
+            except OSError:
+                text = ""
+            if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+                return text  # a torn or empty memo is recomputed, never trusted
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):

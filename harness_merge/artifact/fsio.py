@@ -36,6 +36,7 @@ import uuid
 from pathlib import Path
 
 STALE_AGE_S = 24 * 3600
+LIVE_PID_AGE_S = 7 * 24 * 3600  # a live pid this old is taken to be a reused one
 FAULT_ENV = "HARNESS_MERGE_FAULT"
 _HOST = socket.gethostname().replace("-", "_")[:32] or "host"
 _FICLONE = 0x40049409
@@ -72,31 +73,32 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
-def _owner_alive(name: str, prefix: str) -> bool:
-    """Whether the process named in a ``make_temp_dir`` name may still own it."""
-    rest = name[len(prefix):]
-    parts = rest.rsplit("-", 2)
-    if len(parts) != 3:
-        return False  # not one of ours by name: only age decides
-    host, pid = parts[0].rsplit("-", 1)[-1], parts[1]
-    if host != _HOST or not pid.isdigit():
-        return True  # another machine's process: only age decides
-    pid_i = int(pid)
-    if pid_i == os.getpid():
-        return True
+def _owner_state(name: str, prefix: str) -> str:
+    """``"dead"``, ``"alive"`` or ``"unknown"`` (another machine's, or not a
+    ``make_temp_dir`` name) for the process named in a temp folder's name."""
+    parts = name[len(prefix):].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return "unknown"
+    if parts[0].rsplit("-", 1)[-1] != _HOST:
+        return "unknown"
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return "alive"
     try:
-        os.kill(pid_i, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return "dead"
     except PermissionError:
-        return True
-    return True
+        return "alive"
+    return "alive"
 
 
 def clean_stale(parent: Path, prefix: str, *, max_age_s: float = STALE_AGE_S) -> list[Path]:
-    """Remove ``parent/<prefix>*`` folders whose owner is dead or that are older
-    than ``max_age_s``; returns what was removed. Errors are ignored (another
-    cleaner may be at work, or the folder is not ours to remove)."""
+    """Remove ``parent/<prefix>*`` folders whose owner (on this machine) is
+    dead; folders of other machines once older than ``max_age_s``, and of a
+    live pid (which may be a reused one) once older than ``LIVE_PID_AGE_S``.
+    Returns what was removed; errors are ignored (another cleaner may be at
+    work, or the folder is not ours to remove)."""
     removed = []
     try:
         entries = list(Path(parent).iterdir())
@@ -107,10 +109,12 @@ def clean_stale(parent: Path, prefix: str, *, max_age_s: float = STALE_AGE_S) ->
         if not p.name.startswith(prefix):
             continue
         try:
-            old = now - p.lstat().st_mtime > max_age_s
+            age = now - p.lstat().st_mtime
         except OSError:
             continue
-        if old or not _owner_alive(p.name, prefix):
+        state = _owner_state(p.name, prefix)
+        if (state == "dead" or (state == "unknown" and age > max_age_s)
+                or (state == "alive" and age > LIVE_PID_AGE_S)):
             rmtree(p)
             removed.append(p)
     return removed

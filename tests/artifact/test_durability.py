@@ -284,9 +284,33 @@ def test_stale_cleanup_spares_live_owners(tmp_path):
     old = tmp_path / ".tmp-k-otherhost-2-abcd1234"
     old.mkdir()
     os.utime(old, (time.time() - 2 * fsio.STALE_AGE_S,) * 2)
+    live_old = fsio.make_temp_dir(tmp_path, ".tmp-j-")  # a live pid, but a week old: a reused pid
+    os.utime(live_old, (time.time() - 2 * fsio.LIVE_PID_AGE_S,) * 2)
+    live_day = fsio.make_temp_dir(tmp_path, ".tmp-i-")  # a long merge of ours: a day is no reason
+    os.utime(live_day, (time.time() - 2 * fsio.STALE_AGE_S,) * 2)
     removed = fsio.clean_stale(tmp_path, ".tmp-")
-    assert sorted(p.name for p in removed) == sorted([dead.name, old.name])
-    assert live.exists() and foreign.exists()
+    assert sorted(p.name for p in removed) == sorted([dead.name, old.name, live_old.name])
+    assert live.exists() and foreign.exists() and live_day.exists()
+
+
+def test_input_edited_in_place_with_mtime_kept_misses(adapters, tmp_path):
+    ad = tmp_path / "ad"
+    import shutil
+
+    shutil.copytree(adapters[1], ad)
+    ads = (adapters[0], ad)
+    first = merge(spec(ads), cache_dir=tmp_path / "c", progress=False)
+    _flip(ad / "adapter_model.safetensors", keep_mtime=True)
+    second = merge(spec(ads), cache_dir=tmp_path / "c", progress=False)
+    assert not second.cache_hit and second.path != first.path
+
+
+def test_torn_input_hash_memo_is_recomputed(adapters, tmp_path):
+    first = merge(spec(adapters), cache_dir=tmp_path / "c", progress=False)
+    for m in (tmp_path / "c" / "file_hashes").iterdir():
+        m.write_text("")  # what a power loss may leave
+    again = merge(spec(adapters), cache_dir=tmp_path / "c", progress=False)
+    assert again.cache_hit and again.path == first.path
 
 
 def test_concurrent_publishers_to_one_out(adapters, tmp_path):
