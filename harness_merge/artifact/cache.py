@@ -206,14 +206,24 @@ class MergeCache:
             if digest != want["sha256"]:
                 return "damaged", f"{rel} sha256 {digest[:12]}... differs from the recorded {want['sha256'][:12]}..."
         if memo != stamps:
-            try:
-                self._memo(key).parent.mkdir(exist_ok=True)
-                tmp = self._memo(key).with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(stamps))
-                os.replace(tmp, self._memo(key))
-            except OSError:
-                pass  # read-only cache: verified anyway, just not remembered
+            self._write_memo(key, stamps)
         return "ok", None
+
+    def _write_memo(self, key: str, stamps: dict) -> None:
+        try:
+            self._memo(key).parent.mkdir(exist_ok=True)
+            tmp = self._memo(key).with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, self._memo(key))
+        except OSError:
+            pass  # read-only cache: verified anyway, just not remembered
+
+    def _remember(self, key: str, files: dict[str, dict]) -> None:
+        e = self.entry(key)
+        try:
+            self._write_memo(key, {rel: self._stamp(os.stat(e / rel)) for rel in files})
+        except OSError:
+            pass
 
     def lookup(self, key: str) -> Path | None:
         """The entry, when it exists and verifies (a damaged one is not served)."""
@@ -279,11 +289,12 @@ class MergeCache:
                 build(tmp)
                 if not (tmp / MANIFEST).is_file():
                     raise RuntimeError("merge build wrote no manifest")
-                self.seal(tmp)
+                files = self.seal(tmp)
                 fsio.fault("cache.built")
                 os.rename(tmp, final)
                 fsio.fsync_path(self.merges)
                 fsio.fault("cache.published")
+                self._remember(key, files)  # just hashed while sealing: the first hit need not re-read
             except BaseException:
                 fsio.rmtree(tmp)
                 raise

@@ -106,6 +106,19 @@ def test_entry_records_every_file_and_its_files_are_read_only(adapters, cache_di
         assert stat.S_IMODE((entry / name).stat().st_mode) & 0o222 == 0, name
 
 
+def test_untouched_entry_is_not_rehashed_on_a_hit(adapters, cache_dir, monkeypatch):
+    merge(spec(adapters), cache_dir=cache_dir, progress=False)
+    entry = the_entry(cache_dir)
+    hashed = []
+    real = fsio.sha256_file
+    monkeypatch.setattr(fsio, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    assert merge(spec(adapters), cache_dir=cache_dir, progress=False).cache_hit
+    assert hashed == []  # stat unchanged since sealing: sizes checked, no re-read
+    os.utime(entry / "adapter_model.safetensors")  # any change of stat: hashed again
+    assert merge(spec(adapters), cache_dir=cache_dir, progress=False).cache_hit
+    assert [p.name for p in hashed] == ["adapter_model.safetensors"]
+
+
 def _truncate(p: Path):
     os.chmod(p, 0o644)
     with open(p, "r+b") as f:
