@@ -88,3 +88,21 @@ def test_mixed_dtypes_write_float32_with_a_warning(tiny_base, adapters, tmp_path
     with caplog.at_level(logging.WARNING, logger="harness_merge"):
         assert open_inputs([str(bf), str(bf2)]).weight_dtype() == "bfloat16"
     assert not [r for r in caplog.records if "mix dtypes" in r.getMessage()]
+
+
+def test_checkpoint_dtype_differing_from_base_warns(tiny_base, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_base, ck)
+    sd = load_file(tiny_base / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="harness_merge"):
+        inputs = open_inputs([str(ck)], base=str(tiny_base))
+    msgs = [r.getMessage() for r in caplog.records if "checkpoint dtypes differ" in r.getMessage()]
+    assert len(msgs) == 1 and str(ck) in msgs[0] and "bfloat16 vs float32" in msgs[0]
+    assert inputs.weight_dtype() == "float32"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness_merge"):
+        open_inputs([str(tiny_base)], base=str(tiny_base))
+    assert not [r for r in caplog.records if "checkpoint dtypes differ" in r.getMessage()]
