@@ -11,7 +11,6 @@ a child costs no import); the child dies by SIGKILL at the write point.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -31,7 +30,6 @@ from harness_merge.api import MergeSpec, merge
 from harness_merge.artifact import fsio
 from harness_merge.artifact.cache import FILES_RECORD, MANIFEST, MergeCache
 from harness_merge.artifact.publish import recover
-from harness_merge.errors import ArtifactError
 from harness_merge.harness.cli import main as cli_main
 
 
