@@ -6,19 +6,18 @@ the artifact atomically.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__, methods
-from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version
+from .artifact import fsio
+from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version, read_files_record
+from .artifact.publish import check_out_dir, publish, publish_built
 from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs, resolve_ref
@@ -71,38 +70,25 @@ def _resolve_format(spec: MergeSpec, inputs, mspec, params) -> str:
     return "full" if spec.base is not None else "lora"
 
 
-def check_out_dir(out: Path) -> None:
-    """An existing ``out`` must be empty or a previous artifact of ours."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ArtifactError(
-            f"{out}: exists and is not a harness-merge artifact (no {MANIFEST}); "
-            f"choose another output folder or remove it"
-        )
+def _io_error(e: BaseException, doing: str) -> ArtifactError:
+    """An OS-level failure while writing, as the one-line error of the README."""
+    code = fsio.io_errno(e)
+    hint = {
+        errno.ENOSPC: "free some space, or write elsewhere (--out / --cache-dir)",
+        errno.EDQUOT: "free some space, or write elsewhere (--out / --cache-dir)",
+        errno.EROFS: "the file system is read-only: write elsewhere (--out / --cache-dir) or pass --no-cache",
+        errno.EACCES: "no permission: write elsewhere (--out / --cache-dir)",
+        errno.EPERM: "no permission: write elsewhere (--out / --cache-dir)",
+        errno.ENOTDIR: "a path component is a file, not a folder",
+        errno.EEXIST: "a file is in the way",
+    }.get(code, "nothing was published")
+    return ArtifactError(f"{doing}: {fsio.os_error_text(e)} ({hint})")
 
 
-def _publish(src: Path, out: Path) -> None:
-    """Copy ``src`` to ``out`` atomically (hard links where possible)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+def _is_io_error(e: BaseException) -> bool:
+    from safetensors import SafetensorError
 
-    def link_or_copy(s, d):
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
-
-    try:
-        shutil.copytree(src, tmp, copy_function=link_or_copy)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return isinstance(e, OSError) or (isinstance(e, SafetensorError) and fsio.io_errno(e) is not None)
 
 
 def merge(
@@ -181,24 +167,44 @@ def merge(
             )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    if cache is not None:
-        key = cache_key(record)
-        path, hit = cache.get_or_build(key, build)
-    else:
-        parent = out_path.parent if out_path is not None else Path.cwd()
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".hm-build-", dir=parent))
-        try:
-            build(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        path, hit = tmp, False
-    final_manifest = json.loads((path / MANIFEST).read_text())
-    if out_path is not None:
-        _publish(path, out_path)
-        if cache is None:
-            shutil.rmtree(path, ignore_errors=True)
-        path = out_path
+    doing = "writing the merge"
+    try:
+        if cache is not None:
+            key = cache_key(record)
+            doing = f"writing the merge cache entry under {cache.merges}"
+            path, hit = cache.get_or_build(key, build)
+            final_manifest = json.loads((path / MANIFEST).read_text())
+            if out_path is not None:
+                doing = f"publishing {out_path}"
+                try:
+                    publish(path, out_path, files=read_files_record(path))
+                except fsio.CopyMismatch as e:  # damaged after it verified: never serve it
+                    cache.move_aside(key, str(e))
+                    path, hit = cache.get_or_build(key, build)
+                    final_manifest = json.loads((path / MANIFEST).read_text())
+                    publish(path, out_path, files=read_files_record(path))
+                path = out_path
+        else:
+            parent = out_path.parent if out_path is not None else Path.cwd()
+            doing = f"writing the merge in {parent}"
+            parent.mkdir(parents=True, exist_ok=True)
+            fsio.clean_stale(parent, ".hm-build-")  # builds of killed --no-cache merges
+            tmp = fsio.make_temp_dir(parent, ".hm-build-")
+            try:
+                build(tmp)
+                fsio.fault("build.written")
+            except BaseException:
+                fsio.rmtree(tmp)
+                raise
+            path, hit = tmp, False
+            final_manifest = json.loads((path / MANIFEST).read_text())
+            if out_path is not None:
+                doing = f"publishing {out_path}"
+                publish_built(tmp, out_path)
+                path = out_path
+    except Exception as e:
+        if _is_io_error(e):
+            raise _io_error(e, doing) from None
+        raise
     log.info("merge %s (%s): %s%s", mspec.name, fmt, path, " [cache hit]" if hit else "")
     return Artifact(path=path, kind=fmt, manifest=final_manifest, cache_hit=hit)

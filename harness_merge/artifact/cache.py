@@ -3,24 +3,38 @@
 Key = sha256 of (code version, method, params, the input files' sha256, the
 base's sha256 when the output contains base weights, format, rank, dtype).
 An entry is a folder ``<root>/merges/<key>/`` that appears only by an atomic
-rename of a finished temp folder, under a file lock: a crash or a concurrent
-merge never leaves a half-written entry, and a second merge of the same key
-waits for the first and reuses it. File hashes are memoised by (path, size,
-mtime, inode), so a repeat run does not re-read the inputs.
+rename of a finished, fsync'ed temp folder, under a file lock: a crash or a
+concurrent merge never leaves a half-written entry, and a second merge of the
+same key waits for the first and reuses it.
+
+Each entry records the size and sha256 of every file it holds
+(``FILES_RECORD``); its files are made read-only. A hit is served only after
+the sizes match and the hashes do (the hash check is remembered per file by
+(size, mtime, ctime, inode), so an untouched entry is not re-read on every
+hit; any write or chmod changes ctime). A damaged entry is reported, moved
+aside to ``<root>/damaged/`` and rebuilt. Temp folders of dead merges (any
+key) are removed by the next miss. File hashes of the inputs are memoised by
+(path, size, mtime, ctime, inode), so a repeat run does not re-read the inputs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import stat
+import time
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock
 
+from ..errors import ArtifactError
+from . import fsio
+
 MANIFEST = "harness_merge.json"
+FILES_RECORD = ".harness_merge.files.json"  # the cache's own record; not copied to --out
+log = logging.getLogger("harness_merge")
 
 
 def default_cache_dir() -> Path:
@@ -46,30 +60,42 @@ def code_version() -> str:
 
 
 class FileHasher:
-    """sha256 of files, memoised on disk by (realpath, size, mtime_ns, inode)."""
+    """sha256 of files, memoised on disk by (realpath, size, mtime_ns, ctime_ns,
+    inode): an in-place edit that restores the mtime still changes the ctime."""
 
     def __init__(self, memo_dir: Path | None):
         self.memo_dir = memo_dir
         if memo_dir is not None:
-            memo_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                memo_dir.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                if not memo_dir.is_dir():
+                    self.memo_dir = None
 
     def __call__(self, path: Path) -> str:
         st = os.stat(path)
-        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
         memo = None
         if self.memo_dir is not None:
             memo = self.memo_dir / hashlib.sha1(ident.encode()).hexdigest()
-            if memo.is_file():
-                return memo.read_text().strip()
+            try:
+                text = memo.read_text().strip()
+            except OSError:
+                text = ""
+            if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+                return text  # a torn or empty memo is recomputed, never trusted
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
         digest = h.hexdigest()
         if memo is not None:
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(digest)
-            os.replace(tmp, memo)
+            try:  # best effort: a read-only cache still serves hits
+                tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(digest)
+                os.replace(tmp, memo)
+            except OSError:
+                pass
         return digest
 
     def many(self, paths) -> str:
@@ -85,44 +111,193 @@ def cache_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def record_files(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``folder``
+    (the record itself excluded), in sorted order."""
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != FILES_RECORD:
+            digest, size = fsio.sha256_file(p)
+            out[p.relative_to(folder).as_posix()] = {"size": size, "sha256": digest}
+    return out
+
+
+def read_files_record(entry: Path) -> dict[str, dict] | None:
+    try:
+        rec = json.loads((Path(entry) / FILES_RECORD).read_text())
+        return rec["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class MergeCache:
     def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root is not None else default_cache_dir()
+        from_env = root is None and bool(os.environ.get("HARNESS_MERGE_CACHE"))
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.merges = self.root / "merges"
-        self.merges.mkdir(parents=True, exist_ok=True)
-        (self.root / "locks").mkdir(exist_ok=True)
+        self.damaged = self.root / "damaged"
+        self.locks = self.root / "locks"
+        where = f"{self.root}" + (" (HARNESS_MERGE_CACHE)" if from_env else "")
+        if self.root.exists() and not self.root.is_dir():
+            raise ArtifactError(
+                f"merge cache {where}: is not a folder; point HARNESS_MERGE_CACHE / --cache-dir at a "
+                f"folder, or pass --no-cache"
+            )
+        try:
+            self.merges.mkdir(parents=True, exist_ok=True)
+            self.locks.mkdir(exist_ok=True)
+        except OSError as e:
+            if not (self.merges.is_dir() and self.locks.is_dir()):
+                raise ArtifactError(
+                    f"merge cache {where}: cannot create it ({fsio.os_error_text(e)}); point "
+                    f"HARNESS_MERGE_CACHE / --cache-dir at a writable folder, or pass --no-cache"
+                ) from None
         self.hasher = FileHasher(self.root / "file_hashes")
 
     def entry(self, key: str) -> Path:
         return self.merges / key
 
-    def lookup(self, key: str) -> Path | None:
+    # -- verification ---------------------------------------------------------
+    def _memo(self, key: str) -> Path:
+        return self.root / "verified" / key
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def check(self, key: str) -> tuple[str, str | None]:
+        """``("ok", None)``, ``("absent", None)`` or ``("damaged", why)``.
+
+        Sizes always; sha256 unless the file's stat equals that of its last
+        successful check."""
         e = self.entry(key)
-        return e if (e / MANIFEST).is_file() else None
+        if not e.exists():
+            return "absent", None
+        files = read_files_record(e)
+        if files is None:
+            return "damaged", f"no readable {FILES_RECORD}"
+        if MANIFEST not in files:
+            return "damaged", f"{MANIFEST} not recorded"
+        present = {p.relative_to(e).as_posix() for p in e.rglob("*") if p.is_file() and p.name != FILES_RECORD}
+        extra = sorted(present - set(files))
+        if extra:
+            return "damaged", f"unrecorded file {extra[0]}"
+        stamps = {}
+        for rel, want in files.items():
+            try:
+                st = os.stat(e / rel)
+            except OSError:
+                return "damaged", f"{rel} is missing"
+            if st.st_size != want["size"]:
+                return "damaged", f"{rel} has {st.st_size} bytes, recorded {want['size']}"
+            stamps[rel] = self._stamp(st)
+        try:
+            memo = json.loads(self._memo(key).read_text())
+        except (OSError, ValueError):
+            memo = {}
+        for rel, want in files.items():
+            if memo.get(rel) == stamps[rel]:
+                continue
+            try:
+                digest, _ = fsio.sha256_file(e / rel)
+            except OSError as err:
+                return "damaged", f"{rel} unreadable ({fsio.os_error_text(err)})"
+            if digest != want["sha256"]:
+                return "damaged", f"{rel} sha256 {digest[:12]}... differs from the recorded {want['sha256'][:12]}..."
+        if memo != stamps:
+            self._write_memo(key, stamps)
+        return "ok", None
+
+    def _write_memo(self, key: str, stamps: dict) -> None:
+        try:
+            self._memo(key).parent.mkdir(exist_ok=True)
+            tmp = self._memo(key).with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, self._memo(key))
+        except OSError:
+            pass  # read-only cache: verified anyway, just not remembered
+
+    def _remember(self, key: str, files: dict[str, dict]) -> None:
+        e = self.entry(key)
+        try:
+            self._write_memo(key, {rel: self._stamp(os.stat(e / rel)) for rel in files})
+        except OSError:
+            pass
+
+    def lookup(self, key: str) -> Path | None:
+        """The entry, when it exists and verifies (a damaged one is not served)."""
+        state, _ = self.check(key)
+        return self.entry(key) if state == "ok" else None
+
+    def move_aside(self, key: str, why: str) -> None:
+        self.damaged.mkdir(exist_ok=True)
+        dest = self.damaged / f"{key}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        os.rename(self.entry(key), dest)
+        try:
+            os.unlink(self._memo(key))
+        except OSError:
+            pass
+        log.warning("cache entry %s is damaged (%s): moved aside to %s; rebuilding it", key[:16], why, dest)
+
+    # -- building -------------------------------------------------------------
+    @staticmethod
+    def seal(folder: Path) -> dict[str, dict]:
+        """Record sizes and hashes, make the files read-only (else umask
+        permissions), fsync the tree."""
+        fsio.apply_umask(folder)
+        files = record_files(folder)
+        (Path(folder) / FILES_RECORD).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+        for p in Path(folder).rglob("*"):
+            if p.is_file():
+                mode = stat.S_IMODE(p.stat().st_mode)
+                os.chmod(p, mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        fsio.fsync_tree(folder)
+        return files
+
+    def _writable_error(self, e: OSError) -> ArtifactError:
+        return ArtifactError(
+            f"merge cache {self.root}: cannot write a new entry ({fsio.os_error_text(e)}); the cache "
+            f"must be writable on a miss: pass --cache-dir DIR (cache_dir=DIR) or --no-cache"
+        )
 
     def get_or_build(self, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
         """``(entry folder, hit)``; ``build(tmp)`` fills a temp folder, which is
-        renamed into place only when it returned (its manifest written last)."""
-        hit = self.lookup(key)
-        if hit is not None:
-            return hit, True
-        with FileLock(str(self.root / "locks" / f"{key}.lock")):
-            hit = self.lookup(key)
-            if hit is not None:
-                return hit, True
+        sealed and renamed into place only when it returned (its manifest
+        written last). A damaged entry is moved aside and rebuilt."""
+        if self.check(key)[0] == "ok":
+            return self.entry(key), True
+        try:
+            lock = FileLock(str(self.locks / f"{key}.lock"))
+            lock.acquire()
+        except OSError as e:
+            raise self._writable_error(e) from None
+        try:
+            state, why = self.check(key)
+            if state == "ok":
+                return self.entry(key), True
+            if state == "damaged":
+                self.move_aside(key, why)
+            # Leftovers of killed merges (any key): their owner is dead or they are old.
+            fsio.clean_stale(self.merges, ".tmp-")
             final = self.entry(key)
-            # Leftovers of a killed merge of this key: dead, since we hold its lock.
-            for stale in self.merges.glob(f".tmp-{key[:16]}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # no manifest: not a finished entry
-                shutil.rmtree(final)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=self.merges))
+            try:
+                tmp = fsio.make_temp_dir(self.merges, f".tmp-{key[:16]}-")
+            except OSError as e:
+                raise self._writable_error(e) from None
             try:
                 build(tmp)
                 if not (tmp / MANIFEST).is_file():
                     raise RuntimeError("merge build wrote no manifest")
+                files = self.seal(tmp)
+                fsio.fault("cache.built")
                 os.rename(tmp, final)
+                fsio.fsync_path(self.merges)
+                fsio.fault("cache.published")
+                self._remember(key, files)  # just hashed while sealing: the first hit need not re-read
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                fsio.rmtree(tmp)
                 raise
+        finally:
+            lock.release()
         return final, False

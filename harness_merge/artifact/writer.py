@@ -92,12 +92,23 @@ def write_lora(
         base_model_name_or_path=base_model_name, inference_mode=True,
     )
     cfg.save_pretrained(str(out_dir))
+    _normalise_adapter_config(Path(out_dir) / "adapter_config.json")
     save_file(tensors, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
     info = {"rank": r, "modules": len(factors)}
     if errors:
         vals = list(errors.values())
         info["svd_rel_error"] = {"max": max(vals), "mean": sum(vals) / len(vals), "modules": len(vals)}
     return info
+
+
+def _normalise_adapter_config(path: Path) -> None:
+    """PEFT stores ``target_modules`` as a set and writes it in hash-seed order:
+    sort every set-like list so two identical merges give identical bytes."""
+    cfg = json.loads(path.read_text())
+    for k in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(k), list):
+            cfg[k] = sorted(cfg[k], key=str)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def copy_side_files(base_dir: Path, out_dir: Path) -> None:

@@ -151,16 +151,24 @@ def main(argv=None) -> int:
 
         try:
             return int(importlib.import_module(DELEGATES[argv[0]][0]).main(argv[1:]) or 0)
-        except MergeError as e:
-            print(f"harness-merge: error: {e}", file=sys.stderr)
-            return 2
+        except (MergeError, OSError) as e:
+            return _fail(e)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except MergeError as e:
-        print(f"harness-merge: error: {e}", file=sys.stderr)
-        return 2
+    except (MergeError, OSError) as e:
+        return _fail(e)
+
+
+def _fail(e: Exception) -> int:
+    """One line, exit 2: a ``MergeError``, or an OS failure nothing caught earlier."""
+    if isinstance(e, OSError):
+        from ..artifact.fsio import os_error_text
+
+        e = os_error_text(e)
+    print(f"harness-merge: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ memory-mapped files, so memory holds about N+1 copies of one tensor.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from ..types import ModuleInputs
 from .files import TensorFile, checked_float
 
 INDEX = "model.safetensors.index.json"
+log = logging.getLogger("harness_merge")
 
 # Tensors that are not linear maps: the same policy for every method (see
 # ``harness_merge.merge_loop``): their task vectors are averaged.
@@ -105,6 +107,16 @@ class CheckpointSet:
                         f"tensor {n}: shape {list(ck.shape(n))} in {ck.ref} but "
                         f"{list(self.base.shape(n))} in the base {base_ref}"
                     )
+        mixed = {}
+        for ck in self.checkpoints:
+            odd = next((n for n in self.base.where if ck.dtype(n) != self.base.dtype(n)), None)
+            if odd is not None:
+                mixed[ck.ref] = f"{odd}: {ck.dtype(odd)} vs {self.base.dtype(odd)}"
+        if mixed:
+            log.warning(
+                "checkpoint dtypes differ from the base's (%s): task vectors are computed in float32 and "
+                "full-weight outputs keep the base's dtype per tensor", "; ".join(f"{r}: {d}" for r, d in mixed.items()),
+            )
 
     @property
     def refs(self) -> list[str]:

@@ -9,6 +9,7 @@ matcher. The rank is read from the tensor shapes. Nothing is loaded until
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .files import TensorFile, checked_float
 CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PREFIX = "base_model.model."
+log = logging.getLogger("harness_merge")
 
 
 def is_lora_dir(d: Path) -> bool:
@@ -51,6 +53,7 @@ class LoRAAdapter:
         self.weights_file = wf
         self._file = TensorFile(wf)
         self.modules: dict[str, ModuleShape] = self._index()
+        self._check_ranks(cfg_path)
 
     @property
     def files(self) -> list[Path]:
@@ -113,6 +116,30 @@ class LoRAAdapter:
             out[m] = ModuleShape(d_out=sb[0], d_in=sa[1], rank=sa[0])
         return out
 
+    def config_rank(self, module: str) -> int:
+        """``r`` of ``module`` as PEFT reads it (``rank_pattern`` resolved)."""
+        from peft.utils.other import get_pattern_key
+
+        r = self.config["r"]
+        pattern = self.config.get("rank_pattern") or {}
+        if pattern:
+            key = get_pattern_key(list(pattern), module)
+            r = pattern.get(key, r)
+        return int(r)
+
+    def _check_ranks(self, cfg_path: Path) -> None:
+        """PEFT builds each module with the config's rank and refuses tensors of
+        another; the scale alpha/r would also be computed with the wrong r."""
+        for m, s in self.modules.items():
+            want = self.config_rank(m)
+            if want != s.rank:
+                src = "rank_pattern" if (self.config.get("rank_pattern") or {}) and want != int(self.config["r"]) else "r"
+                raise InputError(
+                    f"{cfg_path}: module {m}: {src} = {want} in the config, but its tensors in "
+                    f"{self.weights_file.name} have rank {s.rank}; PEFT refuses this adapter - fix "
+                    f"'r' / 'rank_pattern' in adapter_config.json"
+                )
+
     @staticmethod
     def _module_of(key: str, marker: str) -> str:
         m = key.split(marker)[0]
@@ -138,6 +165,10 @@ class LoRAAdapter:
 
     def weight_dtype(self) -> str:
         return self._file.dtype(next(iter(self._a_keys.values())))
+
+    def dtypes(self) -> set[str]:
+        """Every dtype among the adapter's factors (read from the file header)."""
+        return {self._file.dtype(k) for keys in (self._a_keys, self._b_keys) for k in keys.values()}
 
 
 class LoRASet:
@@ -165,6 +196,13 @@ class LoRASet:
                         f"module {m}: shape (d_out, d_in) = {(s.d_out, s.d_in)} in {first.ref} "
                         f"but {(t.d_out, t.d_in)} in {ad.ref}"
                     )
+        bases = {a.ref: a.config.get("base_model_name_or_path") for a in self.adapters}
+        if len(set(bases.values())) > 1:
+            log.warning(
+                "the adapters name different base models (base_model_name_or_path): %s; merging them "
+                "assumes they were trained on the same base",
+                ", ".join(f"{r}: {b!r}" for r, b in bases.items()),
+            )
 
     @property
     def refs(self) -> list[str]:
@@ -189,7 +227,18 @@ class LoRASet:
         return True
 
     def weight_dtype(self) -> str:
-        return self.adapters[0].weight_dtype()
+        """The output dtype when none is asked for: the adapters' dtype when they
+        all share one; for mixed dtypes (fp16 with bf16, or with fp32, ...)
+        float32, which holds every input exactly - with a warning."""
+        per = {a.ref: a.dtypes() for a in self.adapters}
+        every = set().union(*per.values())
+        if len(every) == 1:
+            return next(iter(every))
+        log.warning(
+            "the adapters mix dtypes (%s): writing float32, which holds each of them exactly; pass "
+            "--dtype (dtype=...) to choose another", ", ".join(f"{r}: {'/'.join(sorted(d))}" for r, d in per.items()),
+        )
+        return "float32"
 
     def base_model_name(self) -> str | None:
         return self.adapters[0].config.get("base_model_name_or_path")

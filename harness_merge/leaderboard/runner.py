@@ -236,9 +236,22 @@ def _pick_metric(task_results: dict, want: str | None) -> tuple[str, float | Non
     return (keys[0] if keys else "?"), None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, *, backup: bool = False) -> None:
+    """Write ``text`` to ``path`` by fsync + rename; with ``backup`` the previous
+    version stays as ``<path>.bak`` (a second link to it, so no copy)."""
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if backup and path.is_file():
+        bak = path.with_suffix(path.suffix + ".bak")
+        bak_tmp = path.with_suffix(path.suffix + f".bak.tmp{os.getpid()}")
+        try:
+            os.link(path, bak_tmp)
+            os.replace(bak_tmp, bak)
+        except OSError:
+            pass  # no hard links here: no backup, the write itself stays atomic
     os.replace(tmp, path)
 
 
@@ -296,7 +309,16 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
     spec = grid.spec()
     cells: list[dict] = []
     if results_path.is_file() and not fresh:
-        old = json.loads(results_path.read_text())
+        try:
+            old = json.loads(results_path.read_text())
+        except (OSError, ValueError) as e:
+            bak = results_path.with_suffix(".json.bak")
+            way = (f"copy the previous version back (cp {bak} {results_path}) to resume from it, or "
+                   if bak.is_file() else "")
+            raise GridError(
+                f"{results_path}: cannot resume, the file is damaged (truncated?): {e}; {way}"
+                f"rerun with --fresh to start over"
+            ) from None
         if old.get("grid", {}).get("grid_id") != spec["grid_id"]:
             raise GridError(
                 f"{results_path} holds results of another grid (grid_id {old.get('grid', {}).get('grid_id')} != "
@@ -336,9 +358,10 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
             failed += value is None
             cells.append({"method": row.method, "label": row.label, "params": row.params, "task": t,
                           "metric": metric, "value": value, "manifest": manifest})
-        _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1))
+        _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
+                      backup=True)
     data = {"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}
-    _atomic_write(results_path, json.dumps(data, indent=1))
+    _atomic_write(results_path, json.dumps(data, indent=1), backup=True)
     write_reports(data, grid, out)
     data["failed_cells"] = failed
     return data
