@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from . import __version__, methods
 from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version
 from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
+from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs, resolve_ref
 from .merge_loop import iter_merged, validate_plan
@@ -71,6 +73,10 @@ def _resolve_format(spec: MergeSpec, inputs, mspec, params) -> str:
     return "full" if spec.base is not None else "lora"
 
 
+def _stage(msg: str) -> None:
+    print(f"[harness-merge] {msg}", file=sys.stderr, flush=True)
+
+
 def check_out_dir(out: Path) -> None:
     """An existing ``out`` must be empty or a previous artifact of ours."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
@@ -112,11 +118,14 @@ def merge(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> Artifact:
     """Merge ``spec.adapters`` with ``spec.method``; see ``MergeSpec``.
 
     Everything checkable is checked before any tensor is read; on error nothing
     is written. With ``out``, the artifact is (also) published there.
+    A merge estimated beyond ``HARNESS_MERGE_MAX_SECONDS`` is refused before it
+    starts (:mod:`harness_merge.cost`) unless ``force`` (or a cache hit).
     """
     mspec = methods.get(spec.method)
     params = mspec.make_params(spec.params)
@@ -127,9 +136,13 @@ def merge(
     validate_plan(inputs, mspec, params)
     fmt = _resolve_format(spec, inputs, mspec, params)
     dtype = spec.dtype or inputs.weight_dtype()
+    say = _stage if progress else (lambda msg: None)
 
     cache = MergeCache(cache_dir) if use_cache else None
     hasher = cache.hasher if cache is not None else FileHasher(None)
+    n_bytes = sum(p.stat().st_size for files in inputs.files for p in files)
+    say(f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
+        f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)")
     adapter_hashes = [hasher.many(files) for files in inputs.files]
     base_hash = None
     if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
@@ -183,8 +196,11 @@ def merge(
 
     if cache is not None:
         key = cache_key(record)
+        if cache.lookup(key) is None:
+            check_cost(inputs, mspec, params, fmt, force=force)
         path, hit = cache.get_or_build(key, build)
     else:
+        check_cost(inputs, mspec, params, fmt, force=force)
         parent = out_path.parent if out_path is not None else Path.cwd()
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".hm-build-", dir=parent))
