@@ -9,6 +9,7 @@ fine-tuned models. Tensors no input changed are skipped (delta 0).
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -45,9 +46,13 @@ def iter_merged(
     """Yield ``(module name, result)`` per module; ``None`` where nothing changed."""
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
-    bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False)
+    # On stderr from the first module on: the bar names the module being merged
+    # before its work starts, so a slow module shows which it is.
+    bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False,
+               file=sys.stderr, mininterval=0.5)
     with torch.no_grad():
         for name in bar:
+            bar.set_postfix_str(name, refresh=True)
             mi = inputs.read(name)
             if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
                 yield name, None

@@ -93,5 +93,5 @@ def test_cli_refuses_then_forces(adapters, monkeypatch, tmp_path, capsys):
     assert "refusing to start" in err and "--force" in err and not (tmp_path / "o").exists()
     assert main([*args, "--force"]) == 0
     out = capsys.readouterr()
-    assert "merge ties" in out.err  # the progress bar, on stderr
+    assert "merge ties: " in out.err  # the progress bar, on stderr
     assert json.loads((tmp_path / "o" / "harness_merge.json").read_text())["method"] == "ties"
