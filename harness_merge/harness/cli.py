@@ -25,7 +25,6 @@ def _parse_kv(items: list[str]) -> dict[str, str]:
 
 def cmd_merge(args) -> int:
     from ..api import MergeSpec, merge
-
     from ..recipe import Recipe, load_recipe, translate_param_names
 
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(method=None, adapters=[])

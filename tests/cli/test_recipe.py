@@ -81,7 +81,7 @@ CASES = {
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_matches_mergekit_on_linear_maps(checkpoints, tmp_path, capsys, method):
-    root, base, fts = checkpoints
+    _, base, fts = checkpoints
     cfg = _cfg(method, base, fts, *CASES[method])
     if method == "linear":  # mergekit's linear averages the base too when it is named; leave it out
         del cfg["base_model"]
@@ -98,7 +98,7 @@ def test_matches_mergekit_on_linear_maps(checkpoints, tmp_path, capsys, method):
 
 def test_linear_equal_weights_matches_everywhere(checkpoints, tmp_path, capsys):
     """Equal weights: our average policy for embeddings and norms is mergekit's result too."""
-    root, base, fts = checkpoints
+    _, _, fts = checkpoints
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts]}  # no base_model
     theirs = _mergekit(cfg, tmp_path / "mk")
@@ -110,7 +110,7 @@ def test_linear_equal_weights_matches_everywhere(checkpoints, tmp_path, capsys):
 
 
 def test_ties_unequal_weights_differ_and_say_so(checkpoints, tmp_path, capsys):
-    root, base, fts = checkpoints
+    _, base, fts = checkpoints
     cfg = _cfg("ties", base, fts, [{"weight": 1.0, "density": 0.5}, {"weight": 3.0, "density": 0.5}])
     theirs = _mergekit(cfg, tmp_path / "mk")
     ours, err = _ours(cfg, tmp_path, "ties_w", capsys)

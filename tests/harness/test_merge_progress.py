@@ -39,7 +39,7 @@ def test_verbosity_rules(quiet_env):
 
 @pytest.mark.parametrize("verbosity,shown", [("INFO", True), ("WARNING", False)])
 def test_load_merged_bar_on_stderr(quiet_env, adapters, tiny_base, tmp_path, capsys, verbosity, shown):
-    import harness_merge.backends as backends
+    from harness_merge import backends
 
     quiet_env.setenv("VERBOSITY", verbosity)
     quiet_env.setattr(backends, "load_backend", lambda *a, **k: object())  # the merge is what is tested
