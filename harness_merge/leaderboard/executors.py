@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..errors import MergeError
 
 EXECUTORS = ("serial", "ray")
+LOCAL_START_ATTEMPTS = 3
 #: Environment passed to Ray workers (the merge cache, offline switches, threads, verbosity).
 _ENV_PREFIXES = ("HARNESS_MERGE_", "HF_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                  "TOKENIZERS_PARALLELISM", "VERBOSITY", "LMMS_EVAL", "VLLM_")
@@ -105,10 +106,26 @@ class RayExecutor:
               "runtime_env": {"env_vars": env}}
         if self.address:
             kw["address"] = self.address
-        try:
-            return ray.init(**kw)
-        except ConnectionError as e:
-            raise MergeError(f"--address {self.address}: cannot connect to a Ray cluster ({e})") from None
+            try:
+                return ray.init(**kw)
+            except ConnectionError as e:
+                raise MergeError(f"--address {self.address}: cannot connect to a Ray cluster ({e})") from None
+        # A local Ray: its raylet gives the dashboard agent 15 s to report its ports
+        # and aborts when the agent's imports are slower (a loaded machine, a cold
+        # page cache); a later attempt starts with warm caches.
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            try:
+                return ray.init(**kw)
+            except Exception as e:  # Ray raises a bare Exception ("timed out during startup")
+                ray.shutdown()
+                if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                    raise MergeError(
+                        f"--executor ray: a local Ray did not start ({e}); see /tmp/ray/session_latest/logs/"
+                        f"raylet.err. On a loaded machine, start one with `ray start --head` and pass "
+                        f"--address"
+                    ) from None
+                print(f"[leaderboard] ray: local start attempt {attempt} timed out; retrying", file=sys.stderr)
+        return None
 
     def run(self, grid, pending: list[tuple], task_manager=None) -> Iterator[RowResult]:
         try:
