@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from harness_merge.errors import MergeError
 from harness_merge.leaderboard import runner
 from harness_merge.leaderboard.executors import RayExecutor
 
@@ -25,7 +26,15 @@ def test_two_ray_workers_equal_the_serial_grid(tiny, capsys):  # noqa: F811
     grid = runner.load_grid(write_grid(root, base, ads, resources={"num_cpus": 1}))
     serial = runner.run(grid, root / "serial", fresh=True)
     capsys.readouterr()
-    par = runner.run(grid, root / "ray", fresh=True, executor=RayExecutor(workers=2))
+    try:
+        par = runner.run(grid, root / "ray", fresh=True, executor=RayExecutor(workers=2))
+    except MergeError as e:
+        # Ray's raylet aborts when its dashboard agent takes over 15 s to start (a heavily
+        # loaded machine): the environment, not the executor (whose dispatch
+        # tests/leaderboard/test_executors.py checks on a stand-in ray).
+        if "a local Ray did not start" in str(e):
+            pytest.skip(f"a local Ray could not start on this machine: {e}")
+        raise
     err = capsys.readouterr().err
     assert serial["failed_cells"] == par["failed_cells"] == 0, err
     assert _cells(root / "ray" / "results.json") == _cells(root / "serial" / "results.json")
