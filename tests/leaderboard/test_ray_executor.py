@@ -6,12 +6,11 @@ import json
 import re
 
 import pytest
+from test_runner import tiny, write_grid  # noqa: F401  (the module fixture and the grid writer; tests/leaderboard has no __init__)
 
 from harness_merge.errors import MergeError
 from harness_merge.leaderboard import runner
 from harness_merge.leaderboard.executors import RayExecutor
-
-from test_runner import tiny, write_grid  # noqa: F401  (the module fixture and the grid writer; tests/leaderboard has no __init__)
 
 pytestmark = pytest.mark.slow
 
