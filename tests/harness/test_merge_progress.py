@@ -50,3 +50,17 @@ def test_load_merged_bar_on_stderr(quiet_env, adapters, tiny_base, tmp_path, cap
     assert ("merge ties: " in err) is shown  # the bar: "merge ties:  50%|..."
     assert ("hashing the inputs" in err) is shown
     assert harness.FAILURES == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbosity,shown", [("INFO", True), ("WARNING", False)])
+def test_lmms_eval_cli_shows_the_bar(run_cli, qwen2vl, mm_tasks, hw, verbosity, shown):
+    """The real ``lmms_eval`` command: the merge bar on stderr at INFO, none at WARNING."""
+    base, ads = qwen2vl
+    ma = (f"pretrained={base},adapters=[{','.join(map(str, ads))}],method=ties,rank=4,"
+          f"cache_dir={hw / f'progress_cache_{verbosity}'}")
+    p = run_cli("lmms_eval", ["--model", "merged", "--model_args", ma, "--tasks", "hm_pope_mini",
+                              "--include_path", str(mm_tasks), "--limit", "2", "--verbosity", verbosity,
+                              "--output_path", str(hw / f"progress_{verbosity}")])
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert ("merge ties: " in p.stderr) is shown, p.stderr[-4000:]
