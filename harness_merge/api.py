@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from .artifact import fsio
 from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version, read_files_record
 from .artifact.publish import check_out_dir, publish, publish_built
 from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
+from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs, resolve_ref
 from .merge_loop import iter_merged, validate_plan
@@ -85,6 +87,10 @@ def _io_error(e: BaseException, doing: str) -> ArtifactError:
     return ArtifactError(f"{doing}: {fsio.os_error_text(e)} ({hint})")
 
 
+def _stage(msg: str) -> None:
+    print(f"[harness-merge] {msg}", file=sys.stderr, flush=True)
+
+
 def _is_io_error(e: BaseException) -> bool:
     from safetensors import SafetensorError
 
@@ -98,11 +104,14 @@ def merge(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    force: bool = False,
 ) -> Artifact:
     """Merge ``spec.adapters`` with ``spec.method``; see ``MergeSpec``.
 
     Everything checkable is checked before any tensor is read; on error nothing
     is written. With ``out``, the artifact is (also) published there.
+    A merge estimated beyond ``HARNESS_MERGE_MAX_SECONDS`` is refused before it
+    starts (:mod:`harness_merge.cost`) unless ``force`` (or a cache hit).
     """
     mspec = methods.get(spec.method)
     params = mspec.make_params(spec.params)
@@ -113,9 +122,13 @@ def merge(
     validate_plan(inputs, mspec, params)
     fmt = _resolve_format(spec, inputs, mspec, params)
     dtype = spec.dtype or inputs.weight_dtype()
+    say = _stage if progress else (lambda msg: None)
 
     cache = MergeCache(cache_dir) if use_cache else None
     hasher = cache.hasher if cache is not None else FileHasher(None)
+    n_bytes = sum(p.stat().st_size for files in inputs.files for p in files)
+    say(f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
+        f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)")
     adapter_hashes = [hasher.many(files) for files in inputs.files]
     base_hash = None
     if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
@@ -171,6 +184,8 @@ def merge(
     try:
         if cache is not None:
             key = cache_key(record)
+            if cache.lookup(key) is None:  # a hit is never refused for its cost
+                check_cost(inputs, mspec, params, fmt, force=force)
             doing = f"writing the merge cache entry under {cache.merges}"
             path, hit = cache.get_or_build(key, build)
             final_manifest = json.loads((path / MANIFEST).read_text())
@@ -185,6 +200,7 @@ def merge(
                     publish(path, out_path, files=read_files_record(path))
                 path = out_path
         else:
+            check_cost(inputs, mspec, params, fmt, force=force)
             parent = out_path.parent if out_path is not None else Path.cwd()
             doing = f"writing the merge in {parent}"
             parent.mkdir(parents=True, exist_ok=True)

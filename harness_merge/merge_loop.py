@@ -14,6 +14,7 @@ cache key. Tensors no input changed are skipped (delta 0).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Iterator
 
 import torch
@@ -93,9 +94,13 @@ def iter_merged(
         passes = spec.passes(params)
         if passes:
             extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
-    bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False)
+    # On stderr from the first module on: the bar names the module being merged
+    # before its work starts, so a slow module shows which it is.
+    bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False,
+               file=sys.stderr, mininterval=0.5)
     with torch.no_grad():
         for name in bar:
+            bar.set_postfix_str(name, refresh=True)
             mi = inputs.read(name)
             if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
                 yield name, None

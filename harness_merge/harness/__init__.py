@@ -31,6 +31,24 @@ def _say(msg: str) -> None:
     print(f"[harness-merge] {msg}", file=sys.stderr, flush=True)
 
 
+def merge_progress() -> bool:
+    """Whether a merge inside a harness shows its bar (on stderr): yes unless the
+    harness runs quieter than INFO. lmms-eval exports ``--verbosity`` as
+    ``$VERBOSITY``; lm-eval sets the level of the ``lm_eval`` logger.
+    ``HARNESS_MERGE_PROGRESS=0|1`` decides over both."""
+    import logging
+    import os
+
+    forced = os.environ.get("HARNESS_MERGE_PROGRESS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    verbosity = os.environ.get("VERBOSITY")
+    if verbosity:
+        return logging.getLevelName(verbosity.upper()) in (logging.DEBUG, logging.INFO) or verbosity.upper() == "TRACE"
+    lm_eval = logging.getLogger("lm_eval")
+    return lm_eval.level == logging.NOTSET or lm_eval.level <= logging.INFO
+
+
 def load_merged(hargs) -> Loaded:
     """Merge ``hargs`` (a :class:`~.model_args.HarnessArgs`) and serve it.
 
@@ -54,7 +72,7 @@ def load_merged(hargs) -> Loaded:
             check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
         except ImportError:  # transformers missing: the merge layer's own checks still run
             pass
-        art = merge(spec, cache_dir=hargs.cache_dir, progress=False)
+        art = merge(spec, cache_dir=hargs.cache_dir, progress=merge_progress())
         m = art.manifest
         hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
         _say(f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
@@ -93,4 +111,4 @@ def report_failure(exc: BaseException, where: str) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-__all__ = ["FAILURES", "Loaded", "load_merged", "report_failure"]
+__all__ = ["FAILURES", "Loaded", "load_merged", "merge_progress", "report_failure"]

@@ -10,9 +10,6 @@ import dataclasses
 import logging
 import sys
 import typing
-from pathlib import Path
-
-import yaml
 
 from ..errors import MergeError
 
@@ -27,55 +24,35 @@ def _parse_kv(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _load_recipe(path: Path) -> dict:
-    """A mergekit-style YAML recipe; relative paths resolve against its folder."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise MergeError(f"{path}: cannot read recipe ({e})") from None
-    known = {"method", "adapters", "parameters", "base", "out", "format", "rank", "dtype"}
-    unknown = set(data) - known
-    if unknown:
-        raise MergeError(f"{path}: unknown recipe key(s) {sorted(unknown)}; known: {sorted(known)}")
-
-    def rel(p):
-        # A path relative to the recipe's folder if one exists there; else as
-        # given (cwd-relative path or hub id).
-        if p is None:
-            return None
-        q = Path(str(p)).expanduser()
-        return str(path.parent / q) if not q.is_absolute() and (path.parent / q).exists() else str(p)
-
-    data["adapters"] = [rel(a) for a in data.get("adapters") or []]
-    for k in ("base", "out"):
-        if data.get(k) is not None:
-            q = Path(str(data[k])).expanduser()
-            data[k] = str(q if q.is_absolute() or k == "base" and not (path.parent / q).exists() else path.parent / q)
-    return data
-
-
 def cmd_merge(args) -> int:
     from ..api import MergeSpec, merge
+    from ..recipe import Recipe, load_recipe, translate_param_names
 
-    recipe = _load_recipe(Path(args.recipe)) if args.recipe else {}
-    params = {k: (v if not isinstance(v, list) else ",".join(map(str, v))) for k, v in (recipe.get("parameters") or {}).items()}
-    params.update(_parse_kv(args.param))
-    adapters = args.adapters or recipe.get("adapters")
-    method = args.method or recipe.get("method")
-    out = args.out or recipe.get("out")
+    recipe = load_recipe(args.recipe) if args.recipe else Recipe(method=None, adapters=[])
+    method = args.method or recipe.method
+    params = dict(recipe.params)
+    cli_params, notes = translate_param_names(str(method), _parse_kv(args.param))
+    params.update(cli_params)
+    adapters = args.adapters or recipe.adapters
+    out = args.out or recipe.out
     if not adapters:
-        raise MergeError("no adapters: pass --adapters DIR [DIR ...] or a recipe with 'adapters:'")
+        raise MergeError("no adapters: pass --adapters DIR [DIR ...] or a recipe with 'adapters:' (or mergekit's 'models:')")
     if not method:
         raise MergeError("no method: pass --method NAME (see `harness-merge methods`)")
     if not out:
         raise MergeError("no output folder: pass --out DIR")
+    if recipe.source == "mergekit":
+        print(f"mergekit recipe -> method={method} params={params} base={recipe.base}", file=sys.stderr)
+    for note in [*recipe.notes, *notes]:
+        print(f"note: {note}", file=sys.stderr)
     spec = MergeSpec(
         adapters=tuple(adapters), method=method, params=params,
-        base=args.base or recipe.get("base"), format=args.format or recipe.get("format") or "auto",
-        rank=args.rank if args.rank is not None else recipe.get("rank"),
-        dtype=args.dtype or recipe.get("dtype"),
+        base=args.base or recipe.base, format=args.format or recipe.format or "auto",
+        rank=args.rank if args.rank is not None else recipe.rank,
+        dtype=args.dtype or recipe.dtype,
     )
-    art = merge(spec, out=out, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet)
+    art = merge(spec, out=out, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
+                force=args.force)
     res = art.manifest.get("result", {})
     print(f"wrote {art.kind} artifact to {art.path}" + (" (cache hit)" if art.cache_hit else ""))
     details = [f"method={art.manifest['method']}", f"modules={res.get('modules')}"]
@@ -122,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     m = sub.add_parser("merge", help="merge adapters/checkpoints and write the artifact")
-    m.add_argument("recipe", nargs="?", help="YAML recipe (method, adapters, parameters, base, out, format, rank)")
+    m.add_argument("recipe", nargs="?", help="YAML recipe: ours (method, adapters, parameters, base, out, format, "
+                   "rank) or mergekit's (merge_method, models, base_model, parameters)")
     m.add_argument("--adapters", nargs="+", metavar="DIR", help="PEFT LoRA folders or hub ids, or full checkpoints")
     m.add_argument("--method", help="merge method (see `harness-merge methods`)")
-    m.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    m.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="method parameter (repeatable); mergekit's density, lambda, weight are translated")
     m.add_argument("--out", help="output folder")
     m.add_argument("--base", help="base model (needed for --format full and for full checkpoints)")
     m.add_argument("--format", choices=["auto", "lora", "full"])
@@ -134,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", help="merge cache (default $HARNESS_MERGE_CACHE or ~/.cache/harness_merge)")
     m.add_argument("--no-cache", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--force", action="store_true",
+                   help="run a merge the cost pre-check refuses (estimated beyond $HARNESS_MERGE_MAX_SECONDS)")
     m.set_defaults(func=cmd_merge)
 
     ms = sub.add_parser("methods", help="list merge methods, their parameters and defaults")

@@ -3,6 +3,7 @@
 ::
 
     harness-merge leaderboard grid.yaml [--out DIR] [--fresh] [--limit N]
+                                        [--executor serial|ray] [--address HOST:PORT] [--workers N]
 
 A grid (YAML; relative paths resolve against its folder)::
 
@@ -22,6 +23,10 @@ A grid (YAML; relative paths resolve against its folder)::
     batch_size: 8
     model_args: {max_new_tokens: 16}     # more `merged` model_args for every row
     metric: score                        # metric name (or {task: metric}); default: the task's first
+    resources: {num_cpus: 1, num_gpus: 0}  # per row, with --executor ray
+
+Path and list fields (``adapters``, ``tasks``, ``include_path``, group members)
+take a string or a list; any other type is an error naming the key.
 
 Every name (method, parameter, task) is checked before any work starts. The
 run resumes: cells already in ``OUT/results.json`` (same grid) are not redone.
@@ -48,7 +53,7 @@ from ..errors import MergeError
 from .regress import SCHEMA_VERSION, grid_id
 
 GRID_KEYS = {"name", "base", "adapters", "methods", "tasks", "groups", "include_path", "references",
-             "backend", "limit", "batch_size", "model_args", "metric", "out"}
+             "backend", "limit", "batch_size", "model_args", "metric", "out", "resources"}
 
 
 class GridError(MergeError):
@@ -91,6 +96,7 @@ class Grid:
     metric: str | dict | None
     out: str | None = None
     written: dict = field(default_factory=dict)  # base/adapters as the grid file writes them
+    resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})  # per row (ray)
 
     def spec(self) -> dict:
         """What is evaluated (the regress gate's ``grid``): the model paths as
@@ -125,6 +131,23 @@ def _resolve(p: str, root: Path) -> str:
     return str(q) if q.is_absolute() or not (root / q).exists() else str((root / q).resolve())
 
 
+def _str_list(path: Path, key: str, value: Any) -> list[str]:
+    """A string or a list of strings (one path is not a list of characters)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return [str(v) for v in value]
+    raise GridError(f"{path}: '{key}' must be a string or a list of strings, got {value!r}")
+
+
+def _typed(path: Path, key: str, value: Any, types: tuple, what: str) -> Any:
+    if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+        raise GridError(f"{path}: '{key}' must be {what}, got {value!r}")
+    return value
+
+
 def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
     """Read and validate a grid; every error names the entry and the valid choices."""
     from .. import methods as registry
@@ -140,10 +163,22 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
     for k in ("base", "adapters", "methods", "tasks"):
         if not data.get(k):
             raise GridError(f"{path}: '{k}' is required")
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: a grid is a mapping of keys, got {type(data).__name__}")
     root = path.parent
+    _typed(path, "base", data["base"], (str,), "a path or hub id")
+    for k in ("name", "backend", "out"):
+        _typed(path, k, data.get(k), (str,), "a string")
+    for k in ("model_args", "references", "groups", "resources"):
+        _typed(path, k, data.get(k), (dict,), "a mapping")
+    _typed(path, "metric", data.get("metric"), (str, dict), "a metric name or {task: metric}")
+    _typed(path, "limit", data.get("limit"), (int, float), "a number of docs (or a fraction below 1)")
+    _typed(path, "batch_size", data.get("batch_size"), (int,), "an integer")
     ads = data["adapters"]
-    if isinstance(ads, list):
-        ads = {Path(str(a)).name: a for a in ads}
+    if not isinstance(ads, dict):
+        ads = {Path(a).name: a for a in _str_list(path, "adapters", ads)}
+    for k, v in ads.items():
+        _typed(path, f"adapters.{k}", v, (str,), "a path or hub id")
     adapters = {str(k): _resolve(v, root) for k, v in ads.items()}
     rows: list[Row] = []
     refs = data.get("references") or {}
@@ -152,7 +187,12 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
     if refs.get("adapters", True):
         for name, p in adapters.items():
             rows.append(Row(label=f"adapter:{name}", kind="adapter", method="ta", params={"scaling": 1.0}, adapters=(p,)))
-    for entry in data["methods"]:
+    entries = data["methods"]
+    if isinstance(entries, (str, dict)):
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise GridError(f"{path}: 'methods' must be a method name or a list of them, got {entries!r}")
+    for entry in entries:
         if isinstance(entry, str):
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
@@ -161,6 +201,7 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         if bad:
             raise GridError(f"{path}: methods entry {entry['method']!r}: unknown key(s) {sorted(bad)}")
         spec = registry.get(str(entry["method"]))  # unknown -> lists the available ones
+        _typed(path, f"methods[{entry['method']}].params", entry.get("params"), (dict,), "a mapping")
         combos = _expand(spec.name, entry.get("params") or {})
         for params in combos:
             spec.make_params(params).check_inputs(len(adapters))  # unknown / out-of-range -> error now
@@ -170,10 +211,16 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise GridError(f"{path}: duplicate row label(s) {sorted(dup)}: give each entry a 'label'")
-    include = [_resolve(p, root) for p in (data.get("include_path") or [])]
-    include = [p if isinstance(p, str) else str(p) for p in include]
-    tasks = [str(t) for t in data["tasks"]]
-    groups = {str(g): [str(t) for t in ts] for g, ts in (data.get("groups") or {}).items()}
+    include = [_resolve(p, root) for p in _str_list(path, "include_path", data.get("include_path"))]
+    tasks = _str_list(path, "tasks", data["tasks"])
+    groups = {str(g): _str_list(path, f"groups.{g}", ts) for g, ts in (data.get("groups") or {}).items()}
+    resources = {"num_cpus": 1, "num_gpus": 0, **(data.get("resources") or {})}
+    bad = set(resources) - {"num_cpus", "num_gpus"}
+    if bad:
+        raise GridError(f"{path}: resources: unknown key(s) {sorted(bad)}; valid: num_cpus, num_gpus")
+    for k, v in resources.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise GridError(f"{path}: 'resources.{k}' must be a number >= 0, got {v!r}")
     for g, ts in groups.items():
         stray = [t for t in ts if t not in tasks]
         if stray:
@@ -189,6 +236,7 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         batch_size=int(data.get("batch_size", 1)), model_args=dict(data.get("model_args") or {}),
         metric=data.get("metric"), out=_resolve(data["out"], root) if data.get("out") else None,
         written={"base": str(data["base"]), "adapters": {str(k): str(v) for k, v in ads.items()}},
+        resources=resources,
     )
 
 
@@ -302,8 +350,14 @@ def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
     return [r for r in rows if r.label not in full] + [r for r in rows if r.label in full]
 
 
-def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) -> dict:
-    """Evaluate every missing cell, writing ``results.json`` after each row."""
+def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, executor=None) -> dict:
+    """Evaluate every missing cell, writing ``results.json`` after each row.
+
+    ``executor`` (:mod:`.executors`; default serial) decides where rows run;
+    this process stays the one writer of ``results.json``."""
+    from .executors import SerialExecutor, eta_line, fmt_seconds
+
+    executor = executor or SerialExecutor()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     spec = grid.spec()
@@ -326,31 +380,32 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
             )
         cells = [c for c in old.get("cells", []) if c.get("value") is not None]
     done = {(c["label"], c["task"]) for c in cells}
-    tm = _task_manager(grid.include_path)
     failed = 0
     todo_rows = [(r, [t for t in grid.tasks if (r.label, t) not in done]) for r in grid.rows]
     n_todo = sum(1 for _, ts in todo_rows if ts)
-    if grid.backend == "vllm" and n_todo:
+    serial = isinstance(executor, SerialExecutor)
+    if grid.backend == "vllm" and n_todo and serial:  # ray workers set up their own engine
         order = share_vllm_engine(grid, [r for r, ts in todo_rows if ts])
         todo = {r.label: ts for r, ts in todo_rows}
         todo_rows = [(r, todo[r.label]) for r in order]
+    pending = [(r, ts) for r, ts in todo_rows if ts]
     print(f"[leaderboard] {grid.name}: {len(grid.rows)} rows x {len(grid.tasks)} tasks; "
-          f"{len(grid.rows) - n_todo} rows already done", file=sys.stderr)
-    for i, (row, todo) in enumerate(todo_rows, 1):
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        print(f"[leaderboard] ({i}/{len(grid.rows)}) {row.label}: {', '.join(todo)}", file=sys.stderr, flush=True)
-        try:
-            per_task, record = evaluate_row(row, grid, todo, tm)
-            error = None
-        except Exception as e:  # one broken row must not lose the others
-            per_task, record, error = {}, {}, f"{type(e).__name__}: {e}"
-            print(f"[leaderboard] {row.label} failed: {error}", file=sys.stderr)
+          f"{len(grid.rows) - n_todo} rows already done; {n_todo} to run ({executor.name})", file=sys.stderr)
+    tm = _task_manager(grid.include_path) if serial else None
+    t_start = time.perf_counter()
+
+    def started(pairs):  # serial: say which row starts before its (silent) merge and load
+        for k, (row, todo) in enumerate(pairs, 1):
+            print(f"[leaderboard] ({k}/{n_todo}) {row.label}: {', '.join(todo)}", file=sys.stderr, flush=True)
+            yield row, todo
+
+    source = executor.run(grid, started(pending) if serial else pending, tm)
+    for k, res in enumerate(source, 1):
+        row, todo, per_task, record = res.row, res.tasks, res.per_task, res.record
         manifest = {
             "kind": row.kind, "adapters": list(row.adapters), "versions": _versions(),
             "merge": record.get("manifest"), "cache_hit": record.get("cache_hit"),
-            "seconds": round(time.perf_counter() - t0, 2), "error": error,
+            "seconds": res.seconds, "error": res.error,
         }
         for t in todo:
             want = grid.metric.get(t) if isinstance(grid.metric, dict) else grid.metric
@@ -360,6 +415,14 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
                           "metric": metric, "value": value, "manifest": manifest})
         _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
                       backup=True)
+        where = "" if serial else f" on {res.worker}"
+        print(f"[leaderboard] done {k}/{n_todo}: {row.label} in {fmt_seconds(res.seconds)}{where}"
+              f"{' (FAILED)' if res.error else ''}; {eta_line(k, n_todo, time.perf_counter() - t_start)}",
+              file=sys.stderr, flush=True)
+    # Grid order, whatever order the rows finished in (parallel executors, vLLM's row order).
+    row_pos = {r.label: i for i, r in enumerate(grid.rows)}
+    task_pos = {t: i for i, t in enumerate(grid.tasks)}
+    cells.sort(key=lambda c: (row_pos.get(c["label"], len(row_pos)), task_pos.get(c["task"], len(task_pos))))
     data = {"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}
     _atomic_write(results_path, json.dumps(data, indent=1), backup=True)
     write_reports(data, grid, out)
@@ -450,17 +513,24 @@ def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_
 
 
 def main(argv=None) -> int:
+    from .executors import EXECUTORS, make_executor
+
     ap = argparse.ArgumentParser(prog="harness-merge leaderboard", description="Run a methods x tasks grid.")
     ap.add_argument("grid", help="grid YAML")
     ap.add_argument("--out", help="output folder (default: the grid's 'out', else ./leaderboard/<name>)")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     ap.add_argument("--limit", type=float, help="override the grid's limit (docs per task)")
+    ap.add_argument("--executor", choices=EXECUTORS, default="serial",
+                    help="serial: rows one after another here; ray: rows as Ray tasks (grid 'resources' per row)")
+    ap.add_argument("--address", help="with --executor ray: an existing Ray cluster (default: start a local Ray)")
+    ap.add_argument("--workers", type=int, help="with --executor ray: workers (default: as many as the resources fit)")
     args = ap.parse_args(argv)
+    executor = make_executor(args.executor, address=args.address, workers=args.workers)
     grid = load_grid(args.grid)
     if args.limit is not None:
         grid.limit = int(args.limit) if args.limit >= 1 else args.limit
     out = Path(args.out or grid.out or Path("leaderboard") / grid.name)
-    data = run(grid, out, fresh=args.fresh)
+    data = run(grid, out, fresh=args.fresh, executor=executor)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.png'}")
     if data["failed_cells"]:
