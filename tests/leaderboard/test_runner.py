@@ -69,12 +69,42 @@ def test_grid_runs_resumes_and_feeds_the_gate(tiny, monkeypatch):
     runner.run(grid, out)
     assert calls == [("ta", ("demo_shape",))]
 
-    # the gate reads the runner's file: equal passes, an injected drop fails
+    # cells carry evidence: stderr, n, per-sample scores, lmms-eval's own files, a model card
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema_version"] == regress.SCHEMA_VERSION == 2
+    for c in data["cells"]:
+        assert c["n"] == 3 and len(c["samples"]["score"]) == 3 and c["samples"]["doc_id"] == [0, 1, 2]
+        assert c["value"] == pytest.approx(sum(c["samples"]["score"]) / 3)
+        assert c["stderr"] is not None and c["stderr"] >= 0
+        lines = [json.loads(x) for x in (out / c["samples"]["file"]).read_text().splitlines()]
+        assert [x["doc_id"] for x in lines] == [0, 1, 2] and all("filtered_resps" in x for x in lines)
+        assert [float(x[c["metric"].split(",")[0]]) for x in lines] == c["samples"]["score"]
+        lmms = json.loads((out / c["lmms_results"]).read_text())
+        assert lmms["results"][c["task"]][c["metric"]] == pytest.approx(c["value"])
+        assert "configs" in lmms and "n-samples" in lmms
+    copa = next(c for c in data["cells"] if c["label"].startswith("copa"))
+    card = (out / copa["card"]).read_text()
+    assert card.startswith("---\nbase_model: ") and "model-index:" in card
+    assert "lmms_eval --model merged --model_args" in card and "method=copa" in card and "prune_rate=0.5" in card
+    for a in ads.values():
+        assert a in card
+    assert copa["manifest"]["merge"]["adapters"][0]["sha256"] in card
+    assert not any("card" in c for c in data["cells"] if c["label"] == "base (zero-shot)")
+    md = (out / "results.md").read_text()
+    assert " ± " in md
+
+    # the gate reads the runner's file: equal passes; a drop on 3 docs is noise (reported as
+    # changed), and fails only at a loose per-cell alpha
     assert regress.main(["--baseline", str(out / "results.json"), "--results", str(out / "results.json")]) == 0
-    worse = json.loads((out / "results.json").read_text())
-    worse["cells"][0]["value"] -= 50
+    best, worse = json.loads(json.dumps(data)), json.loads(json.dumps(data))
+    for f, s in ((best, 100.0), (worse, 0.0)):
+        f["cells"][0]["samples"]["score"] = [s] * 3
+        f["cells"][0]["value"] = s
+    (root / "best.json").write_text(json.dumps(best))
     (root / "worse.json").write_text(json.dumps(worse))
-    assert regress.main(["--baseline", str(out / "results.json"), "--results", str(root / "worse.json")]) == 1
+    args = ["--baseline", str(root / "best.json"), "--results", str(root / "worse.json")]
+    assert regress.main(args) == 0
+    assert regress.main(args + ["--correction", "none", "--alpha", "0.2"]) == 1
 
 
 def test_results_of_another_grid_are_refused(tiny):
