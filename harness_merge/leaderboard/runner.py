@@ -530,14 +530,15 @@ def table(data: dict, grid: Grid) -> tuple[list[str], list[list[Any]]]:
 
 def normalised(data: dict, grid: Grid) -> tuple[list[str], list[list[Any]]]:
     """Normalised accuracy in % (merged score / the expert's own score on its task, the
-    merging papers' headline metric) for every merge row and each task of ``grid.experts``;
+    merging papers' headline metric) for the zero-shot base and every merge row, on each task
+    of ``grid.experts``;
     the stderr is propagated to first order, ``r * sqrt((se_m/m)^2 + (se_e/e)^2)``."""
     cell = {(c["label"], c["task"]): (c.get("value"), c.get("stderr")) for c in data["cells"]}
     tasks = [t for t in grid.tasks if t in grid.experts]
     header = ["method", *tasks, "avg"]
     rows = []
     for r in grid.rows:
-        if r.kind != "merge":
+        if r.kind == "adapter":  # the expert on its own task is 100 by definition
             continue
         entries = []
         for t in tasks:

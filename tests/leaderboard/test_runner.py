@@ -163,3 +163,86 @@ def test_vllm_grid_shares_one_engine_for_lora_rows(tiny, monkeypatch):
     order = runner.share_vllm_engine(grid, list(grid.rows))
     assert [r.label for r in order] == ["base (zero-shot)", "copa", "ta", "ties"]
     assert calls["prepare"][0] == base and calls["prepare"][1] == ["lora", "lora"]
+
+
+def _fake_results(grid, value, stderr, samples=None):
+    cells = []
+    for r in grid.rows:
+        for t in grid.tasks:
+            v = value(r.label, t)
+            cells.append({"method": r.method, "label": r.label, "params": r.params, "task": t,
+                          "metric": "exact_match,none", "value": v, "stderr": stderr,
+                          "n": 100, "samples": samples(r.label, t) if samples else None})
+    return {"schema_version": 2, "grid": grid.spec(), "cells": cells}
+
+
+def test_reports_show_stderr_normalised_accuracy_and_only_significant_best(tiny, tmp_path):
+    """Tables from a fabricated results file (no model): value ± stderr, normalised accuracy
+    against the experts, best-marking only outside the noise, labelled colour bar."""
+    import numpy as np
+
+    root, base, ads = tiny
+    grid = runner.load_grid(write_grid(root, base, ads, references={"base": True, "adapters": True},
+                                       experts={"demo_colour": "a1", "demo_shape": "a2"}), check_tasks=False)
+    labels = [r.label for r in grid.rows]
+    assert labels == ["base (zero-shot)", "adapter:a1", "adapter:a2", "ta", "copa(prune_rate=0.5)"]
+    # demo_colour: copa 80 vs ta 40 over 100 docs (clear); demo_shape: copa 51 vs ta 50 (noise)
+    score = {("base (zero-shot)", "demo_colour"): 10, ("adapter:a1", "demo_colour"): 100, ("ta", "demo_colour"): 40,
+             ("copa(prune_rate=0.5)", "demo_colour"): 80, ("base (zero-shot)", "demo_shape"): 20,
+             ("adapter:a2", "demo_shape"): 50, ("ta", "demo_shape"): 50, ("copa(prune_rate=0.5)", "demo_shape"): 51}
+
+    def samples(label, task):
+        k = score.get((label, task), 0)
+        return {"doc_id": list(range(100)), "score": [1.0] * k + [0.0] * (100 - k), "answer": [None] * 100}
+
+    data = _fake_results(grid, lambda lab, t: score.get((lab, t), 0) / 100, 0.04, samples)
+    header, rows = runner.table(data, grid)
+    assert rows[3][1] == (0.4, 0.04)
+    assert rows[3][header.index("avg")] == (pytest.approx(0.45), pytest.approx(np.sqrt(2 * 0.04 ** 2) / 2))
+    nh, nrows = runner.normalised(data, grid)
+    assert nh == ["method", "demo_colour", "demo_shape", "avg"]
+    norm = {r[0]: r for r in nrows}
+    assert set(norm) == {"base (zero-shot)", "ta", "copa(prune_rate=0.5)"}  # experts are 100 by definition
+    assert norm["copa(prune_rate=0.5)"][1][0] == pytest.approx(80.0)
+    assert norm["copa(prune_rate=0.5)"][2][0] == pytest.approx(102.0)
+    r, se = norm["ta"][1]
+    assert r == pytest.approx(40.0) and se == pytest.approx(40.0 * np.sqrt((0.04 / 0.4) ** 2 + (0.04 / 1.0) ** 2))
+    best = runner.best_cells(data, grid, header, rows, n_reference=3)
+    assert (4, 0) in best  # copa beats ta on demo_colour beyond the noise
+    assert not any(j == 1 for _, j in best)  # 51 vs 50 on demo_shape is noise: no best
+    out = tmp_path / "rep"
+    out.mkdir()
+    runner.write_reports(data, grid, out)
+    md = (out / "results.md").read_text()
+    assert "0.40 ± 0.04" in md and "## Normalised accuracy (%)" in md and "80.00 ±" in md
+    csv_head = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert "demo_colour_stderr" in csv_head
+    assert (out / "results.png").stat().st_size > 0
+
+
+def test_plot_labels_its_colour_bar(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    labels = []
+    real = matplotlib.figure.Figure.colorbar
+
+    def spy(self, *a, **k):
+        cb = real(self, *a, **k)
+        labels.append(cb)
+        return cb
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", spy)
+    header = ["method", "t1", "avg"]
+    rows = [["a", (1.0, 0.1), (1.0, 0.1)], ["b", (2.0, None), (2.0, None)]]
+    runner.plot(header, rows, tmp_path / "p.png", title="x", n_reference=1, best={(1, 0)})
+    assert labels and labels[0].ax.get_ylabel() == "score (the metric's own units)"
+
+
+def test_experts_must_name_grid_tasks_and_adapters(tiny):
+    root, base, ads = tiny
+    with pytest.raises(MergeError, match=r"experts: task 'demo_count' is not in 'tasks'"):
+        runner.load_grid(write_grid(root, base, ads, experts={"demo_count": "a1"}), check_tasks=False)
+    with pytest.raises(MergeError, match=r"experts: 'demo_colour' names adapter 'a9'"):
+        runner.load_grid(write_grid(root, base, ads, experts={"demo_colour": "a9"}), check_tasks=False)
+    with pytest.raises(MergeError, match="experts needs the adapters' own rows"):
+        runner.load_grid(write_grid(root, base, ads, experts={"demo_colour": "a1"}), check_tasks=False)
