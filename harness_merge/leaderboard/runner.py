@@ -487,12 +487,13 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True) ->
                  "samples": samples, "lmms_results": str(agg.relative_to(out)) if agg else None,
                  "manifest": manifest}
             new_cells.append(c)
-        if row.kind == "merge" and record:
-            card = cards.write_card(folder / "README.md", row=row, grid=grid, cells=new_cells, record=record,
-                                    command=manifest["command"])
-            for c in new_cells:
-                c["card"] = str(card.relative_to(out))
         cells += new_cells
+        if row.kind == "merge" and record:  # the card covers every task of the row, earlier runs' too
+            mine = [c for c in cells if c["label"] == row.label]
+            card = cards.write_card(folder / "README.md", row=row, grid=grid, cells=mine, record=record,
+                                    command=reproduce_command(row, grid, [c["task"] for c in mine]))
+            for c in mine:
+                c["card"] = str(card.relative_to(out))
         _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1))
     data = {"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}
     _atomic_write(results_path, json.dumps(data, indent=1))
