@@ -66,7 +66,7 @@ JSON, one object. ``schema_version`` 2 (version 1 files, which have no
           "samples": {                         # v2: per-sample scores, the gate's evidence
             "doc_id": [0, 1, ...],             #   lmms-eval doc ids
             "score": [100.0, 0.0, ...],        #   the metric per doc (from lmms-eval --log_samples)
-            "answer": ["3f2a9c1b", ...],       #   sha256[:8] of each filtered response
+            "answer": ["3f2a9c1b", ...],       #   answer_hash() of each filtered response (as in the samples file)
             "file": "rows/copa/samples_mb_colour.jsonl"  # lmms-eval's own samples file, relative to results.json
           },
           "lmms_results": "rows/copa/results.json",  # v2: the row's results in lmms-eval's format

@@ -384,7 +384,10 @@ def per_sample(records: list[dict], metric: str) -> dict | None:
         seen.add(r.get("doc_id"))
         ids.append(r.get("doc_id"))
         scores.append(float(v))
-        answers.append(answer_hash(r.get("filtered_resps")))
+        resp = r.get("filtered_resps")
+        if isinstance(resp, list) and len(resp) == 1:  # as lmms-eval's samples file flattens it
+            resp = resp[0]
+        answers.append(answer_hash(resp))
     return {"doc_id": ids, "score": scores, "answer": answers} if ids else None
 
 

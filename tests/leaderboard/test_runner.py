@@ -246,3 +246,32 @@ def test_experts_must_name_grid_tasks_and_adapters(tiny):
         runner.load_grid(write_grid(root, base, ads, experts={"demo_colour": "a9"}), check_tasks=False)
     with pytest.raises(MergeError, match="experts needs the adapters' own rows"):
         runner.load_grid(write_grid(root, base, ads, experts={"demo_colour": "a1"}), check_tasks=False)
+
+
+@pytest.mark.slow
+def test_model_card_command_reproduces_the_row(tiny, tmp_path):
+    """The card's lmms_eval command, run as written, gives the row's per-sample scores."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root, base, ads = tiny
+    grid = runner.load_grid(write_grid(root, base, ads, methods=["ta"], tasks=["demo_colour"],
+                                       groups={}, references={"base": False, "adapters": False}))
+    data = runner.run(grid, tmp_path / "lb")
+    [c] = data["cells"]
+    card = (tmp_path / "lb" / c["card"]).read_text()
+    command = card.split("```\n", 1)[1].split("\n```", 1)[0]
+    assert command == c["manifest"]["command"] and command.startswith("lmms_eval --model merged ")
+    bindir = os.path.dirname(sys.executable)
+    assert shutil.which("lmms_eval", path=bindir)
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    work = tmp_path / "repro"
+    work.mkdir()
+    subprocess.run(command, shell=True, cwd=work, env=env, check=True, capture_output=True, timeout=600)
+    [samples] = list((work / "out").rglob("*_samples_demo_colour.jsonl"))
+    rows = [json.loads(x) for x in samples.read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == c["samples"]["doc_id"]
+    assert [float(r["exact_match"]) for r in rows] == c["samples"]["score"]
+    assert [regress.answer_hash(r["filtered_resps"]) for r in rows] == c["samples"]["answer"]
