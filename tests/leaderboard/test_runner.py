@@ -116,6 +116,16 @@ def test_results_of_another_grid_are_refused(tiny):
         runner.run(runner.load_grid(write_grid(root, base, ads)), out)
 
 
+def test_schema_1_results_in_out_are_refused_with_a_message(tiny):
+    root, base, ads = tiny
+    grid = runner.load_grid(write_grid(root, base, ads))
+    out = root / "old_schema"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"schema_version": 1, "grid": grid.spec(), "cells": []}))
+    with pytest.raises(runner.GridError, match=r"schema_version 1 file .* --fresh to rerun"):
+        runner.run(grid, out)
+
+
 @pytest.mark.parametrize("over,match", [
     ({"methods": ["copaa"]}, r"unknown method 'copaa'. Did you mean: copa"),
     ({"methods": [{"method": "ties", "params": {"prune": 0.5}}]}, "ties: unknown parameter 'prune'; known parameters"),
