@@ -337,7 +337,9 @@ def reproduce_command(row: Row, grid: Grid, tasks: list[str]) -> str:
         parts += ["--include_path", shlex.quote(",".join(grid.include_path))]
     if grid.limit is not None:
         parts += ["--limit", str(grid.limit)]
-    parts += ["--log_samples", "--output_path", "out/"]
+    # the runner calls simple_evaluate without CLI args, so no reasoning-tag stripping (which also
+    # strips whitespace and control characters); the CLI does it by default
+    parts += ["--reasoning_tags", "none", "--log_samples", "--output_path", "out/"]
     return " ".join(parts)
 
 
