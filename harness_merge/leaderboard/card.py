@@ -47,8 +47,8 @@ def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> st
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
         f"# {row.label}", "",
-        f"A merge of {len(adapters)} adapter(s) onto `{front['base_model']}` by **{row.method}**, "
-        f"written by harness-merge {m.get('harness_merge_version', '?')} (leaderboard grid `{grid.name}`).", "",
+        (f"A merge of {len(adapters)} adapter(s) onto `{front['base_model']}` by **{row.method}**, "
+         f"written by harness-merge {m.get('harness_merge_version', '?')} (leaderboard grid `{grid.name}`)."), "",
         "## Inputs", "",
         f"- base: `{front['base_model']}`" + (f" (sha256 `{(m.get('base') or {}).get('sha256')}`)"
                                               if (m.get("base") or {}).get("sha256") else ""),

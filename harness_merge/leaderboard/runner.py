@@ -579,8 +579,8 @@ def _md(header, rows) -> list[str]:
 def write_reports(data: dict, grid: Grid, out: Path) -> None:
     header, rows = table(data, grid)
     n_ref = sum(1 for r in grid.rows if r.kind != "merge")
-    md = [f"# {grid.name}", "", "value ± stderr (standard error of the mean over the task's docs; averages: "
-          "sqrt(sum se²)/k)", "", *_md(header, rows)]
+    md = [f"# {grid.name}", "", ("value ± stderr (standard error of the mean over the task's docs; averages: "
+                                 "sqrt(sum se²)/k)"), "", *_md(header, rows)]
     norm = normalised(data, grid) if grid.experts else None
     if norm and norm[1]:
         md += ["", "## Normalised accuracy (%)", "",

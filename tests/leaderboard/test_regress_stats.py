@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from harness_merge.leaderboard import stats
-from harness_merge.leaderboard.regress import answer_hash, compare, grid_id, main, parse_results
+from harness_merge.leaderboard.regress import (
+    answer_hash,
+    compare,
+    grid_id,
+    main,
+    parse_results,
+)
 
 SPEC = {"base": "b", "methods": ["copa", "ta"], "tasks": ["big", "small"]}
 
