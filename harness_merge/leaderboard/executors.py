@@ -42,6 +42,7 @@ class RowResult:
     error: str | None
     seconds: float
     worker: str = "local"
+    lmms: dict | None = None  # lmms-eval's own results of the row (with its per-sample logs)
 
 
 def evaluate_one(row, grid, tasks: list[str], task_manager, worker: str = "local") -> RowResult:
@@ -51,12 +52,12 @@ def evaluate_one(row, grid, tasks: list[str], task_manager, worker: str = "local
 
     t0 = time.perf_counter()
     try:
-        per_task, record = runner.evaluate_row(row, grid, tasks, task_manager)
+        per_task, record, lmms = runner.evaluate_row(row, grid, tasks, task_manager)
         error = None
     except Exception as e:
-        per_task, record, error = {}, {}, f"{type(e).__name__}: {e}"
+        per_task, record, lmms, error = {}, {}, None, f"{type(e).__name__}: {e}"
         print(f"[leaderboard] {row.label} failed: {error}", file=sys.stderr, flush=True)
-    return RowResult(row, list(tasks), per_task, record, error, round(time.perf_counter() - t0, 2), worker)
+    return RowResult(row, list(tasks), per_task, record, error, round(time.perf_counter() - t0, 2), worker, lmms)
 
 
 class SerialExecutor:

@@ -24,13 +24,27 @@ A grid (YAML; relative paths resolve against its folder)::
     model_args: {max_new_tokens: 16}     # more `merged` model_args for every row
     metric: score                        # metric name (or {task: metric}); default: the task's first
     resources: {num_cpus: 1, num_gpus: 0}  # per row, with --executor ray
+    experts: {demo_colour: colour}       # task -> the adapter trained on it: normalised accuracy
+                                         # (merged score / that adapter's own score, in %)
 
 Path and list fields (``adapters``, ``tasks``, ``include_path``, group members)
 take a string or a list; any other type is an error naming the key.
 
 Every name (method, parameter, task) is checked before any work starts. The
 run resumes: cells already in ``OUT/results.json`` (same grid) are not redone.
-Results follow the schema of :mod:`harness_merge.leaderboard.regress`.
+Results follow the schema of :mod:`harness_merge.leaderboard.regress` (version 2).
+
+What ``OUT`` holds::
+
+    results.json                  # every cell: value, stderr, n, per-sample scores, file pointers
+    results.md / results.csv      # the table, value +- stderr; normalised accuracy when 'experts' is set
+    results.png                   # heatmap (value and stderr per cell, labelled colour bar) and,
+                                  # with 'experts', normalised accuracy with error bars
+    rows/<row>/<date>_results.json        # the row's results in lmms-eval's own format
+    rows/<row>/<date>_samples_<task>.jsonl  # lmms-eval's per-sample log (--log_samples)
+    rows/<row>/README.md          # merged rows: Hugging Face model card (base, adapters with
+                                  # sha256, method, params, scores +- stderr, the lmms_eval
+                                  # command that reproduces the row)
 """
 from __future__ import annotations
 
@@ -41,6 +55,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,10 +66,13 @@ from typing import Any
 import yaml
 
 from ..errors import MergeError
-from .regress import SCHEMA_VERSION, grid_id
+from . import card as cards
+from . import stats
+from .regress import SCHEMA_VERSION, answer_hash, grid_id
 
 GRID_KEYS = {"name", "base", "adapters", "methods", "tasks", "groups", "include_path", "references",
-             "backend", "limit", "batch_size", "model_args", "metric", "out", "resources"}
+             "backend", "limit", "batch_size", "model_args", "metric", "out", "resources", "experts"}
+ROWS_DIR = "rows"
 
 
 class GridError(MergeError):
@@ -97,6 +116,7 @@ class Grid:
     out: str | None = None
     written: dict = field(default_factory=dict)  # base/adapters as the grid file writes them
     resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})  # per row (ray)
+    experts: dict[str, str] = field(default_factory=dict)  # task -> adapter name (normalised accuracy)
 
     def spec(self) -> dict:
         """What is evaluated (the regress gate's ``grid``): the model paths as
@@ -230,6 +250,14 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
     backend = str(data.get("backend", "hf"))
     if backend not in ("hf", "vllm"):
         raise GridError(f"{path}: backend must be hf or vllm, got {backend!r}")
+    experts = {str(t): str(a) for t, a in (data.get("experts") or {}).items()}
+    for t, a in experts.items():
+        if t not in tasks:
+            raise GridError(f"{path}: experts: task {t!r} is not in 'tasks' {tasks}")
+        if a not in adapters:
+            raise GridError(f"{path}: experts: {t!r} names adapter {a!r}; adapters: {sorted(adapters)}")
+        if not refs.get("adapters", True):
+            raise GridError(f"{path}: experts needs the adapters' own rows (references: {{adapters: true}})")
     return Grid(
         name=str(data.get("name") or path.stem), base=_resolve(data["base"], root), adapters=adapters, rows=rows,
         tasks=tasks, groups=groups, include_path=include, backend=backend, limit=data.get("limit"),
@@ -237,6 +265,7 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         metric=data.get("metric"), out=_resolve(data["out"], root) if data.get("out") else None,
         written={"base": str(data["base"]), "adapters": {str(k): str(v) for k, v in ads.items()}},
         resources=resources,
+        experts=experts,
     )
 
 
@@ -284,6 +313,16 @@ def _pick_metric(task_results: dict, want: str | None) -> tuple[str, float | Non
     return (keys[0] if keys else "?"), None
 
 
+def _n_docs(res: dict | None, task: str) -> int | None:
+    n = ((res or {}).get("n-samples") or {}).get(task) or {}
+    return n.get("effective") if isinstance(n.get("effective"), int) else None
+
+
+def _higher_is_better(res: dict | None, task: str, metric: str) -> bool:
+    v = (((res or {}).get("higher_is_better") or {}).get(task) or {}).get(metric.split(",")[0])
+    return True if v is None else bool(v)
+
+
 def _atomic_write(path: Path, text: str, *, backup: bool = False) -> None:
     """Write ``text`` to ``path`` by fsync + rename; with ``backup`` the previous
     version stays as ``<path>.bak`` (a second link to it, so no copy)."""
@@ -310,20 +349,117 @@ def make_model(row: Row, grid: Grid):
     return MergedLMM(**row.model_kwargs(grid))
 
 
-def evaluate_row(row: Row, grid: Grid, tasks: list[str], task_manager) -> tuple[dict, dict]:
+def evaluate_row(row: Row, grid: Grid, tasks: list[str], task_manager) -> tuple[dict, dict, dict]:
+    """Evaluate one row on ``tasks`` with lmms-eval (``log_samples`` on).
+
+    Returns (per-task results, the merge record, lmms-eval's full output with ``samples``)."""
     from lmms_eval.evaluator import simple_evaluate
 
     lm = make_model(row, grid)
     try:
         res = simple_evaluate(model=lm, tasks=tasks, limit=grid.limit, task_manager=task_manager,
-                              log_samples=False, batch_size=grid.batch_size, verbosity="ERROR")
+                              log_samples=True, batch_size=grid.batch_size, verbosity="ERROR")
     finally:
         record = getattr(lm, "merge_record", {}) or {}
         del lm
     if res is None:
         raise RuntimeError("lmms-eval returned no results")
     merged = {**res.get("results", {}), **res.get("groups", {})}
-    return merged, record
+    return merged, record, res
+
+
+def row_slug(label: str) -> str:
+    """A folder name for a row: its label made file-safe, plus a short hash (labels differing only
+    in unsafe characters stay apart)."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", label).strip("_")[:60] or "row"
+    return f"{safe}-{answer_hash(label)[:6]}"
+
+
+def model_args_string(kwargs: dict) -> str:
+    """``merged`` model_args as lmms_eval's CLI takes them (lists in brackets)."""
+    def fmt(v):
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return json.dumps(v, separators=(",", ":"))
+        return str(v)
+
+    return ",".join(f"{k}={fmt(v)}" for k, v in kwargs.items())
+
+
+def reproduce_command(row: Row, grid: Grid, tasks: list[str]) -> str:
+    """The lmms_eval command line that evaluates ``row`` alone, as the runner does."""
+    import shlex
+
+    kw = {k: v for k, v in row.model_kwargs(grid).items() if k != "batch_size"}
+    parts = ["lmms_eval", "--model", "merged", "--model_args", shlex.quote(model_args_string(kw)),
+             "--tasks", ",".join(tasks), "--batch_size", str(grid.batch_size)]
+    if grid.include_path:
+        parts += ["--include_path", shlex.quote(",".join(grid.include_path))]
+    if grid.limit is not None:
+        parts += ["--limit", str(grid.limit)]
+    # the runner calls simple_evaluate without CLI args, so no reasoning-tag stripping (which also
+    # strips whitespace and control characters); the CLI does it by default
+    parts += ["--reasoning_tags", "none", "--log_samples", "--output_path", "out/"]
+    return " ".join(parts)
+
+
+def save_lmms_output(res: dict, row: Row, grid: Grid, folder: Path) -> tuple[Path | None, dict[str, Path]]:
+    """Write ``res`` with lmms-eval's own :class:`EvaluationTracker` (its results JSON and its
+    per-task samples JSONL, as ``lmms_eval --log_samples --output_path`` writes them).
+    Returns (results file, {task: samples file}); the tracker only warns on failure, so
+    missing files come back as None / absent."""
+    from lmms_eval.loggers import EvaluationTracker
+
+    folder.mkdir(parents=True, exist_ok=True)
+    res = dict(res)
+    samples = res.pop("samples", None) or {}
+    tracker = EvaluationTracker(output_path=str(folder))
+    tracker.general_config_tracker.log_experiment_args(
+        model_source="merged", model_args=model_args_string(row.model_kwargs(grid)), system_instruction=None,
+        chat_template=None, fewshot_as_multiturn=False)
+    tracker.general_config_tracker.model_name_sanitized = "."  # files straight into the row's folder
+    date = time.strftime("%Y%m%dT%H%M%S") + f"_{time.time_ns() % 10**6:06d}"
+    tracker.save_results_aggregated(results=res, samples=samples, datetime_str=date)
+    files = {}
+    for task, recs in samples.items():
+        tracker.save_results_samples(task_name=task, samples=[dict(r) for r in recs])
+        f = folder / f"{tracker.date_id}_samples_{task}.jsonl"
+        if f.is_file():
+            files[task] = f
+    agg = folder / f"{tracker.date_id}_results.json"
+    return (agg if agg.is_file() else None), files
+
+
+def per_sample(records: list[dict], metric: str) -> dict | None:
+    """{doc_id, score, answer} of one task's lmms-eval sample records for ``metric``
+    (``"score,none"`` -> the records' ``score``); None when the metric is not a number per doc."""
+    name = metric.split(",")[0]
+    ids, scores, answers, seen = [], [], [], set()
+    for r in records:
+        if r.get("doc_id") in seen:  # one record per doc (the first filter's)
+            continue
+        v = r.get(name)
+        if isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            return None
+        seen.add(r.get("doc_id"))
+        ids.append(r.get("doc_id"))
+        scores.append(float(v))
+        resp = r.get("filtered_resps")
+        if isinstance(resp, list) and len(resp) == 1:  # as lmms-eval's samples file flattens it
+            resp = resp[0]
+        answers.append(answer_hash(resp))
+    return {"doc_id": ids, "score": scores, "answer": answers} if ids else None
+
+
+def _stderr(task_results: dict, metric: str, samples: dict | None) -> float | None:
+    name, _, filt = metric.partition(",")
+    v = task_results.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+        return float(v)
+    return stats.sample_stderr(samples["score"]) if samples else None
 
 
 def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
@@ -362,6 +498,8 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
     results_path = out / "results.json"
     spec = grid.spec()
     cells: list[dict] = []
+    if fresh and (out / ROWS_DIR).is_dir():
+        shutil.rmtree(out / ROWS_DIR)
     if results_path.is_file() and not fresh:
         try:
             old = json.loads(results_path.read_text())
@@ -377,6 +515,11 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
             raise GridError(
                 f"{results_path} holds results of another grid (grid_id {old.get('grid', {}).get('grid_id')} != "
                 f"{spec['grid_id']}); use another --out, or --fresh to start over"
+            )
+        if old.get("schema_version", 1) != SCHEMA_VERSION:
+            raise GridError(
+                f"{results_path} is a schema_version {old.get('schema_version', 1)} file (this runner writes "
+                f"{SCHEMA_VERSION}: cells with stderr, n and per-sample scores); use another --out, or --fresh to rerun"
             )
         cells = [c for c in old.get("cells", []) if c.get("value") is not None]
     done = {(c["label"], c["task"]) for c in cells}
@@ -402,17 +545,38 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
     source = executor.run(grid, started(pending) if serial else pending, tm)
     for k, res in enumerate(source, 1):
         row, todo, per_task, record = res.row, res.tasks, res.per_task, res.record
+        folder = out / ROWS_DIR / row_slug(row.label)
+        raw = res.lmms or {}  # lmms-eval's own results of the row, with its samples
+        raw_samples = raw.get("samples") or {}
+        agg, sample_files = save_lmms_output(raw, row, grid, folder) if raw else (None, {})
         manifest = {
             "kind": row.kind, "adapters": list(row.adapters), "versions": _versions(),
             "merge": record.get("manifest"), "cache_hit": record.get("cache_hit"),
+            "artifact": record.get("artifact"), "command": reproduce_command(row, grid, todo),
             "seconds": res.seconds, "error": res.error,
         }
+        new_cells = []
         for t in todo:
             want = grid.metric.get(t) if isinstance(grid.metric, dict) else grid.metric
             metric, value = _pick_metric(per_task[t], want) if t in per_task else (str(want or "?"), None)
             failed += value is None
-            cells.append({"method": row.method, "label": row.label, "params": row.params, "task": t,
-                          "metric": metric, "value": value, "manifest": manifest})
+            samples = per_sample(raw_samples.get(t) or [], metric) if value is not None else None
+            if samples is not None and t in sample_files:
+                samples["file"] = str(sample_files[t].relative_to(out))
+            c = {"method": row.method, "label": row.label, "params": row.params, "task": t, "metric": metric,
+                 "value": value, "stderr": _stderr(per_task[t], metric, samples) if value is not None else None,
+                 "n": len(samples["score"]) if samples else _n_docs(raw, t),
+                 "higher_is_better": _higher_is_better(raw, t, metric),
+                 "samples": samples, "lmms_results": str(agg.relative_to(out)) if agg else None,
+                 "manifest": manifest}
+            new_cells.append(c)
+        cells += new_cells
+        if row.kind == "merge" and record:  # the card covers every task of the row, earlier runs' too
+            mine = [c for c in cells if c["label"] == row.label]
+            card = cards.write_card(folder / "README.md", row=row, grid=grid, cells=mine, record=record,
+                                    command=reproduce_command(row, grid, [c["task"] for c in mine]))
+            for c in mine:
+                c["card"] = str(card.relative_to(out))
         _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
                       backup=True)
         where = "" if serial else f" on {res.worker}"
@@ -433,20 +597,55 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
 # --------------------------------------------------------------------------- reports
 
 
+def _mean_se(pairs):
+    """Mean of task values and its stderr, sqrt(sum se^2) / k (tasks independent); None when any is missing."""
+    vals = [v for v, _ in pairs if v is not None]
+    if not vals or len(vals) < len(pairs):
+        return (sum(vals) / len(vals) if vals else None), None
+    ses = [s for _, s in pairs]
+    se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(s is not None for s in ses) else None
+    return sum(vals) / len(vals), se
+
+
 def table(data: dict, grid: Grid) -> tuple[list[str], list[list[Any]]]:
-    """Rows in grid order; columns: tasks, then one average per group, then the mean."""
-    value = {(c["label"], c["task"]): c["value"] for c in data["cells"]}
+    """Rows in grid order; columns: tasks, then one average per group, then the mean (of the
+    available tasks). Each entry is ``(value, stderr)`` (either may be None)."""
+    cell = {(c["label"], c["task"]): (c.get("value"), c.get("stderr")) for c in data["cells"]}
     header = ["method", *grid.tasks, *(f"avg:{g}" for g in grid.groups), "avg"]
     rows = []
     for r in grid.rows:
-        vals = [value.get((r.label, t)) for t in grid.tasks]
+        vals = [cell.get((r.label, t), (None, None)) for t in grid.tasks]
+        avgs = [_mean_se([cell.get((r.label, t), (None, None)) for t in ts]) for ts in grid.groups.values()]
+        present = [v for v in vals if v[0] is not None]
+        rows.append([r.label, *vals, *avgs, _mean_se(present) if present else (None, None)])
+    return header, rows
 
-        def mean(xs):
-            xs = [x for x in xs if x is not None]
-            return sum(xs) / len(xs) if xs else None
 
-        avgs = [mean([value.get((r.label, t)) for t in ts]) for ts in grid.groups.values()]
-        rows.append([r.label, *vals, *avgs, mean(vals)])
+def normalised(data: dict, grid: Grid) -> tuple[list[str], list[list[Any]]]:
+    """Normalised accuracy in % (merged score / the expert's own score on its task, the
+    merging papers' headline metric) for the zero-shot base and every merge row, on each task
+    of ``grid.experts``;
+    the stderr is propagated to first order, ``r * sqrt((se_m/m)^2 + (se_e/e)^2)``."""
+    cell = {(c["label"], c["task"]): (c.get("value"), c.get("stderr")) for c in data["cells"]}
+    tasks = [t for t in grid.tasks if t in grid.experts]
+    header = ["method", *tasks, "avg"]
+    rows = []
+    for r in grid.rows:
+        if r.kind == "adapter":  # the expert on its own task is 100 by definition
+            continue
+        entries = []
+        for t in tasks:
+            m, sm = cell.get((r.label, t), (None, None))
+            e, se = cell.get((f"adapter:{grid.experts[t]}", t), (None, None))
+            if m is None or not e:
+                entries.append((None, None))
+                continue
+            ratio = 100.0 * m / e
+            err = None
+            if sm is not None and se is not None:
+                err = abs(ratio) * math.sqrt((sm / m) ** 2 + (se / e) ** 2) if m else 100.0 * sm / e
+            entries.append((ratio, err))
+        rows.append([r.label, *entries, _mean_se(entries)])
     return header, rows
 
 
@@ -454,36 +653,94 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _fmt_se(entry) -> str:
+    v, se = entry
+    return "-" if v is None else (f"{v:.2f}" if se is None else f"{v:.2f} ± {se:.2f}")
+
+
+def _md(header, rows) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join([r[0], *map(_fmt_se, r[1:])]) + " |" for r in rows])
+
+
 def write_reports(data: dict, grid: Grid, out: Path) -> None:
     header, rows = table(data, grid)
     n_ref = sum(1 for r in grid.rows if r.kind != "merge")
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join([r[0], *map(_fmt, r[1:])]) + " |" for r in rows]
-    _atomic_write(out / "results.md", f"# {grid.name}\n\n" + "\n".join(md) + "\n")
+    md = [f"# {grid.name}", "", ("value ± stderr (standard error of the mean over the task's docs; averages: "
+                                 "sqrt(sum se²)/k)"), "", *_md(header, rows)]
+    norm = normalised(data, grid) if grid.experts else None
+    if norm and norm[1]:
+        md += ["", "## Normalised accuracy (%)", "",
+               "merged score / the expert's own score on its task x 100 (experts: "
+               + ", ".join(f"{t}: {a}" for t, a in grid.experts.items()) + "); ± first-order stderr", "",
+               *_md(*norm)]
+    _atomic_write(out / "results.md", "\n".join(md) + "\n")
     with open(out / "results.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([[r[0], *("" if v is None else round(v, 4) for v in r[1:])] for r in rows])
+        w.writerow([*header, *(f"{h}_stderr" for h in header[1:])])
+        w.writerows([[r[0], *("" if v is None else round(v, 4) for v, _ in r[1:]),
+                      *("" if s is None else round(s, 4) for _, s in r[1:])] for r in rows])
     os.replace(out / "results.csv.tmp", out / "results.csv")
     try:
-        plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref)
+        plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref,
+             best=best_cells(data, grid, header, rows, n_ref), normalised=norm)
     except ModuleNotFoundError as e:  # the table files are written; say what the plot needs
         print(f"[leaderboard] no results.png: {e.name} is not installed (pip install matplotlib)", file=sys.stderr)
 
 
-def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_reference: int = 0) -> None:
-    """A heatmap (rows = methods, columns = tasks and averages) with the values
-    written in. Reference rows (zero-shot base, single adapters) come first,
-    below them a white line; the best *merge* of each column is outlined in
-    red (every one, when tied)."""
+def best_cells(data: dict, grid: Grid, header, rows, n_reference: int, alpha: float = 0.05) -> set[tuple[int, int]]:
+    """(row, column) of each column's best merge, only where it is better than the runner-up
+    beyond the noise: on a task column, the paired test of the two rows' per-sample scores
+    (exact McNemar / paired bootstrap, one-sided p < alpha); on an average column, a z-test
+    on the stderrs (difference > 1.645 x the combined stderr, one-sided 5%)."""
+    samples = {(c["label"], c["task"]): c.get("samples") for c in data["cells"]}
+    out = set()
+    merges = list(range(n_reference, len(rows)))
+    for j in range(1, len(header)):
+        ranked = sorted((i for i in merges if rows[i][j][0] is not None), key=lambda i: -rows[i][j][0])
+        if len(ranked) < 2:
+            continue
+        a, b = ranked[0], ranked[1]
+        (va, sa), (vb, sb) = rows[a][j], rows[b][j]
+        if va == vb:
+            continue
+        task = header[j]
+        pa, pb = samples.get((rows[a][0], task)), samples.get((rows[b][0], task))
+        if pa and pb and pa["doc_id"] == pb["doc_id"]:
+            significant = stats.paired_test(pb["score"], pa["score"]).p_gain < alpha
+        elif sa is not None and sb is not None and (sa or sb):
+            significant = (va - vb) > 1.645 * math.sqrt(sa * sa + sb * sb)
+        else:
+            significant = False
+        if significant:
+            out.add((a, j - 1))
+    return out
+
+
+def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_reference: int = 0,
+         best: set | None = None, normalised=None) -> None:
+    """A heatmap (rows = methods, columns = tasks and averages) with value and stderr
+    written in each cell and a labelled colour bar. Reference rows (zero-shot base,
+    single adapters) come first, below them a white line. A merge is outlined in red
+    only where it beats the column's runner-up beyond the noise (``best``). With
+    ``normalised`` (see :func:`normalised`), a second panel: normalised accuracy per
+    merge (mean over the expert tasks) with stderr error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    vals = np.array([[np.nan if v is None else v for v in r[1:]] for r in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.1 * len(header) + 2.5, 0.45 * len(rows) + 1.6))
+    vals = np.array([[np.nan if v is None else v for v, _ in r[1:]] for r in rows], dtype=float)
+    ses = [[se for _, se in r[1:]] for r in rows]
+    has_norm = bool(normalised and normalised[1])
+    width = 1.25 * len(header) + 2.5
+    height = 0.5 * len(rows) + 1.8
+    if has_norm:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(width + 5.5, height),
+                                      gridspec_kw={"width_ratios": [width, 5.0]})
+    else:
+        fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(header) - 1), header[1:], rotation=35, ha="right")
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
@@ -492,23 +749,32 @@ def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_
     for i in range(vals.shape[0]):
         for j in range(vals.shape[1]):
             v = vals[i, j]
-            ax.text(j, i, "-" if np.isnan(v) else f"{v:.1f}", ha="center", va="center", fontsize=8,
+            text = "-" if np.isnan(v) else f"{v:.1f}" + (f"\n±{ses[i][j]:.1f}" if ses[i][j] is not None else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="black" if not np.isnan(v) and v > mid else "white")
-    merges = vals[n_reference:]
-    for j in range(vals.shape[1]):
-        col = merges[:, j]
-        if np.isfinite(col).any():
-            best = np.nanmax(col)
-            for i in np.flatnonzero(np.isclose(col, best)):
-                ax.add_patch(plt.Rectangle((j - 0.5, n_reference + i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    for i, j in sorted(best or ()):
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     n_tasks = len(header) - 1 - sum(1 for h in header if h.startswith("avg"))
     ax.axvline(n_tasks - 0.5, color="white", lw=3)
     if 0 < n_reference < len(rows):
         ax.axhline(n_reference - 0.5, color="white", lw=3)
-    ax.set_title(f"{title} (red: best merge per column; above the line: references)")
-    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title(f"{title}: value ± stderr\n(red: best merge of the column, beyond the noise "
+                 f"vs the runner-up; above the line: references)", fontsize=9)
+    cb = fig.colorbar(im, ax=ax, fraction=0.03)
+    cb.set_label("score (the metric's own units)")
+    if has_norm:
+        nh, nrows = normalised
+        means = [r[-1][0] if r[-1][0] is not None else np.nan for r in nrows]
+        errs = [r[-1][1] if r[-1][1] is not None else 0.0 for r in nrows]
+        y = np.arange(len(nrows))
+        ax2.barh(y, means, xerr=errs, color="tab:blue", ecolor="black", capsize=3)
+        ax2.axvline(100, color="grey", ls="--", lw=1)
+        ax2.set_yticks(y, [r[0] for r in nrows], fontsize=8)
+        ax2.invert_yaxis()
+        ax2.set_xlabel("normalised accuracy, % of the expert alone\n(mean over " + ", ".join(nh[1:-1]) + ")")
+        ax2.set_title("merged / expert on its own task", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -76,7 +76,8 @@ def grid(tmp_path, monkeypatch):
     g = runner.load_grid(p, check_tasks=False)
 
     def evaluate_row(row, grid, tasks, tm):  # deterministic per (row, task); no harness
-        return {t: {"score,none": float(len(row.label) * 10 + i)} for i, t in enumerate(tasks)}, {"manifest": None}
+        return ({t: {"score,none": float(len(row.label) * 10 + i)} for i, t in enumerate(tasks)}, {"manifest": None},
+                None)
 
     monkeypatch.setattr(runner, "evaluate_row", evaluate_row)
     monkeypatch.setattr(runner, "_task_manager", lambda include: None)

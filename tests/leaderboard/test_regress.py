@@ -1,5 +1,6 @@
-"""The regression gate: equal files pass, drops beyond tolerance and missing cells fail,
-other grids are refused."""
+"""The regression gate on value-only cells (schema 1 files, compared with --tolerance):
+equal files pass, drops beyond tolerance and missing cells fail, other grids are refused.
+The paired statistical gate on per-sample scores is in test_regress_stats.py."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_equal_files_pass(tmp_path, capsys):
     report = compare(make_results(), make_results(), 0.0)
     assert report.ok and report.exit_code == 0
     assert {r.status for r in report.rows} == {"within"}
-    assert run(tmp_path, make_results(), make_results()) == 0
+    assert run(tmp_path, make_results(), make_results(), "--tolerance", "0") == 0
     assert "PASS" in capsys.readouterr().out
 
 
@@ -98,7 +99,7 @@ def test_improvements_and_new_cells_do_not_fail(tmp_path, capsys):
     assert report.ok
     assert [r.key for r in report.of("improved")] == [("ta", "pope_local", "score,none")]
     assert [r.key for r in report.of("new")] == [("ta", "pope_local", "iou,none")]
-    assert run(tmp_path, make_results(), new) == 0
+    assert run(tmp_path, make_results(), new, "--tolerance", "1.0") == 0
     out = capsys.readouterr().out
     assert "IMPROVED" in out and "NEW" in out
 
@@ -162,7 +163,7 @@ def test_sets_come_from_cells_when_grid_does_not_declare_them():
     ({"grid": {"grid_id": "x"}, "cells": [{"method": "m", "task": "t", "value": 1}]}, "lacks metric"),
     ({"grid": {"grid_id": "x"}, "cells": [{"method": "m", "task": "t", "metric": "s", "value": "high"}]},
      "must be a number or null"),
-    ({"schema_version": 2, "grid": {"grid_id": "x"}, "cells": []}, "schema_version 2"),
+    ({"schema_version": 3, "grid": {"grid_id": "x"}, "cells": []}, "schema_version 3"),
 ])
 def test_malformed_files_are_errors(tmp_path, capsys, broken, message):
     with pytest.raises(RegressError, match=message):
