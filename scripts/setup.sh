@@ -17,14 +17,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 quiet_pip() { grep -v "is ignored: it is neither a file nor a directory" || true; }
-if [ -n "$UV" ]; then
+if "$VENV/bin/python" scripts/check_lock.py "$LOCK" >/dev/null 2>&1; then
+  echo "[setup] $VENV already matches $LOCK"
+elif [ -n "$UV" ]; then
   echo "[setup] syncing $VENV to $LOCK with uv $UV_VERSION"
-  # sync: install exactly the lock, remove what it does not list; then the project, editable.
-  "$UV" pip sync --python "$VENV/bin/python" "${FIND_LINKS[@]}" --build-constraint requirements/build.txt "$LOCK"
-  "$UV" pip install --python "$VENV/bin/python" --no-deps --build-constraint requirements/build.txt -q -e .
+  # sync: install exactly the lock, remove what it does not list.
+  # --compile-bytecode: these machines set PYTHONDONTWRITEBYTECODE=1, so without .pyc files
+  # every harness subprocess would compile lmms-eval, transformers, ... from source again.
+  "$UV" pip sync --python "$VENV/bin/python" "${FIND_LINKS[@]}" --build-constraint requirements/build.txt --compile-bytecode "$LOCK"
 else
   echo "[setup] installing $LOCK with pip (no uv)"
   "$VENV/bin/python" -m pip install -q --no-deps -r "$LOCK" 2>&1 | quiet_pip
+fi
+# The project itself, editable (re-done every time: seconds, and it picks up new entry points).
+if [ -n "$UV" ]; then
+  "$UV" pip install --python "$VENV/bin/python" --no-deps --build-constraint requirements/build.txt -q -e .
+else
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | quiet_pip
 fi
 "$VENV/bin/python" scripts/check_lock.py "$LOCK" \

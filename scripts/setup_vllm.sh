@@ -42,9 +42,13 @@ if [[ "$MODE" == gpu ]]; then
     || die "pip install vllm failed"
   "$VPY" -m pip install --isolated -e ".[lmms,lm_eval,plot,test]" || die "installing harness-merge failed"
 else
-  if [[ -n "$UV" ]]; then
+  if "$VPY" scripts/check_lock.py "$LOCK" >/dev/null 2>&1; then
+    echo "[setup_vllm] $VENV already matches $LOCK"
+    "$UV" pip install --python "$VPY" --no-deps --build-constraint requirements/build.txt -q -e . 2>/dev/null \
+      || "$VPY" -m pip install --isolated -q --no-deps --no-build-isolation -e .
+  elif [[ -n "$UV" ]]; then
     echo "[setup_vllm] syncing $VENV to $LOCK with uv $UV_VERSION"
-    "$UV" pip sync --python "$VPY" --build-constraint requirements/build.txt "$LOCK" || die "uv pip sync failed"
+    "$UV" pip sync --python "$VPY" --build-constraint requirements/build.txt --compile-bytecode "$LOCK" || die "uv pip sync failed"
     "$UV" pip install --python "$VPY" --no-deps --build-constraint requirements/build.txt -q -e . \
       || die "editable install of $REPO failed"
   else
