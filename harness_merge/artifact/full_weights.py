@@ -127,11 +127,31 @@ class SafetensorsStreamWriter:
             self._f.write(memoryview(data))
         self._next += 1
 
+    def abort(self) -> None:
+        """Close the file without checking it is complete (the caller removes it)."""
+        self._f.close()
+
     def close(self) -> None:
         if self._next != len(self._order):
             self._f.close()
             raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensor(s) never written")
         self._f.close()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` without its copy of every tensor into a
+    Python ``bytes`` (each tensor's memory is written as it is): same format,
+    half the peak memory and less time for large artifacts."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    w = SafetensorsStreamWriter(Path(path), [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+                                metadata=metadata or {"format": "pt"})
+    try:
+        for k, t in tensors.items():
+            w.write(k, t)
+    except BaseException:
+        w.abort()
+        raise
+    w.close()
 
 
 def _shard_files(base_dir: Path) -> list[str]:
@@ -235,6 +255,21 @@ def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str]
     return targets
 
 
+class _aborting:
+    """Close a stream writer's file when the block fails (the build folder is discarded)."""
+
+    def __init__(self, w: SafetensorsStreamWriter):
+        self.w = w
+
+    def __enter__(self):
+        return self.w
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.w.abort()
+        return False
+
+
 def _results_in_order(results, order: list[str]) -> Iterator[tuple[str, MergeResult | None]]:
     """Results in ``order``: from ``results(order)`` when it is a callable (the
     merge runs in that order, nothing held), else from an iterable in any order
@@ -284,7 +319,7 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
 
         w = SafetensorsStreamWriter(out_dir / out_names[fn], [(k, out_dtype(k), rd.shape(k)) for k in names],
                                     metadata=rd.metadata or {"format": "pt"})
-        with open(rd.path, "rb") as f:
+        with open(rd.path, "rb") as f, _aborting(w):
             for k in names:
                 t = rd.read(k, f)
                 if k in targets:
@@ -330,4 +365,4 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["stream_full_from_lora", "SafetensorsReader", "SafetensorsStreamWriter", "loaded_names", "meta_model"]
+__all__ = ["stream_full_from_lora", "save_tensors", "SafetensorsReader", "SafetensorsStreamWriter", "loaded_names", "meta_model"]

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import ArtifactError, InputError
 from ..inputs.files import resolve_ref
 from ..types import Dense, LowRank
+from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
 
 log = logging.getLogger("harness_merge")
