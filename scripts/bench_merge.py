@@ -126,7 +126,7 @@ def run_child(kind, method, cache, adapters) -> dict:
 
 
 def _load() -> str:
-    return f"load {os.getloadavg()[0]:.1f}"
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def main(argv=None) -> None:
@@ -155,16 +155,16 @@ def main(argv=None) -> None:
         cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
         r = run_child(kind, m, cache, adapters)
         out = f"LoRA rank {r['rank']}" if kind == "api" else f"{r['modules']} dense deltas (computed, not written)"
-        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  ({_load()})")
+        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  (load {_load()})")
         if kind == "api":
             hit = run_child("api", m, cache, adapters)
             print(f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
-                  f"   ({_load()})")
+                  f"   (load {_load()})")
         if m in ("ta", "wa") and not args.no_peers:
             shapes = {f"model.layers.{layer}.{mod}": s for layer in range(args.layers) for mod, s in SHAPES.items()}
             p = run_child("peft_cat", m, json.dumps(shapes), adapters)
             print(f"{'  peft cat (' + m + ')':24s} {p['wall']:8.2f} s  {p['peak_rss_mb']:8.0f} MiB  "
-                  f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  ({_load()})"
+                  f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  (load {_load()})"
                   f"  -> ours {r['wall'] / p['wall']:.2f}x PEFT's time")
     if not args.no_peers:
         try:

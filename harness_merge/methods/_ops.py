@@ -127,12 +127,12 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     ``1 <= k <= numel``), exactly (the value a sort or ``kthvalue`` gives), as
     a 0-d tensor of ``x.dtype``.
 
-    float32 on CPU: a radix selection on the bit patterns (for non-negative
-    floats the IEEE pattern, read as an integer, orders like the value): a
-    histogram of the high 15 magnitude bits finds the bucket of the k-th value,
-    a histogram of the low 16 bits of that bucket's entries the value itself.
-    Linear, no sort, no float copy: ~1.5x faster than numpy's introselect at
-    LoRA-factor sizes. Otherwise ``kthvalue``.
+    float32 on CPU: for non-negative floats the IEEE bit pattern, read as an
+    integer, orders like the value. A histogram of the top 12 magnitude bits
+    (exponent and 4 mantissa bits) finds the bucket of the k-th value; an
+    introselect of that bucket's bit patterns (a few percent of the entries)
+    finds the value. No float copy, no full selection: ~2.5-3.5x faster than
+    numpy's introselect at LoRA-factor sizes. Otherwise ``kthvalue``.
     """
     n = x.numel()
     if not 1 <= k <= n:
@@ -142,16 +142,13 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     import numpy as np
 
     bits = x.contiguous().numpy().reshape(-1).view(np.int32) & 0x7FFFFFFF
-    hi = bits >> 16
-    top = np.cumsum(np.bincount(hi, minlength=1 << 15)[::-1])  # top[i]: entries in the i+1 highest buckets
+    hi = bits >> 19
+    top = np.cumsum(np.bincount(hi, minlength=1 << 12)[::-1])  # top[i]: entries in the i+1 highest buckets
     pos = int(np.searchsorted(top, k))
-    bucket = (1 << 15) - 1 - pos
     above = int(top[pos - 1]) if pos else 0
-    low = bits[hi == bucket] & 0xFFFF
-    top_low = np.cumsum(np.bincount(low, minlength=1 << 16)[::-1])
-    pos_low = int(np.searchsorted(top_low, k - above))
-    value = np.array([(bucket << 16) | ((1 << 16) - 1 - pos_low)], dtype=np.int32).view(np.float32)
-    return torch.from_numpy(value).reshape(())
+    inside = bits[hi == (1 << 12) - 1 - pos]
+    value = np.partition(inside, inside.size - (k - above))[inside.size - (k - above)]
+    return torch.from_numpy(np.array([value], dtype=np.int32).view(np.float32)).reshape(())
 
 
 def magnitude_mask_released(x: torch.Tensor, keep: float, *, magnitude: torch.Tensor | None = None) -> torch.Tensor:
