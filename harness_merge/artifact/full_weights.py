@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -79,7 +79,7 @@ class SafetensorsReader:
         begin, end = e["data_offsets"]
         buf = bytearray(end - begin)
         own = f is None
-        f = open(self.path, "rb") if own else f
+        f = open(self.path, "rb") if own else f  # noqa: SIM115 (closed below; a caller may pass its own)
         try:
             f.seek(self.data_start + begin)
             if f.readinto(buf) != len(buf):
@@ -110,7 +110,7 @@ class SafetensorsStreamWriter:
         self.total_size = offset
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close/abort)
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
@@ -182,7 +182,7 @@ def meta_model(base_dir: Path):
 
     try:
         config = AutoConfig.from_pretrained(str(base_dir))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure: the config is unreadable)
         raise InputError(f"{base_dir}: cannot read the base model's config ({type(e).__name__}: {e})") from None
     classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
     last = None
@@ -192,7 +192,7 @@ def meta_model(base_dir: Path):
                 if hasattr(cls, "from_config"):
                     return cls.from_config(config)
                 return cls._from_config(config)
-        except Exception as e:  # try the next class
+        except Exception as e:  # noqa: BLE001 (try the next class)
             last = e
     raise InputError(f"{base_dir}: no transformers class builds this base ({type(last).__name__}: {last})")
 
@@ -204,7 +204,11 @@ def loaded_names(model, checkpoint_keys: Iterable[str]) -> dict[str, tuple[str, 
     keys = list(checkpoint_keys)
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
     except ImportError:  # transformers 4.x: checkpoints load under their own names
         return {k: (k, False) for k in keys}
     transforms = get_model_conversion_mapping(model) or []
@@ -313,7 +317,7 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
         rd = readers[fn]
         names = rd.names_in_file_order()
 
-        def out_dtype(k):
+        def out_dtype(k, rd=rd):
             dt = rd.dtype(k)
             return out_dt if out_dt is not None and dt.is_floating_point else dt
 
@@ -365,4 +369,4 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["stream_full_from_lora", "save_tensors", "SafetensorsReader", "SafetensorsStreamWriter", "loaded_names", "meta_model"]
+__all__ = ["SafetensorsReader", "SafetensorsStreamWriter", "loaded_names", "meta_model", "save_tensors", "stream_full_from_lora"]

@@ -16,7 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from harness_merge.api import MergeSpec, merge
-from harness_merge.artifact.full_weights import SafetensorsReader, SafetensorsStreamWriter
+from harness_merge.artifact.full_weights import (
+    SafetensorsReader,
+    SafetensorsStreamWriter,
+)
 from harness_merge.errors import InputError
 
 
@@ -53,7 +56,11 @@ def _load(folder):
 
 @pytest.fixture(scope="module")
 def vlm_bases(tmp_path_factory):
-    from harness_merge.demo.tiny import build_tiny_llava, build_tiny_qwen2vl, random_lora
+    from harness_merge.demo.tiny import (
+        build_tiny_llava,
+        build_tiny_qwen2vl,
+        random_lora,
+    )
 
     root = tmp_path_factory.mktemp("fw")
     out = {}

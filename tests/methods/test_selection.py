@@ -3,7 +3,11 @@ oracle) and against magnitude_mask(rule="released") (the same masks)."""
 import pytest
 import torch
 
-from harness_merge.methods._ops import kth_largest_magnitude, magnitude_mask, magnitude_mask_released
+from harness_merge.methods._ops import (
+    kth_largest_magnitude,
+    magnitude_mask,
+    magnitude_mask_released,
+)
 
 
 def _cases():
