@@ -167,7 +167,11 @@ def merge(
             base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
             info = write_lora(results, tmp, dtype=dtype, rank=spec.rank, base_model_name=base_name)
         elif inputs.kind == "lora":
-            info = write_full_from_lora(results, inputs, spec.base, tmp, dtype=spec.dtype)
+            # The writer drives the merge in the base's storage order (streamed, shard by shard).
+            info = write_full_from_lora(
+                lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names),
+                inputs, spec.base, tmp, dtype=spec.dtype,
+            )
         else:
             info = write_full_from_checkpoints(results, inputs, tmp)
         manifest["result"] = info

@@ -2,7 +2,11 @@
 
 Prints, per method, wall time, peak RSS and the ratio to the floor (the time
 to just read every adapter tensor with safetensors), each measured in its own
-subprocess in the same run so peak RSS is per method.
+subprocess in the same run so peak RSS is per method, with the machine's load
+average. For ta and wa, PEFT's ``add_weighted_adapter(combination_type="cat")``
+(the same exact concatenation) runs on the same adapters. mergekit merges full
+checkpoints only; it is optional and not in the main lock (skipped with a note
+when it is not installed).
 
     python scripts/bench_merge.py                  # 8 adapters, 32 layers, copa ta ties
     python scripts/bench_merge.py --layers 4 --methods copa ta ties tsv iso_c
@@ -70,6 +74,36 @@ elif kind == "api":
     from harness_merge.api import MergeSpec, merge
     art = merge(MergeSpec(adapters=tuple(adapters), method=method), cache_dir=cache, progress=False)
     extra = {"rank": art.manifest["result"].get("rank"), "format": art.kind}
+elif kind == "peft_cat":
+    # PEFT's add_weighted_adapter(combination_type="cat") computes ta (weights 1) and
+    # wa (weights 1/N) exactly, as we do. The base layers are stride-0 stand-ins of the
+    # 7B shapes (PEFT only reads their shape, device and dtype), so this times loading
+    # the adapters into PEFT and its merge, not a base model.
+    import torch
+    from torch import nn
+    from peft import PeftModel
+    shapes = json.loads(cache)
+    class Node(nn.Module):
+        pass
+    root = Node()
+    for name, (d_out, d_in) in shapes.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for p in path:
+            if not hasattr(parent, p):
+                parent.add_module(p, Node())
+            parent = getattr(parent, p)
+        lin = nn.Linear(1, 1, bias=False)
+        lin.in_features, lin.out_features = d_in, d_out
+        lin.weight = nn.Parameter(torch.zeros((), dtype=torch.float16).expand(d_out, d_in), requires_grad=False)
+        parent.add_module(leaf, lin)
+    pm = PeftModel.from_pretrained(root, adapters[0], adapter_name="a0", low_cpu_mem_usage=True)
+    for i, a in enumerate(adapters[1:], 1):
+        pm.load_adapter(a, adapter_name=f"a{i}", low_cpu_mem_usage=True)
+    names = [f"a{i}" for i in range(len(adapters))]
+    w = 1.0 if method == "ta" else 1.0 / len(adapters)
+    pm.add_weighted_adapter(names, [w] * len(adapters), "merged", combination_type="cat")
+    extra = {"rank": sum(pm.peft_config[n].r for n in names), "format": "in memory"}
 else:  # stream: compute every module's merge, discard it (dense methods, no base to add to)
     from harness_merge import methods
     from harness_merge.inputs import open_inputs
@@ -91,13 +125,18 @@ def run_child(kind, method, cache, adapters) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--methods", nargs="+", default=["copa", "ta", "ties"])
+    ap.add_argument("--methods", nargs="+", default=["copa", "ta", "wa", "ties"])
     ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
+    ap.add_argument("--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)")
     args = ap.parse_args(argv)
     from harness_merge import methods
 
@@ -108,18 +147,31 @@ def main(argv=None) -> None:
     print(f"{args.adapters} adapters x {args.layers} layers x 7 modules, rank {args.rank}, fp16: {size:.0f} MiB on disk "
           f"(generated in {time.perf_counter() - t0:.0f}s)")
     floor = run_child("floor", "-", work / "cache", adapters)
-    print(f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS")
-    print(f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output")
+    print(f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   (load {_load()})")
+    print(f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)")
     for m in args.methods:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"
         cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
         r = run_child(kind, m, cache, adapters)
         out = f"LoRA rank {r['rank']}" if kind == "api" else f"{r['modules']} dense deltas (computed, not written)"
-        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}")
+        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  (load {_load()})")
         if kind == "api":
             hit = run_child("api", m, cache, adapters)
-            print(f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x")
+            print(f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
+                  f"   (load {_load()})")
+        if m in ("ta", "wa") and not args.no_peers:
+            shapes = {f"model.layers.{layer}.{mod}": s for layer in range(args.layers) for mod, s in SHAPES.items()}
+            p = run_child("peft_cat", m, json.dumps(shapes), adapters)
+            print(f"{'  peft cat (' + m + ')':24s} {p['wall']:8.2f} s  {p['peak_rss_mb']:8.0f} MiB  "
+                  f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  (load {_load()})"
+                  f"  -> ours {r['wall'] / p['wall']:.2f}x PEFT's time")
+    if not args.no_peers:
+        try:
+            import mergekit  # noqa: F401
+            print("mergekit is installed, but this script has no full-checkpoint comparison with it yet")
+        except ImportError:
+            print("mergekit: not installed (optional; not in the main lock) - its comparison is skipped")
 
 
 if __name__ == "__main__":

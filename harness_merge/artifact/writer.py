@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import ArtifactError, InputError
 from ..inputs.files import resolve_ref
 from ..types import Dense, LowRank
+from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
 
 log = logging.getLogger("harness_merge")
@@ -143,25 +143,13 @@ def load_base_model(base_ref: str, dtype: str | None = None):
 
 
 def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None) -> dict:
-    """Load the base, add each merged update to its module's weight, save."""
-    from ..inputs.fit import check_lora_fits_model
+    """``base + merged update`` in the base's own layout, streamed shard by shard
+    (see :mod:`harness_merge.artifact.full_weights`). ``results`` is a callable
+    ``names -> iterator`` (the merge, driven in the base's storage order) or an
+    iterable of ``(module, result)``."""
+    from .full_weights import stream_full_from_lora
 
-    model, base_dir = load_base_model(base_ref, dtype)
-    shapes = {m: lora_set.shape(m) for m in lora_set.module_names}
-    check_lora_fits_model(model, shapes, base_ref=base_ref, adapter_ref=lora_set.refs[0])
-    named = dict(model.named_modules())
-    n = 0
-    with torch.no_grad():
-        for name, res in results:
-            if res is None:
-                continue
-            w = named[name].weight
-            delta = res.delta if isinstance(res, Dense) else res.delta()
-            w.copy_((w.float() + delta).to(w.dtype))
-            n += 1
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    copy_side_files(base_dir, out_dir)
-    return {"modules": n}
+    return stream_full_from_lora(results, lora_set, base_ref, out_dir, dtype=dtype)
 
 
 def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:

@@ -12,7 +12,7 @@ import torch
 from ..errors import MethodParamError
 from ..types import LowRank, MergeResult, ModuleInputs
 from . import register
-from ._ops import KeepRule, magnitude_mask
+from ._ops import KeepRule, magnitude_mask, magnitude_mask_released
 from ._params import MethodParams
 
 
@@ -55,17 +55,20 @@ class CopaParams(MethodParams):
             )
 
 
-def complementary_scale(A: torch.Tensor, mask_A: torch.Tensor, clamp_quantile: float | None) -> torch.Tensor:
+def complementary_scale(
+    A: torch.Tensor, mask_A: torch.Tensor, clamp_quantile: float | None, *, abs_A: torch.Tensor | None = None
+) -> torch.Tensor:
     """``s[i] = sum_j |A[i,j]| / sum_j |M_A * A|[i,j]`` per rank row i (>= 1).
 
     A row that was zero before pruning gets s = 1; a nonzero row pruned to all
     zeros (0 kept mass) gets the largest finite s of this adapter (the released
     code would divide by zero). Then, with ``clamp_quantile`` q, values below the
     order statistic ``sorted(s)[floor(r * q)]`` are raised to it (as the released
-    code's ``clamp(s, 1 - 0.2, 0)``).
+    code's ``clamp(s, 1 - 0.2, 0)``). ``abs_A``: ``A.abs()`` when the caller has it.
     """
-    total = A.abs().sum(dim=1)
-    kept = (A * mask_A).abs().sum(dim=1)
+    abs_A = A.abs() if abs_A is None else abs_A
+    total = abs_A.sum(dim=1)
+    kept = (abs_A * mask_A).sum(dim=1)  # = |M_A * A| summed: masking commutes with abs
     s = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(A.dtype).tiny), torch.nan)
     s = torch.where(total == 0, torch.ones_like(s), s)
     finite = s[torch.isfinite(s)]
@@ -123,19 +126,34 @@ def copa(inputs: ModuleInputs, params: CopaParams, *, generator: torch.Generator
         )
     keep = 1.0 - params.prune_rate
     w = params.weight_list(inputs.n)
-    A_t, B_t, scales = [], [], []
-    rule = params.keep_rule
-    for f in inputs.lora:
-        mask_A = magnitude_mask(f.A, keep, rule=rule, generator=generator)
-        mask_B = magnitude_mask(f.B, keep, rule=rule, generator=generator)
-        A_t.append(f.A * mask_A)
-        B_t.append(f.B_scaled * mask_B)
-        scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile))
-    scales = cross_task_normalise(scales)
     lam = params.scaling
-    B_scaled = [lam * wn * B * s.unsqueeze(0) for wn, B, s in zip(w, B_t, scales)]
+    rule = params.keep_rule
+    masks_B, A_t, scales = [], [], []
+    for f in inputs.lora:
+        abs_A = f.A.abs()
+        if rule == "released":  # the same masks as magnitude_mask(rule="released"), found faster
+            mask_A = magnitude_mask_released(f.A, keep, magnitude=abs_A)
+            mask_B = magnitude_mask_released(f.B, keep)
+        else:
+            mask_A = magnitude_mask(f.A, keep, rule=rule, generator=generator)
+            mask_B = magnitude_mask(f.B, keep, rule=rule, generator=generator)
+        A_t.append(torch.where(mask_A, f.A, 0.0))
+        masks_B.append(mask_B)
+        scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile, abs_A=abs_A))
+        del abs_A
+    scales = cross_task_normalise(scales)
+    # B~_n diag(s~_n) times lambda w_n scale_n, as one column factor on the masked B_n.
+    B_parts = [
+        torch.where(mask, f.B, 0.0) * (s * (lam * wn * f.scale)).unsqueeze(0)
+        for f, mask, s, wn in zip(inputs.lora, masks_B, scales, w)
+    ]
+    del masks_B
     if params.combine == "product_of_sums":
-        A = lam * sum(wn * A for wn, A in zip(w, A_t))
-        B = sum(B_scaled)
+        A = A_t[0] * (lam * w[0])
+        for wn, At in zip(w[1:], A_t[1:]):
+            A.add_(At, alpha=lam * wn)
+        B = B_parts[0]
+        for Bn in B_parts[1:]:
+            B.add_(Bn)
         return LowRank(A=A, B=B)
-    return LowRank(A=torch.cat(A_t, dim=0), B=torch.cat(B_scaled, dim=1))
+    return LowRank(A=torch.cat(A_t, dim=0), B=torch.cat(B_parts, dim=1))

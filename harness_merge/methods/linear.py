@@ -49,7 +49,7 @@ def linear_combination(inputs: ModuleInputs, coeffs: list[float]) -> MergeResult
     """``sum_n c_n delta_n``; LowRank by concatenation on LoRA inputs."""
     if inputs.kind == "lora":
         A = torch.cat([f.A for f in inputs.lora], dim=0)
-        B = torch.cat([c * f.B_scaled for c, f in zip(coeffs, inputs.lora)], dim=1)
+        B = torch.cat([f.B * (c * f.scale) for c, f in zip(coeffs, inputs.lora)], dim=1)  # one pass per B
         return LowRank(A=A, B=B)
     delta = torch.zeros_like(inputs.task_vectors[0])
     for c, tau in zip(coeffs, inputs.task_vectors):
