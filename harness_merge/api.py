@@ -147,6 +147,11 @@ def merge(
         "rank": spec.rank,
         "dtype": dtype,
     }
+    dora = bool(getattr(inputs, "dora", False))
+    if dora:
+        from .merge_dora import RECORD as DORA_RECORD
+
+        record["dora"] = DORA_RECORD
     manifest = {
         "harness_merge_version": __version__,
         "method": mspec.name,
@@ -160,10 +165,17 @@ def merge(
         "dtype": dtype,
         "code_version": record["code_version"],
     }
+    if dora:
+        manifest["dora"] = DORA_RECORD
 
     def build(tmp: Path) -> None:
         t0 = time.perf_counter()
-        results = iter_merged(inputs, mspec, params, progress=progress)
+        if dora:
+            from .merge_dora import iter_merged_dora
+
+            results = iter_merged_dora(inputs, mspec, params, progress=progress)
+        else:
+            results = iter_merged(inputs, mspec, params, progress=progress)
         if fmt == "lora":
             base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
             info = write_lora(results, tmp, dtype=dtype, rank=spec.rank, base_model_name=base_name)

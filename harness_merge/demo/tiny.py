@@ -435,3 +435,38 @@ def random_lora(
     out = Path(out_dir)
     pm.save_pretrained(out)
     return out
+
+
+def random_dora(
+    base_dir,
+    out_dir,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    std: float = 0.5,
+    magnitude_std: float = 0.3,
+) -> Path:
+    """Write a PEFT DoRA adapter (``use_dora=True``) for ``base_dir``: random,
+    nonzero A and B as :func:`random_lora`, and magnitude vectors moved away from
+    PEFT's initial row norms by ``(1 + magnitude_std * noise)``, so that a merge
+    that dropped or recomputed the magnitudes changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_for_lora(base_dir)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                     use_dora=True, init_lora_weights=True)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** 0.5)
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + magnitude_std * torch.randn(p.shape, generator=g))
+    out = Path(out_dir)
+    pm.save_pretrained(out)
+    return out
