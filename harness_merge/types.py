@@ -123,4 +123,13 @@ class DoRAUpdate:
         return factor.unsqueeze(1) * V
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """A merged parameter that replaces the base's value outright (not an
+    update): e.g. the averaged ``mm_projector`` of LLaVA-repo checkpoints."""
+
+    value: torch.Tensor
+    info: dict = field(default_factory=dict, compare=False)
+
+
 MergeResult = Union[LowRank, Dense]

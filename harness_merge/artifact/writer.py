@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from ..errors import ArtifactError, InputError
 from ..inputs.files import resolve_ref
-from ..types import Dense, DoRAUpdate, LowRank
+from ..types import Dense, DoRAUpdate, LowRank, Replacement
 from .lowrank import factor_dense, truncate_factors
 
 log = logging.getLogger("harness_merge")
@@ -150,10 +150,20 @@ def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dty
     shapes = {m: lora_set.shape(m) for m in lora_set.module_names}
     check_lora_fits_model(model, shapes, base_ref=base_ref, adapter_ref=lora_set.refs[0])
     named = dict(model.named_modules())
+    params = dict(model.named_parameters())
     n = 0
     with torch.no_grad():
         for name, res in results:
             if res is None:
+                continue
+            if isinstance(res, Replacement):  # e.g. LLaVA-repo mm_projector
+                if name not in params or tuple(params[name].shape) != tuple(res.value.shape):
+                    raise InputError(
+                        f"{name}: the merged tensor {list(res.value.shape)} has no parameter of that name "
+                        f"and shape in the base {base_ref}"
+                    )
+                params[name].copy_(res.value.to(params[name].dtype))
+                n += 1
                 continue
             w = named[name].weight
             if isinstance(res, DoRAUpdate):

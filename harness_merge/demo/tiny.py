@@ -470,3 +470,62 @@ def random_dora(
     out = Path(out_dir)
     pm.save_pretrained(out)
     return out
+
+
+def save_llava_repo_lora(
+    base_dir,
+    out_dir,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    std: float = 0.5,
+    projector_std: float = 0.2,
+) -> Path:
+    """Write a LoRA checkpoint for the tiny llava-hf model at ``base_dir`` in the
+    original LLaVA repository's layout (``train_mem.py --lora_enable``):
+    ``adapter_config.json`` + ``adapter_model.bin`` keyed
+    ``base_model.model.model.layers.{i}...lora_{A,B}.weight`` and
+    ``non_lora_trainables.bin`` with a trained projector
+    ``base_model.model.model.mm_projector.{0,2}.{weight,bias}`` (the base's
+    projector plus seeded noise), and LLaVA's own ``config.json``."""
+    import json
+
+    import torch
+    from peft import LoraConfig
+
+    model = _load_for_lora(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_prefix = "model.language_model."
+    sd = {}
+    for name, mod in model.named_modules():
+        if not name.startswith(lm_prefix) or not isinstance(mod, torch.nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        orig = "model." + name[len(lm_prefix):]
+        d_out, d_in = mod.weight.shape
+        sd[f"base_model.model.{orig}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std / d_in ** 0.5
+        sd[f"base_model.model.{orig}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std / rank ** 0.5
+    torch.save(sd, out / "adapter_model.bin")
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.05, bias="none",
+               task_type="CAUSAL_LM", base_model_name_or_path="lmsys/vicuna-7b-v1.5").save_pretrained(str(out))
+    proj = model.model.multi_modal_projector
+    non_lora = {}
+    for idx, lin in (("0", proj.linear_1), ("2", proj.linear_2)):
+        for p in ("weight", "bias"):
+            t = getattr(lin, p).detach()
+            non_lora[f"base_model.model.model.mm_projector.{idx}.{p}"] = t + projector_std * torch.randn(
+                t.shape, generator=g)
+    torch.save(non_lora, out / "non_lora_trainables.bin")
+    cfg = model.config
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "hidden_size": cfg.text_config.hidden_size, "mm_hidden_size": cfg.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
+    }, indent=2))
+    return out
