@@ -529,3 +529,115 @@ def save_llava_repo_lora(
         "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
     }, indent=2))
     return out
+
+
+# ---------------------------------------------------------------------------
+# InternVL2.5 (transformers' native InternVL classes, no remote code)
+# ---------------------------------------------------------------------------
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
+def build_internvl_tokenizer():
+    """The byte-level tokenizer plus InternVL's image tokens (``<img>``,
+    ``</img>``, ``<IMG_CONTEXT>``, ``<video>``), named as ``InternVLProcessor``
+    expects, and a ChatML template whose image item is ``<IMG_CONTEXT>`` (the
+    processor expands it to ``<img><IMG_CONTEXT>*n</img>``)."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = _byte_vocab()
+    for t in SPECIAL_TOKENS + INTERNVL_TOKENS:
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                          for t in SPECIAL_TOKENS + INTERNVL_TOKENS]})
+    tok.chat_template = INTERNVL_CHAT_TEMPLATE
+    tok.model_max_length = 4096
+    tok.padding_side = "left"
+    return tok
+
+
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>")
+
+
+def tiny_internvl_config(tok=None):
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    tok = tok or build_internvl_tokenizer()
+    ids = _ids(tok)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[28, 28], patch_size=[14, 14])
+    text = Qwen2Config(
+        vocab_size=_vocab_size(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    return InternVLConfig(vision_config=vision, text_config=text,
+                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                          image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=True)
+
+
+def build_internvl_processor(tok=None):
+    """``InternVLProcessor`` with the PIL ``GotOcr2`` image processor (28 px
+    tiles, at most 2 tiles + thumbnail) and no video processor (its class needs
+    torchvision)."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    tok = tok or build_internvl_tokenizer()
+
+    class InternVLImageOnlyProcessor(InternVLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw):
+            InternVLProcessor.__init__(self, image_processor, tokenizer, None, image_seq_length, chat_template, **kw)
+
+    ip = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False, max_patches=2)
+    return InternVLImageOnlyProcessor(image_processor=ip, tokenizer=tok, image_seq_length=1,
+                                      chat_template=INTERNVL_CHAT_TEMPLATE)
+
+
+def build_tiny_internvl(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random InternVL2.5-style model (``InternVLForConditionalGeneration``:
+    InternViT-style vision 28 px / patch 14, pixel-shuffle MLP projector, Qwen2
+    text hidden 64) with tokenizer and processor; ~0.15M parameters."""
+    from transformers import InternVLForConditionalGeneration
+
+    tok = build_internvl_tokenizer()
+    _seed(seed)
+    model = InternVLForConditionalGeneration(tiny_internvl_config(tok))
+    model.generation_config = _generation_config(tok)
+    out = save_model(model, build_internvl_processor(tok), out_dir)
+    pc = out / "processor_config.json"
+    d = json.loads(pc.read_text())
+    d["processor_class"] = "InternVLProcessor"  # the image-only subclass is ours; record the real class
+    pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def perturbed_checkpoint(base_dir, out_dir, *, seed: int = 0, rel_std: float = 0.1) -> Path:
+    """A stand-in for a full fine-tuned checkpoint of ``base_dir``: every floating
+    tensor (vision, projector and language model) moved by seeded noise of
+    ``rel_std`` times its own standard deviation; side files copied."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, out = Path(base_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for f in sorted(base.glob("*.safetensors")):
+        sd = load_file(str(f))
+        for k, t in sd.items():
+            if t.is_floating_point() and t.numel() > 1:
+                scale = float(t.float().std()) or 1.0
+                sd[k] = (t.float() + rel_std * scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        save_file(sd, str(out / f.name), metadata={"format": "pt"})
+    for p in base.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors"):
+            shutil.copy2(p, out / p.name)
+    return out
