@@ -641,3 +641,57 @@ def perturbed_checkpoint(base_dir, out_dir, *, seed: int = 0, rel_std: float = 0
         if p.is_file() and not p.name.endswith(".safetensors"):
             shutil.copy2(p, out / p.name)
     return out
+
+
+# ---------------------------------------------------------------------------
+# modality models sharing one LLM (vision: LLaVA, audio: Qwen2-Audio)
+# ---------------------------------------------------------------------------
+def _share_llm(model_dir, base_llm_dir, seed: int, rel_std: float) -> None:
+    """Overwrite ``model_dir``'s language-model tensors with the base LLM's plus
+    seeded noise (a model fine-tuned from that LLM); encoders untouched."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..inputs.checkpoint import Checkpoint
+    from ..modality import shared_key_map
+
+    base = Checkpoint("base", Path(base_llm_dir))
+    ck = Checkpoint("model", Path(model_dir))
+    mp = shared_key_map(base, ck)
+    g = torch.Generator().manual_seed(seed)
+    for fn in ck.file_names:
+        sd = load_file(str(Path(model_dir) / fn))
+        for b, k in mp.items():
+            if k in sd:
+                t = base.get(b).float()
+                sd[k] = (t + rel_std * (float(t.std()) or 1.0) * torch.randn(t.shape, generator=g)).to(sd[k].dtype)
+        save_file(sd, str(Path(model_dir) / fn), metadata={"format": "pt"})
+
+
+def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
+    """A tiny random ``Qwen2AudioForConditionalGeneration`` (Whisper-style audio
+    encoder d_model 32, 16 mel bins; the same Qwen2 text model as
+    :func:`build_tiny_text_lm`), saved with the tokenizer."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration
+
+    tok = build_tokenizer()
+    _seed(seed)
+    ac = Qwen2AudioEncoderConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                 d_model=32, max_source_positions=50)
+    cfg = Qwen2AudioConfig(audio_config=ac, text_config=tiny_text_config(tok).to_dict(),
+                           audio_token_index=tok.convert_tokens_to_ids("<|video_pad|>"))
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.generation_config = _generation_config(tok)
+    return save_model(model, tok, out_dir)
+
+
+def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: float = 0.2) -> dict[str, Path]:
+    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio}, each with its own
+    encoder and connector and a language model fine-tuned (seeded noise) from
+    the text LLM at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+    root = Path(root)
+    out = {"vision": build_tiny_llava(root / "vision", seed=seed + 1),
+           "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2)}
+    for i, d in enumerate(out.values()):
+        _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
+    return out
