@@ -25,7 +25,7 @@ weights ``W`` (for servers without DoRA, e.g. vLLM).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

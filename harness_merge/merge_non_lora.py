@@ -9,7 +9,7 @@ of the base's), so the artifact is full weights.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

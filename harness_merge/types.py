@@ -107,7 +107,7 @@ class DoRAUpdate:
     scale folded in) and the merged magnitude ``m`` (``d_out``); the weight is
     ``m * (W0 + delta) / ||W0 + delta||_row`` (see :mod:`harness_merge.merge_dora`)."""
 
-    direction: Union[LowRank, Dense]
+    direction: LowRank | Dense
     magnitude: torch.Tensor
     info: dict = field(default_factory=dict, compare=False)
 

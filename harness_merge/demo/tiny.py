@@ -672,7 +672,11 @@ def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     """A tiny random ``Qwen2AudioForConditionalGeneration`` (Whisper-style audio
     encoder d_model 32, 16 mel bins; the same Qwen2 text model as
     :func:`build_tiny_text_lm`), saved with the tokenizer."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+    )
 
     tok = build_tokenizer()
     _seed(seed)

@@ -18,8 +18,9 @@ model, no harness import; a profile registry can wrap these functions.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..backends.base import GenRequest, LLRequest
 from ..errors import MergeError
@@ -87,5 +88,13 @@ def ll_request(tmpl: ConvTemplate, ctx: str, target: str, images: Sequence[Any],
     return LLRequest(continuation=cont, context=tmpl.prompt(ctx, len(images), image_token), images=tuple(images))
 
 
-__all__ = ["CONV_TEMPLATES", "ConvTemplate", "ConvTemplateError", "VICUNA_V1", "gen_request", "get_template",
-           "image_token_of", "ll_request"]
+__all__ = [
+    "CONV_TEMPLATES",
+    "VICUNA_V1",
+    "ConvTemplate",
+    "ConvTemplateError",
+    "gen_request",
+    "get_template",
+    "image_token_of",
+    "ll_request",
+]

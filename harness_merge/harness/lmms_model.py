@@ -26,8 +26,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..backends.base import BackendError, GenRequest, LLRequest
-from . import conv_templates
-from . import FAILURES, load_merged, report_failure  # noqa: F401  (FAILURES re-exported for tests)
+from . import FAILURES, conv_templates, load_merged, report_failure  # noqa: F401  (FAILURES re-exported for tests)
 from .model_args import parse_model_args
 
 MODEL_ID = "merged"

@@ -68,4 +68,4 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
     return CheckpointSet(list(refs), dirs, base_ref=base, base_dir=resolve_ref(base))
 
 
-__all__ = ["open_inputs", "InputSet", "LoRASet", "DoRASet", "LlavaRepoSet", "CheckpointSet", "resolve_ref"]
+__all__ = ["CheckpointSet", "DoRASet", "InputSet", "LlavaRepoSet", "LoRASet", "open_inputs", "resolve_ref"]

@@ -61,7 +61,7 @@ class DoRAAdapter(LoRAAdapter):
                 )
 
     def _extra_key(self, key: str) -> bool:
-        if key.endswith(MAGNITUDE) or key.endswith(MAGNITUDE + ".weight"):
+        if key.endswith((MAGNITUDE, MAGNITUDE + ".weight")):
             self._mag_keys[self._module_of(key, MAGNITUDE)] = key
             return True
         return False
@@ -81,4 +81,4 @@ class DoRASet(LoRASet):
         return tuple(a.read_magnitude(module) for a in self.adapters)
 
 
-__all__ = ["DoRAAdapter", "DoRASet", "MAGNITUDE", "is_dora_dir"]
+__all__ = ["MAGNITUDE", "DoRAAdapter", "DoRASet", "is_dora_dir"]

@@ -59,9 +59,9 @@ def to_llava_hf(name: str, where: str) -> str:
 def normalise_non_lora_keys(keys) -> dict[str, str]:
     """LLaVA's loader: strip ``base_model.``, then ``model.`` if keys start with
     ``model.model.``. Returns {normalised: original}."""
-    stripped = {(k[len("base_model."):] if k.startswith("base_model.") else k): k for k in keys}
+    stripped = {(k.removeprefix("base_model.")): k for k in keys}
     if any(k.startswith("model.model.") for k in stripped):
-        stripped = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in stripped.items()}
+        stripped = {(k.removeprefix("model.")): v for k, v in stripped.items()}
     return stripped
 
 
@@ -86,7 +86,7 @@ class LlavaRepoAdapter(LoRAAdapter):
 
     def _module_of(self, key: str, marker: str) -> str:  # type: ignore[override]
         m = key.split(marker)[0]
-        m = m[len(_PREFIX):] if m.startswith(_PREFIX) else m
+        m = m.removeprefix(_PREFIX)
         return to_llava_hf(m, str(self.weights_file))
 
     @property

@@ -63,7 +63,7 @@ def expected_state(base, ads, *, lam, average):
 
 
 def test_read_maps_names_to_llava_hf(llava):
-    base, ads = llava
+    _, ads = llava
     inputs = open_inputs([str(a) for a in ads])
     assert isinstance(inputs, LlavaRepoSet)
     assert inputs.module_names and all(m.startswith("model.language_model.layers.") for m in inputs.module_names)
@@ -73,7 +73,7 @@ def test_read_maps_names_to_llava_hf(llava):
     torch.testing.assert_close(w[1], nl["base_model.model.model.mm_projector.0.weight"])
 
 
-@pytest.mark.parametrize("method,kw", [("wa", dict(lam=1.0, average=True)), ("ta", dict(lam=1.0, average=False))])
+@pytest.mark.parametrize("method,kw", [("wa", {"lam": 1.0, "average": True}), ("ta", {"lam": 1.0, "average": False})])
 def test_merge_writes_full_weights_with_averaged_projector(llava, tmp_path, method, kw):
     base, ads = llava
     art = merge(MergeSpec(adapters=tuple(map(str, ads)), method=method, base=str(base)),

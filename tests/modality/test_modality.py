@@ -57,7 +57,10 @@ def test_llm_merged_encoders_kept(mm):
 
 
 def test_each_modality_runs_on_the_merged_llm(mm):
-    from transformers import LlavaForConditionalGeneration, Qwen2AudioForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        Qwen2AudioForConditionalGeneration,
+    )
 
     _, models, out, _ = mm
     ids = torch.tensor([[1, 2, 3, 4, 5]])
