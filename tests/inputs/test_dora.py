@@ -203,3 +203,16 @@ def test_copa_on_dora_runs_and_keeps_magnitudes(tiny_base, doras, tmp_path):
     assert art.kind == "lora" and art.manifest["method"] == "copa" and "dora" in art.manifest
     assert json.loads((art.path / "adapter_config.json").read_text())["use_dora"] is True
     assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(art.path / "adapter_model.safetensors")))
+
+
+def test_vllm_gets_full_weights_for_dora(doras, adapters, tiny_base):
+    """vLLM has no DoRA: with backend=vllm and format=auto the harness asks for full weights."""
+    from harness_merge.harness import _dora_for_backend
+
+    spec = MergeSpec(adapters=tuple(map(str, doras)), method="ta", base=str(tiny_base))
+    assert _dora_for_backend(spec, "vllm").format == "full"
+    assert _dora_for_backend(spec, "hf").format == "auto"
+    plain = MergeSpec(adapters=(str(adapters[0]),), method="ta", base=str(tiny_base))
+    assert _dora_for_backend(plain, "vllm").format == "auto"
+    explicit = MergeSpec(adapters=tuple(map(str, doras)), method="ta", base=str(tiny_base), format="lora")
+    assert _dora_for_backend(explicit, "vllm").format == "lora"
