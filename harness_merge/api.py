@@ -59,6 +59,14 @@ class Artifact:
 
 
 def _resolve_format(spec: MergeSpec, inputs, mspec, params) -> str:
+    if getattr(inputs, "non_lora_names", None):  # LLaVA-repo checkpoints: the projector replaces the base's
+        if spec.format == "lora" or spec.base is None:
+            raise ArtifactError(
+                f"{inputs.refs[0]}: LLaVA-repo checkpoints carry a trained mm_projector "
+                f"(non_lora_trainables.bin), which a LoRA artifact cannot hold: write full weights "
+                f"(--format full/auto with --base, the llava-hf base model)"
+            )
+        return "full"
     if spec.format == "full" and spec.base is None:
         raise ArtifactError("format=full writes base + merged update: pass the base model (--base)")
     if spec.format != "auto":
@@ -146,6 +154,11 @@ def merge(
         "rank": spec.rank,
         "dtype": dtype,
     }
+    dora = bool(getattr(inputs, "dora", False))
+    if dora:
+        from .merge_dora import RECORD as DORA_RECORD
+
+        record["dora"] = DORA_RECORD
     manifest = {
         "harness_merge_version": __version__,
         "method": mspec.name,
@@ -159,19 +172,37 @@ def merge(
         "dtype": dtype,
         "code_version": record["code_version"],
     }
+    if dora:
+        manifest["dora"] = DORA_RECORD
+    non_lora = list(getattr(inputs, "non_lora_names", None) or [])
+    if non_lora:
+        from .merge_non_lora import RECORD as NON_LORA_RECORD
+
+        manifest["non_lora"] = {**NON_LORA_RECORD, "tensors": non_lora, "layout": "llava_repo"}
 
     def build(tmp: Path) -> None:
         t0 = time.perf_counter()
-        results = iter_merged(inputs, mspec, params, progress=progress)
+        if dora:
+            from .merge_dora import iter_merged_dora
+
+            results = iter_merged_dora(inputs, mspec, params, progress=progress)
+        else:
+            results = iter_merged(inputs, mspec, params, progress=progress)
+        if non_lora:
+            import itertools
+
+            from .merge_non_lora import iter_non_lora
+
+            results = itertools.chain(results, iter_non_lora(inputs))
         if fmt == "lora":
             base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
             info = write_lora(results, tmp, dtype=dtype, rank=spec.rank, base_model_name=base_name)
         elif inputs.kind == "lora":
-            # The writer drives the merge in the base's storage order (streamed, shard by shard).
-            info = write_full_from_lora(
-                lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names),
-                inputs, spec.base, tmp, dtype=spec.dtype,
-            )
+            # The writer drives the merge in the base's storage order (streamed, shard by shard);
+            # DoRA weights and replaced tensors come as one stream the writer places as they come.
+            merged = results if (dora or non_lora) else (
+                lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names))
+            info = write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=non_lora)
         else:
             info = write_full_from_checkpoints(results, inputs, tmp)
         manifest["result"] = info

@@ -101,4 +101,35 @@ class Dense:
     info: dict = field(default_factory=dict, compare=False)
 
 
+@dataclass(frozen=True)
+class DoRAUpdate:
+    """A merged DoRA module: the direction update (``LowRank`` or ``Dense``,
+    scale folded in) and the merged magnitude ``m`` (``d_out``); the weight is
+    ``m * (W0 + delta) / ||W0 + delta||_row`` (see :mod:`harness_merge.merge_dora`)."""
+
+    direction: LowRank | Dense
+    magnitude: torch.Tensor
+    info: dict = field(default_factory=dict, compare=False)
+
+    def direction_delta(self) -> torch.Tensor:
+        d = self.direction
+        return d.delta if isinstance(d, Dense) else d.delta()
+
+    def weight(self, W0: torch.Tensor) -> torch.Tensor:
+        """``m * (W0 + delta) / ||W0 + delta||_row`` in float32 (a zero row stays zero)."""
+        V = W0.float() + self.direction_delta().float()
+        norm = torch.linalg.norm(V, dim=1)
+        factor = torch.where(norm > 0, self.magnitude.float() / norm.clamp_min(torch.finfo(V.dtype).tiny), 0.0)
+        return factor.unsqueeze(1) * V
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A merged parameter that replaces the base's value outright (not an
+    update): e.g. the averaged ``mm_projector`` of LLaVA-repo checkpoints."""
+
+    value: torch.Tensor
+    info: dict = field(default_factory=dict, compare=False)
+
+
 MergeResult = Union[LowRank, Dense]

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..inputs.files import resolve_ref
-from ..types import Dense, MergeResult
+from ..types import Dense, DoRAUpdate, MergeResult, Replacement
 
 log = logging.getLogger("harness_merge")
 
@@ -225,8 +225,10 @@ def loaded_names(model, checkpoint_keys: Iterable[str]) -> dict[str, tuple[str, 
     return out
 
 
-def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str], readers: dict[str, SafetensorsReader]):
-    """``{checkpoint key: module}`` for every LoRA module, checked before anything is written."""
+def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str], readers: dict[str, SafetensorsReader],
+                      replaced=()):
+    """``{checkpoint key: module}`` for every LoRA module, and ``{checkpoint key: parameter}``
+    for every ``replaced`` parameter (loaded names), checked before anything is written."""
     from ..inputs.fit import check_lora_fits_model
 
     model = meta_model(base_dir)
@@ -256,6 +258,12 @@ def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str]
                 f"{list(shapes[m])}"
             )
         targets[key] = m
+    for p in replaced:
+        key = by_loaded.get(p)
+        if key is None:
+            raise InputError(f"{base_ref}: no tensor of the base checkpoint loads as {p}, which the merge replaces"
+                             + (f" (stored as {converted[p]} and converted on load)" if p in converted else ""))
+        targets[key] = p
     return targets
 
 
@@ -293,8 +301,12 @@ def _results_in_order(results, order: list[str]) -> Iterator[tuple[str, MergeRes
         yield want, held.pop(want)
 
 
-def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None) -> dict:
+def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None,
+                          replaced=()) -> dict:
     """Write ``base + merged update`` shard by shard in the base's layout.
+
+    A ``DoRAUpdate`` result writes its DoRA weight ``m * (W0 + dV) / ||W0 + dV||_row``;
+    a ``Replacement`` (a ``replaced`` parameter) writes its value instead of the base's.
 
     ``results``: a callable ``names -> iterator of (module, result)`` (the merge,
     driven in storage order), or an iterable of results in any order.
@@ -306,7 +318,7 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
     out_dir = Path(out_dir)
     shards = _shard_files(base_dir)
     readers = {fn: SafetensorsReader(base_dir / fn) for fn in shards}
-    targets = plan_lora_targets(lora_set, base_ref, base_dir, shards, readers)
+    targets = plan_lora_targets(lora_set, base_ref, base_dir, shards, readers, replaced)
     out_dt = torch_dtype(dtype) if dtype else None
     order = [targets[k] for fn in shards for k in readers[fn].names_in_file_order() if k in targets]
     stream = _results_in_order(results, order)
@@ -330,11 +342,21 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
                     m, res = next(stream)
                     if m != targets[k]:
                         raise RuntimeError(f"merge order broken: got {m}, expected {targets[k]}")
-                    if res is not None:
+                    if isinstance(res, Replacement):
+                        if tuple(res.value.shape) != tuple(t.shape):
+                            raise InputError(f"{base_ref}: {m}: the merged tensor {list(res.value.shape)} does not "
+                                             f"match the base's {k} {list(t.shape)}")
+                        t = res.value
+                        n += 1
+                    elif isinstance(res, DoRAUpdate):
+                        t = res.weight(t)
+                        n += 1
+                    elif res is not None:
                         delta = res.delta if isinstance(res, Dense) else res.delta()
                         t = t.float().add_(delta)
                         n += 1
-                        del delta, res
+                        del delta
+                    del res
                 w.write(k, t.to(out_dtype(k)))
                 weight_map[k] = out_names[fn]
                 del t

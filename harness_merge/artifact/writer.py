@@ -4,6 +4,9 @@ LoRA artifacts have one rank ``r`` for every module (smaller merged ranks are
 zero-padded: zero rows of A / columns of B change nothing) and ``lora_alpha = r``
 (scale 1; every scale is folded into B), with exact module names as
 ``target_modules``, so PEFT and vLLM load them without rank/alpha patterns.
+Merged DoRA modules (``DoRAUpdate``) add their ``lora_magnitude_vector`` and
+``use_dora=true`` (PEFT loads it; vLLM has no DoRA: serve full weights), or,
+as full weights, ``W = m * (W0 + dV) / ||W0 + dV||_row``.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from ..errors import ArtifactError, InputError
 from ..inputs.files import resolve_ref
-from ..types import Dense, LowRank
+from ..types import Dense, DoRAUpdate, LowRank
 from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
 
@@ -48,9 +51,13 @@ def write_lora(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: dict[str, float] = {}
     big: list[str] = []  # exact factorisations larger than the weight itself
+    magnitudes: dict[str, torch.Tensor] = {}  # DoRA: written beside the factors (use_dora=true)
     for name, res in results:
         if res is None:
             continue
+        if isinstance(res, DoRAUpdate):
+            magnitudes[name] = res.magnitude.to(dt).contiguous()
+            res = res.direction
         if isinstance(res, Dense):
             if res.delta.dim() != 2:
                 raise ArtifactError(
@@ -85,16 +92,20 @@ def write_lora(
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+        if name in magnitudes:
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitudes[name]
     from peft import LoraConfig
 
     cfg = LoraConfig(
         r=r, lora_alpha=r, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-        base_model_name_or_path=base_model_name, inference_mode=True,
+        base_model_name_or_path=base_model_name, inference_mode=True, use_dora=bool(magnitudes),
     )
     cfg.save_pretrained(str(out_dir))
     _normalise_adapter_config(Path(out_dir) / "adapter_config.json")
     save_file(tensors, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
     info = {"rank": r, "modules": len(factors)}
+    if magnitudes:
+        info["dora"] = True
     if errors:
         vals = list(errors.values())
         info["svd_rel_error"] = {"max": max(vals), "mean": sum(vals) / len(vals), "modules": len(vals)}
@@ -142,14 +153,16 @@ def load_base_model(base_ref: str, dtype: str | None = None):
     raise InputError(f"{base_ref}: the base model does not load ({type(last).__name__}: {last})")
 
 
-def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None) -> dict:
+def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None,
+                         replaced=()) -> dict:
     """``base + merged update`` in the base's own layout, streamed shard by shard
     (see :mod:`harness_merge.artifact.full_weights`). ``results`` is a callable
     ``names -> iterator`` (the merge, driven in the base's storage order) or an
-    iterable of ``(module, result)``."""
+    iterable of ``(module, result)``; ``replaced`` names parameters whose
+    ``Replacement`` results (e.g. LLaVA-repo's mm_projector) the iterable also yields."""
     from .full_weights import stream_full_from_lora
 
-    return stream_full_from_lora(results, lora_set, base_ref, out_dir, dtype=dtype)
+    return stream_full_from_lora(results, lora_set, base_ref, out_dir, dtype=dtype, replaced=replaced)
 
 
 def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:

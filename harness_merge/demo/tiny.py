@@ -435,3 +435,267 @@ def random_lora(
     out = Path(out_dir)
     pm.save_pretrained(out)
     return out
+
+
+def random_dora(
+    base_dir,
+    out_dir,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    std: float = 0.5,
+    magnitude_std: float = 0.3,
+) -> Path:
+    """Write a PEFT DoRA adapter (``use_dora=True``) for ``base_dir``: random,
+    nonzero A and B as :func:`random_lora`, and magnitude vectors moved away from
+    PEFT's initial row norms by ``(1 + magnitude_std * noise)``, so that a merge
+    that dropped or recomputed the magnitudes changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_for_lora(base_dir)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                     use_dora=True, init_lora_weights=True)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** 0.5)
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + magnitude_std * torch.randn(p.shape, generator=g))
+    out = Path(out_dir)
+    pm.save_pretrained(out)
+    return out
+
+
+def save_llava_repo_lora(
+    base_dir,
+    out_dir,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets=("q_proj", "v_proj"),
+    seed: int = 0,
+    std: float = 0.5,
+    projector_std: float = 0.2,
+) -> Path:
+    """Write a LoRA checkpoint for the tiny llava-hf model at ``base_dir`` in the
+    original LLaVA repository's layout (``train_mem.py --lora_enable``):
+    ``adapter_config.json`` + ``adapter_model.bin`` keyed
+    ``base_model.model.model.layers.{i}...lora_{A,B}.weight`` and
+    ``non_lora_trainables.bin`` with a trained projector
+    ``base_model.model.model.mm_projector.{0,2}.{weight,bias}`` (the base's
+    projector plus seeded noise), and LLaVA's own ``config.json``."""
+    import json
+
+    import torch
+    from peft import LoraConfig
+
+    model = _load_for_lora(base_dir)
+    g = torch.Generator().manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm_prefix = "model.language_model."
+    sd = {}
+    for name, mod in model.named_modules():
+        if not name.startswith(lm_prefix) or not isinstance(mod, torch.nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        orig = "model." + name[len(lm_prefix):]
+        d_out, d_in = mod.weight.shape
+        sd[f"base_model.model.{orig}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std / d_in ** 0.5
+        sd[f"base_model.model.{orig}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std / rank ** 0.5
+    torch.save(sd, out / "adapter_model.bin")
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.05, bias="none",
+               task_type="CAUSAL_LM", base_model_name_or_path="lmsys/vicuna-7b-v1.5").save_pretrained(str(out))
+    proj = model.model.multi_modal_projector
+    non_lora = {}
+    for idx, lin in (("0", proj.linear_1), ("2", proj.linear_2)):
+        for p in ("weight", "bias"):
+            t = getattr(lin, p).detach()
+            non_lora[f"base_model.model.model.mm_projector.{idx}.{p}"] = t + projector_std * torch.randn(
+                t.shape, generator=g)
+    torch.save(non_lora, out / "non_lora_trainables.bin")
+    cfg = model.config
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+        "hidden_size": cfg.text_config.hidden_size, "mm_hidden_size": cfg.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
+    }, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# InternVL2.5 (transformers' native InternVL classes, no remote code)
+# ---------------------------------------------------------------------------
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
+def build_internvl_tokenizer():
+    """The byte-level tokenizer plus InternVL's image tokens (``<img>``,
+    ``</img>``, ``<IMG_CONTEXT>``, ``<video>``), named as ``InternVLProcessor``
+    expects, and a ChatML template whose image item is ``<IMG_CONTEXT>`` (the
+    processor expands it to ``<img><IMG_CONTEXT>*n</img>``)."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    vocab = _byte_vocab()
+    for t in SPECIAL_TOKENS + INTERNVL_TOKENS:
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                          for t in SPECIAL_TOKENS + INTERNVL_TOKENS]})
+    tok.chat_template = INTERNVL_CHAT_TEMPLATE
+    tok.model_max_length = 4096
+    tok.padding_side = "left"
+    return tok
+
+
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>")
+
+
+def tiny_internvl_config(tok=None):
+    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+    tok = tok or build_internvl_tokenizer()
+    ids = _ids(tok)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[28, 28], patch_size=[14, 14])
+    text = Qwen2Config(
+        vocab_size=_vocab_size(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    return InternVLConfig(vision_config=vision, text_config=text,
+                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                          image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=True)
+
+
+def build_internvl_processor(tok=None):
+    """``InternVLProcessor`` with the PIL ``GotOcr2`` image processor (28 px
+    tiles, at most 2 tiles + thumbnail) and no video processor (its class needs
+    torchvision)."""
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    tok = tok or build_internvl_tokenizer()
+
+    class InternVLImageOnlyProcessor(InternVLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw):
+            InternVLProcessor.__init__(self, image_processor, tokenizer, None, image_seq_length, chat_template, **kw)
+
+    ip = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False, max_patches=2)
+    return InternVLImageOnlyProcessor(image_processor=ip, tokenizer=tok, image_seq_length=1,
+                                      chat_template=INTERNVL_CHAT_TEMPLATE)
+
+
+def build_tiny_internvl(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random InternVL2.5-style model (``InternVLForConditionalGeneration``:
+    InternViT-style vision 28 px / patch 14, pixel-shuffle MLP projector, Qwen2
+    text hidden 64) with tokenizer and processor; ~0.15M parameters."""
+    from transformers import InternVLForConditionalGeneration
+
+    tok = build_internvl_tokenizer()
+    _seed(seed)
+    model = InternVLForConditionalGeneration(tiny_internvl_config(tok))
+    model.generation_config = _generation_config(tok)
+    out = save_model(model, build_internvl_processor(tok), out_dir)
+    pc = out / "processor_config.json"
+    d = json.loads(pc.read_text())
+    d["processor_class"] = "InternVLProcessor"  # the image-only subclass is ours; record the real class
+    pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def perturbed_checkpoint(base_dir, out_dir, *, seed: int = 0, rel_std: float = 0.1) -> Path:
+    """A stand-in for a full fine-tuned checkpoint of ``base_dir``: every floating
+    tensor (vision, projector and language model) moved by seeded noise of
+    ``rel_std`` times its own standard deviation; side files copied."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, out = Path(base_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for f in sorted(base.glob("*.safetensors")):
+        sd = load_file(str(f))
+        for k, t in sd.items():
+            if t.is_floating_point() and t.numel() > 1:
+                scale = float(t.float().std()) or 1.0
+                sd[k] = (t.float() + rel_std * scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        save_file(sd, str(out / f.name), metadata={"format": "pt"})
+    for p in base.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors"):
+            shutil.copy2(p, out / p.name)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# modality models sharing one LLM (vision: LLaVA, audio: Qwen2-Audio)
+# ---------------------------------------------------------------------------
+def _share_llm(model_dir, base_llm_dir, seed: int, rel_std: float) -> None:
+    """Overwrite ``model_dir``'s language-model tensors with the base LLM's plus
+    seeded noise (a model fine-tuned from that LLM); encoders untouched."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..inputs.checkpoint import Checkpoint
+    from ..modality import shared_key_map
+
+    base = Checkpoint("base", Path(base_llm_dir))
+    ck = Checkpoint("model", Path(model_dir))
+    mp = shared_key_map(base, ck)
+    g = torch.Generator().manual_seed(seed)
+    for fn in ck.file_names:
+        sd = load_file(str(Path(model_dir) / fn))
+        for b, k in mp.items():
+            if k in sd:
+                t = base.get(b).float()
+                sd[k] = (t + rel_std * (float(t.std()) or 1.0) * torch.randn(t.shape, generator=g)).to(sd[k].dtype)
+        save_file(sd, str(Path(model_dir) / fn), metadata={"format": "pt"})
+
+
+def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
+    """A tiny random ``Qwen2AudioForConditionalGeneration`` (Whisper-style audio
+    encoder d_model 32, 16 mel bins; the same Qwen2 text model as
+    :func:`build_tiny_text_lm`), saved with the tokenizer."""
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+    )
+
+    tok = build_tokenizer()
+    _seed(seed)
+    ac = Qwen2AudioEncoderConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                 d_model=32, max_source_positions=50)
+    cfg = Qwen2AudioConfig(audio_config=ac, text_config=tiny_text_config(tok).to_dict(),
+                           audio_token_index=tok.convert_tokens_to_ids("<|video_pad|>"))
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.generation_config = _generation_config(tok)
+    return save_model(model, tok, out_dir)
+
+
+def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: float = 0.2) -> dict[str, Path]:
+    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio}, each with its own
+    encoder and connector and a language model fine-tuned (seeded noise) from
+    the text LLM at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+    root = Path(root)
+    out = {"vision": build_tiny_llava(root / "vision", seed=seed + 1),
+           "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2)}
+    for i, d in enumerate(out.values()):
+        _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
+    return out

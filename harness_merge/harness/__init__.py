@@ -72,6 +72,7 @@ def load_merged(hargs) -> Loaded:
             check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
         except ImportError:  # transformers missing: the merge layer's own checks still run
             pass
+        spec = _dora_for_backend(spec, hargs.backend)
         art = merge(spec, cache_dir=hargs.cache_dir, progress=merge_progress())
         m = art.manifest
         hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
@@ -96,6 +97,21 @@ def load_merged(hargs) -> Loaded:
         "manifest": m,
     }
     return Loaded(backend=backend, artifact=art, record=record)
+
+
+def _dora_for_backend(spec, backend: str):
+    """vLLM has no DoRA: DoRA adapters with ``format=auto`` are served from full weights."""
+    if backend != "vllm" or spec.format != "auto":
+        return spec
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ..inputs.dora import is_dora_dir
+
+    if any(is_dora_dir(Path(a)) for a in spec.adapters):
+        _say("DoRA adapters with backend=vllm (no DoRA support there): writing full merged weights")
+        return replace(spec, format="full")
+    return spec
 
 
 def report_failure(exc: BaseException, where: str) -> None:

@@ -26,7 +26,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..backends.base import BackendError, GenRequest, LLRequest
-from . import FAILURES, load_merged, report_failure  # noqa: F401  (FAILURES re-exported for tests)
+from . import FAILURES, conv_templates, load_merged, report_failure  # noqa: F401  (FAILURES re-exported for tests)
 from .model_args import parse_model_args
 
 MODEL_ID = "merged"
@@ -129,6 +129,10 @@ class MergedLMM(lmms):
         _install_results_hook()
         self._batch_size = int(self.hargs.backend_opts.get("batch_size", 1))
         self._device = getattr(getattr(self.backend, "info", None), "device", "cpu")
+        self.conv = conv_templates.get_template(self.hargs.conv_template) if self.hargs.conv_template else None
+        self._image_token = conv_templates.image_token_of(getattr(self.backend, "processor", None))
+        if self.conv is not None:
+            self.merge_record["conv_template"] = self.conv.name
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -203,6 +207,10 @@ class MergedLMM(lmms):
         for inst in requests:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args[:6]
             images = self._visuals(doc_to_visual, doc_id, task, split)
+            if self.conv is not None:
+                reqs.append(conv_templates.gen_request(self.conv, ctx, self._gen_params(gen_kwargs), images,
+                                                       self._image_token))
+                continue
             reqs.append(GenRequest(messages=self._messages(ctx, len(images)), images=tuple(images),
                                    **self._gen_params(gen_kwargs)))
         out = self.backend.generate(reqs)
@@ -220,6 +228,9 @@ class MergedLMM(lmms):
             if isinstance(target, (list, tuple)):
                 target = target[0]
             images = self._visuals(doc_to_visual, doc_id, task, split)
+            if self.conv is not None:
+                reqs.append(conv_templates.ll_request(self.conv, ctx, str(target), images, self._image_token))
+                continue
             reqs.append(LLRequest(continuation=str(target), messages=self._messages(ctx, len(images)),
                                   images=tuple(images)))
         return [_keep_tuple(r) for r in self.backend.loglikelihood(reqs)]

@@ -10,6 +10,8 @@
   method's parameter dataclass and passed on as given (the dataclass converts
   and validates).
 - merge options: ``format`` (auto|lora|full), ``rank``, ``cache_dir``.
+- ``conv_template``: render requests with an original-repo conversation
+  template (``vicuna_v1``: LLaVA-1.5's) instead of the base's chat template.
 - serving: ``backend`` (hf|vllm), ``dtype``, ``device``, ``batch_size``,
   ``max_new_tokens``, ``system_prompt``, ``fold`` (hf: fold the LoRA into the
   weights), ``trust_remote_code``; vLLM pass-throughs ``tensor_parallel_size``,
@@ -26,12 +28,14 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import MethodParamError
+from ..errors import MergeError, MethodParamError
 
 BACKEND_KEYS = ("backend", "dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold",
                 "trust_remote_code")
 VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")
 MERGE_KEYS = ("pretrained", "adapters", "method", "format", "rank", "cache_dir")
+# request rendering done by the harness model itself (see .conv_templates)
+PROMPT_KEYS = ("conv_template",)
 # keys the harnesses add on their own (CLI --batch_size / --device / --max_batch_size)
 IGNORED_KEYS = ("max_batch_size",)
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -57,6 +61,7 @@ class HarnessArgs:
     cache_dir: str | None = None
     backend: str = "hf"
     backend_opts: dict[str, Any] = field(default_factory=dict)
+    conv_template: str | None = None
 
     def merge_spec(self):
         """The merge to run, or None for ``method=none`` (the base alone)."""
@@ -190,7 +195,7 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         spec = methods.get(method)  # unknown method -> MethodParamError with the list
         param_names = spec.params_cls.field_names()
 
-    valid = set(MERGE_KEYS) | set(BACKEND_KEYS) | set(VLLM_KEYS) | set(param_names)
+    valid = set(MERGE_KEYS) | set(PROMPT_KEYS) | set(BACKEND_KEYS) | set(VLLM_KEYS) | set(param_names)
     unknown = [k for k in raw if k not in valid]
     if unknown:
         hints = []
@@ -200,7 +205,7 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         raise ModelArgsError(
             f"model_args: unknown key(s) {', '.join(hints)}. Valid keys: "
             f"merge: {', '.join(MERGE_KEYS)}; method {method} parameters: {', '.join(param_names)}; "
-            f"serving: {', '.join(BACKEND_KEYS)}; vllm: {', '.join(VLLM_KEYS)}"
+            f"serving: {', '.join(BACKEND_KEYS + PROMPT_KEYS)}; vllm: {', '.join(VLLM_KEYS)}"
         )
 
     pretrained = raw.pop("pretrained", None)
@@ -225,6 +230,14 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     if backend not in ("hf", "vllm"):
         raise ModelArgsError(f"model_args: backend must be hf or vllm, got {backend!r}")
 
+    conv_template = raw.pop("conv_template", None)
+    if conv_template is not None:
+        from .conv_templates import get_template
+
+        try:
+            conv_template = get_template(str(conv_template).strip()).name
+        except MergeError as e:
+            raise ModelArgsError(f"model_args: {e}") from None
     opts: dict[str, Any] = {}
     if "dtype" in raw:
         opts["dtype"] = str(raw.pop("dtype")).strip().lower()
@@ -259,6 +272,7 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     return HarnessArgs(
         pretrained=str(pretrained), adapters=adapters, method=spec.name if spec else NO_MERGE, params=params, format=fmt,
         rank=rank, cache_dir=str(cache_dir) if cache_dir else None, backend=backend, backend_opts=opts,
+        conv_template=conv_template,
     )
 
 

@@ -1,7 +1,8 @@
 """Layer 1: read and validate adapters / checkpoints, one module at a time.
 
 ``open_inputs(refs, base=...)`` returns an ``InputSet`` (``LoRASet`` for PEFT
-LoRA folders, ``CheckpointSet`` for full fine-tuned checkpoints) that lists
+LoRA folders, ``DoRASet`` for PEFT DoRA folders, ``LlavaRepoSet`` for
+checkpoints in the original LLaVA repo's layout, ``CheckpointSet`` for full fine-tuned checkpoints) that lists
 module names and shapes *without reading tensors*, and yields one
 ``ModuleInputs`` per module on demand.
 """
@@ -11,10 +12,12 @@ from typing import Sequence
 
 from ..errors import InputError
 from .checkpoint import CheckpointSet, is_checkpoint_dir
+from .dora import DoRASet, is_dora_dir
 from .files import resolve_ref
+from .llava_repo import LlavaRepoSet, is_llava_repo_dir
 from .peft_lora import LoRASet, is_lora_dir
 
-InputSet = LoRASet | CheckpointSet
+InputSet = LoRASet | DoRASet | LlavaRepoSet | CheckpointSet
 
 
 def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
@@ -38,7 +41,25 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
         mixed = ", ".join(f"{r} ({k})" for r, k in zip(refs, kinds))
         raise InputError(f"cannot merge LoRA adapters with full checkpoints in one run: {mixed}")
     if kinds[0] == "lora":
-        return LoRASet(list(refs), dirs)
+        dora = [is_dora_dir(d) for d in dirs]
+        if any(dora) and not all(dora):
+            mixed = ", ".join(f"{r} ({'DoRA' if x else 'LoRA'})" for r, x in zip(refs, dora))
+            raise InputError(
+                f"cannot merge DoRA adapters with plain LoRA adapters in one run (a LoRA adapter has no "
+                f"magnitude vector to merge): {mixed}"
+            )
+        llava = [is_llava_repo_dir(d) for d in dirs]
+        if any(llava) and not all(llava):
+            mixed = ", ".join(f"{r} ({'LLaVA-repo' if x else 'PEFT'})" for r, x in zip(refs, llava))
+            raise InputError(
+                f"cannot merge LLaVA-repo checkpoints (adapter + non_lora_trainables.bin) with plain PEFT "
+                f"adapters in one run (the projector would be averaged over only some inputs): {mixed}"
+            )
+        if all(llava):
+            if any(dora):
+                raise InputError(f"{refs[0]}: DoRA in the LLaVA-repo layout is not supported")
+            return LlavaRepoSet(list(refs), dirs)
+        return DoRASet(list(refs), dirs) if all(dora) else LoRASet(list(refs), dirs)
     if base is None:
         raise InputError(
             "full fine-tuned checkpoints are merged as task vectors tau_i = theta_i - theta_0: "
@@ -47,4 +68,4 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
     return CheckpointSet(list(refs), dirs, base_ref=base, base_dir=resolve_ref(base))
 
 
-__all__ = ["open_inputs", "InputSet", "LoRASet", "CheckpointSet", "resolve_ref"]
+__all__ = ["CheckpointSet", "DoRASet", "InputSet", "LlavaRepoSet", "LoRASet", "open_inputs", "resolve_ref"]

@@ -37,7 +37,13 @@ class ModuleShape:
 
 
 class LoRAAdapter:
-    """One PEFT LoRA adapter folder, validated on open."""
+    """One PEFT LoRA adapter folder, validated on open.
+
+    DoRA adapters are read by the subclass in :mod:`.dora` (``allows_dora``);
+    this class refuses them.
+    """
+
+    allows_dora = False
 
     def __init__(self, ref: str, path: Path):
         self.ref, self.path = ref, Path(path)
@@ -67,7 +73,7 @@ class LoRAAdapter:
                 f"{cfg_path}: peft_type is {c.get('peft_type')!r}; only LoRA adapters can be merged "
                 f"(other PEFT types have no A/B factors)"
             )
-        if c.get("use_dora"):
+        if c.get("use_dora") and not self.allows_dora:
             raise InputError(
                 f"{cfg_path}: DoRA adapter (use_dora=true); its magnitude vectors make the update "
                 f"non-linear in A/B, so LoRA merge formulas would be silently wrong - refused"
@@ -93,6 +99,8 @@ class LoRAAdapter:
                 b_keys[self._module_of(key, ".lora_B.")] = key
             elif "lora_embedding_" in key:
                 raise InputError(f"{self.weights_file}: {key}: LoRA on embeddings is not supported")
+            elif self._extra_key(key):
+                continue
             elif "lora_magnitude_vector" in key:
                 raise InputError(f"{self.weights_file}: {key}: DoRA weights are not supported")
             else:
@@ -140,6 +148,10 @@ class LoRAAdapter:
                     f"'r' / 'rank_pattern' in adapter_config.json"
                 )
 
+    def _extra_key(self, key: str) -> bool:
+        """Whether a subclass reads ``key`` itself (DoRA magnitude vectors)."""
+        return False
+
     @staticmethod
     def _module_of(key: str, marker: str) -> str:
         m = key.split(marker)[0]
@@ -175,9 +187,10 @@ class LoRASet:
     """N LoRA adapters checked to target the same modules with the same shapes."""
 
     kind = "lora"
+    adapter_cls = LoRAAdapter
 
     def __init__(self, refs: list[str], dirs: list[Path]):
-        self.adapters = [LoRAAdapter(r, d) for r, d in zip(refs, dirs)]
+        self.adapters = [self.adapter_cls(r, d) for r, d in zip(refs, dirs)]
         first = self.adapters[0]
         for ad in self.adapters[1:]:
             missing = sorted(set(first.modules) - set(ad.modules))
