@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from .base import (
-    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, prefix_token_id, render_prompt, rolling_windows,
+    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, encode_pair, lm_encode, prefix_token_id,
+    render_prompt, rolling_windows,
 )
 
 log = logging.getLogger("harness_merge.backends.hf")
@@ -347,7 +348,11 @@ class HFBackend:
             enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         else:
             self.tokenizer.padding_side = padding_side
-            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+            # as lm-eval's hf model (HFLM.tok_batch_encode): the tokenizer's special
+            # tokens unless the first text already starts with the BOS token
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add = not (bos and texts and texts[0].startswith(bos))
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add)
         return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
 
     # -- generate ----------------------------------------------------------
@@ -450,6 +455,13 @@ class HFBackend:
                 if "token_type_ids" in enc:
                     enc["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(cont_t)], dim=1)
                 out[i] = self._score([(enc, len(cont))])[0]
+            elif r.context is not None:  # raw text (lm-eval): encoded as lm-eval's hf model does
+                ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation)
+                if not cont:
+                    out[i] = (0.0, True)
+                    continue
+                text_items.append((ctx or [self._prefix_id()], cont))
+                text_idx.append(i)
             else:
                 ctx = self.tokenizer(ctx_text, add_special_tokens=False)["input_ids"]
                 if not ctx:
@@ -467,7 +479,7 @@ class HFBackend:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         out = []
         for text in texts:
-            ids = self._cont_ids(text)
+            ids = lm_encode(self.tokenizer, text)  # as lm-eval's hf model (HFLM.tok_encode)
             windows = rolling_windows(ids, self._prefix_id(), self.max_length)
             out.append(sum(ll for ll, _ in self._score_token_batch(windows)))
         return out

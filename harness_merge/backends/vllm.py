@@ -73,6 +73,8 @@ from .base import (
     GenRequest,
     LLRequest,
     cut_at_stop,
+    encode_pair,
+    lm_encode,
     prefix_token_id,
     render_prompt,
     rolling_windows,
@@ -690,8 +692,10 @@ class VLLMBackend:
             text = self.render(r)
             if r.images:
                 inputs.append({"prompt": text, "multi_modal_data": self._mm(r.images)})
-            elif self.processor is None:  # text-only: tokenised as the hf backend does (no special tokens added)
-                inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+            elif self.processor is None:  # text-only: tokenised as the hf backend (and lm-eval's hf) does
+                bos = getattr(self.tokenizer, "bos_token", None)
+                add = not (bos and text.startswith(bos))
+                inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=add)["input_ids"]})
             else:
                 inputs.append({"prompt": text})
             kw: dict[str, Any] = {"max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
@@ -749,6 +753,12 @@ class VLLMBackend:
                 inp: dict[str, Any] = {"prompt_token_ids": ctx + cont}
                 if r.images:
                     inp["multi_modal_data"] = self._mm(r.images)
+            elif r.context is not None:  # raw text (lm-eval): encoded as lm-eval's hf model does
+                ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation)
+                if not cont:
+                    out[i] = (0.0, True)
+                    continue
+                inp = {"prompt_token_ids": ((ctx or [self._prefix_id()]) + cont)[-limit:]}
             else:
                 ctx = self.tokenizer(ctx_text, add_special_tokens=False)["input_ids"] or [self._prefix_id()]
                 inp = {"prompt_token_ids": (ctx + cont)[-limit:]}
@@ -761,7 +771,7 @@ class VLLMBackend:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         items, owner = [], []
         for j, text in enumerate(texts):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = lm_encode(self.tokenizer, text)  # as lm-eval's hf model (HFLM.tok_encode)
             for ctx, tgt in rolling_windows(ids, self._prefix_id(), self.max_model_len - 2):
                 items.append(({"prompt_token_ids": ctx + tgt}, len(tgt)))
                 owner.append(j)

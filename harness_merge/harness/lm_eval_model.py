@@ -12,11 +12,22 @@ does before running lm-eval's CLI (newer lm-eval versions read the
 Arguments: as for lmms-eval (``harness_merge.harness.model_args``). What was
 merged is logged to stderr and stored under ``config.merge`` in the results
 JSON (lm-eval merges ``get_model_info()`` into the config).
+
+lm-eval 0.4.13's ``get_model`` loads its built-in models (``hf``, ``vllm``,
+...) only while its registry is empty, so ``lm_eval.models`` is imported
+before ``merged`` is registered: both stay available in one process
+(``lm-eval-merged --model hf`` runs lm-eval's own model).
+
+Scoring follows lm-eval's ``hf`` model: a loglikelihood request's context and
+continuation are encoded as ``LM._encode_pair`` does (trailing whitespace
+moved into the continuation, the whole string encoded and split), see
+``harness_merge.backends.base.encode_pair``.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: see below)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -161,7 +161,10 @@ def _to_float(key: str, v: Any) -> float:
 def _batch_size(v: Any) -> int:
     s = str(v).strip().lower()
     if s.startswith("auto"):
-        return 1  # no automatic batch-size search: one request at a time is always safe
+        raise ModelArgsError(
+            f"model_args: batch_size={v} (automatic batch-size search) is not supported by model 'merged'; "
+            f"give a number, e.g. --batch_size 8 (requests are batched up to it)"
+        )
     return _to_int("batch_size", v, minimum=1)  # type: ignore[return-value]
 
 

@@ -97,8 +97,12 @@ def test_vllm_pass_throughs():
                               "enforce_eager": True, "max_lora_rank": 64}
 
 
-def test_batch_size_auto_means_one():
-    assert parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=auto:4").backend_opts["batch_size"] == 1
+def test_batch_size_auto_is_refused_with_a_message():
+    # issue 10: "auto" used to become 1 silently; now it is refused and names the key
+    with pytest.raises(ModelArgsError, match=r"batch_size=auto:4 .*not supported.*give a number"):
+        parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=auto:4")
+    with pytest.raises(ModelArgsError, match=r"batch_size=auto"):
+        parse_model_args({"pretrained": "/b", "method": "none"}, defaults={"batch_size": "auto"})
 
 
 # -- backend seam ---------------------------------------------------------------
