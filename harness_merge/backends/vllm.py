@@ -88,8 +88,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_LORA_RANK = ALLOWED_LORA_RANKS[-1]
-COMMON_OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "trust_remote_code")
-VLLM_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")
+COMMON_OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "trust_remote_code",
+                  "eos_from", "min_pixels", "max_pixels", "revision", "chat_template")
+VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                "enforce_eager", "max_lora_rank")
 # vllm-only extras (Python callers: bench, leaderboard; not model_args keys)
 EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
@@ -276,8 +278,9 @@ def vllm_model_dir(model_dir: str | Path, config=None) -> str:
 # ---------------------------------------------------------------------------
 # engines
 # ---------------------------------------------------------------------------
-_ENGINE_KEYS = ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager",
-                "trust_remote_code", "seed", "max_num_seqs")
+_ENGINE_KEYS = ("dtype", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                "enforce_eager", "trust_remote_code", "seed", "max_num_seqs", "revision", "mm_processor_kwargs",
+                "generation_config")
 _ENGINES: dict[tuple, VLLMEngine] = {}
 _LOCK = threading.RLock()
 _LORA_IDS = itertools.count(1)
@@ -590,8 +593,19 @@ class VLLMBackend:
                  device: str | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
                  system_prompt: str | None = None, trust_remote_code: bool = False,
                  max_lora_rank: int | None = None, max_loras: int | None = None, max_images: int | None = None,
-                 engine: VLLMEngine | None = None, share: bool = True, **engine_opts: Any) -> None:
+                 engine: VLLMEngine | None = None, share: bool = True, eos_from: str = "generation_config",
+                 min_pixels: int | None = None, max_pixels: int | None = None, revision: str | None = None,
+                 chat_template: str | None = None, **engine_opts: Any) -> None:
         t0 = time.perf_counter()
+        if eos_from not in ("generation_config", "tokenizer"):
+            raise BackendError(f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}")
+        pix = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        if pix:
+            engine_opts["mm_processor_kwargs"] = pix
+        if revision:
+            engine_opts["revision"] = revision
+        if eos_from == "tokenizer":  # vLLM's own defaults: stop at the tokenizer's EOS only
+            engine_opts["generation_config"] = "vllm"
         _import_vllm()
         from .hf import load_processor
 
@@ -604,7 +618,11 @@ class VLLMBackend:
             log.warning("backend=vllm: device=%s asked for but this vLLM build runs on the CPU", device)
         try:
             config = _config(base, trust_remote_code)
-            self.processor, self.tokenizer = load_processor(base, trust_remote_code)
+            self.processor, self.tokenizer = load_processor(base, trust_remote_code, revision=revision, **pix)
+            if chat_template:
+                from .hf import set_chat_template
+
+                set_chat_template(self.processor, self.tokenizer, chat_template)
         except BackendError:
             raise
         except Exception as e:
