@@ -62,6 +62,41 @@ def run_id(hargs, manifest: dict | None) -> str:
     return f"{name}__{payload['method']}-{digest}"
 
 
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` set by ``accelerate launch`` / ``torchrun``."""
+    import os
+
+    def _int(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return _int("RANK", 0), _int("LOCAL_RANK", 0), max(1, _int("WORLD_SIZE", 1))
+
+
+def rank_device(opts: dict, backend: str) -> dict:
+    """Data parallel (several processes, one model each): bind this process's
+    model to ``cuda:<LOCAL_RANK>`` when the device is unset or a bare ``cuda``,
+    as the harnesses' own models do; CPU runs stay on the CPU. vLLM places its
+    engine itself (``tensor_parallel_size`` / ``data_parallel_size``)."""
+    _, local_rank, world = dist_env()
+    if world <= 1 or backend != "hf" or opts.get("device_map"):
+        return opts
+    dev = opts.get("device")
+    if dev in (None, "", "auto", "cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return {**opts, "device": f"cuda:{local_rank}"}
+        except ImportError:
+            pass
+        if dev in (None, "", "auto"):
+            return {**opts, "device": "cpu"}
+    return opts
+
+
 def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
     """Merge ``hargs`` (a :class:`~.model_args.HarnessArgs`) and serve it.
 
@@ -94,7 +129,7 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
              f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}")
     t_merge = time.perf_counter() - t0
     t1 = time.perf_counter()
-    opts = {**(extra_opts or {}), **hargs.backend_opts}
+    opts = rank_device({**(extra_opts or {}), **hargs.backend_opts}, hargs.backend)
     backend = load_backend(hargs.backend, art, hargs.pretrained, **opts)
     t_load = time.perf_counter() - t1
     info = getattr(backend, "info", None)
@@ -152,4 +187,4 @@ def install_identity_hook(tracker_cls, get_name) -> None:
     tracker_cls.log_experiment_args = log_experiment_args
 
 
-__all__ = ["FAILURES", "Loaded", "install_identity_hook", "load_merged", "report_failure", "run_id"]
+__all__ = ["FAILURES", "Loaded", "dist_env", "install_identity_hook", "rank_device", "load_merged", "report_failure", "run_id"]

@@ -160,6 +160,12 @@ class MergedLMM(lmms):
         self._batch_size = int(self.hargs.backend_opts.get("batch_size", 1))
         self._device = getattr(getattr(self.backend, "info", None), "device", "cpu")
         self._templated = False
+        # data parallel (accelerate launch / torchrun): lmms-eval shards the
+        # requests by these (and sets them again itself when WORLD_SIZE > 1)
+        from . import dist_env
+
+        self._rank, _, self._world_size = dist_env()
+        self.merge_record["world_size"] = self._world_size
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
