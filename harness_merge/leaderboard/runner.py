@@ -71,7 +71,8 @@ class Row:
         if self.kind == "base":
             kw.update(adapters=[], method="none")
         else:
-            kw.update(adapters=list(self.adapters), method=self.method, **self.params)
+            # method parameters under params= (issue 10: a flat rank/device means the artifact/serving key)
+            kw.update(adapters=list(self.adapters), method=self.method, params=dict(self.params))
         return kw
 
 
