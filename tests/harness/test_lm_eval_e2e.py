@@ -44,6 +44,10 @@ def test_lm_eval_results(ties_run, text_lm):
     assert merge["manifest"]["method"] == "ties"
     assert merge["manifest"]["params"]["prune_rate"] == 0.5
     assert [a["ref"] for a in merge["manifest"]["adapters"]] == [str(a) for a in text_lm[1]]
+    # issue 10: results' model_name and output folder name the merge, not the base
+    rid = merge["model_name"]
+    assert rid.startswith(f"{text_lm[0].name}__ties-") and results["model_name"] == rid
+    assert any(rid in str(f.relative_to(out)) for f in out.rglob("*results*.json"))
 
 
 def test_lm_eval_unknown_key_fails_visibly(run_cli, text_lm, text_tasks, hw):
