@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,76 @@ def test_merged_vllm_equals_lmms_qwen2_vl_sample_for_sample(base, docs, referenc
         assert _answers(m, docs) == reference
     finally:
         m.backend.close()
+
+
+# --------------------------------------------------------------------------- the real CLI, --log_samples
+_TASK_YAML = """
+task: hm_parity_gen
+dataset_path: parquet
+dataset_kwargs:
+  data_files:
+    test: parity.parquet
+test_split: test
+output_type: generate_until
+doc_to_visual: !function parity_utils.doc_to_visual
+doc_to_text: !function parity_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 8
+  temperature: 0
+  do_sample: false
+  until: ["\\n\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 0.0
+"""
+_TASK_UTILS = '''
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+'''
+
+
+@pytest.mark.slow
+def test_cli_log_samples_qwen2_vl_vs_merged(base, docs, tmp_path):
+    """``lmms_eval --model qwen2_vl`` and ``--model merged method=none`` on the same
+    task: the logged per-sample answers are identical."""
+    import json
+    import os
+    import subprocess
+
+    from datasets import Dataset, Features, Image, Value
+
+    d = tmp_path / "tasks"
+    d.mkdir()
+    rows = {"question": [x["question"] for x in docs], "answer": ["x"] * len(docs), "image": [x["image"] for x in docs]}
+    Dataset.from_dict(rows, features=Features({"question": Value("string"), "answer": Value("string"),
+                                               "image": Image()})).to_parquet(str(d / "parity.parquet"))
+    (d / "parity_utils.py").write_text(_TASK_UTILS)
+    (d / "hm_parity_gen.yaml").write_text(_TASK_YAML)
+    shim = tmp_path / "shim"
+    (shim / "decord").mkdir(parents=True)
+    (shim / "decord" / "__init__.py").write_text('"""test shim: lmms-eval\'s qwen2_vl imports decord; images never use it"""\n')
+    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hfd"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[2]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    answers = {}
+    for model, margs in (("qwen2_vl", f"pretrained={base},device=cpu,device_map=cpu"),
+                         ("merged", f"pretrained={base},method=none,device=cpu")):
+        out = tmp_path / model
+        p = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", margs,
+                            "--tasks", "hm_parity_gen", "--include_path", str(d), "--output_path", str(out),
+                            "--log_samples", "--batch_size", "1"], env=env, capture_output=True, text=True,
+                           timeout=900)
+        files = list(out.rglob("*samples_hm_parity_gen*.jsonl"))
+        assert p.returncode == 0 and files, p.stderr[-5000:]
+        samples = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+        answers[model] = {s["doc_id"]: s["filtered_resps"] for s in samples}
+    assert len(answers["qwen2_vl"]) == len(docs)
+    assert answers["merged"] == answers["qwen2_vl"]

@@ -36,12 +36,16 @@ def test_two_process_accelerate_run_equals_single_process(run_cli, qwen2vl, mm_t
     assert single.returncode == 0, single.stderr[-4000:]
     # `accelerate launch` itself: its console script imports every subcommand, and
     # `accelerate estimate-memory` imports timm -> torchvision, which cannot load in
-    # .venv (CPU torch); the launch subcommand's module runs the same launcher
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # .venv (CPU torch); the launch subcommand's module runs the same launcher.
+    # On CPU: `--cpu` starts ONE process (multi-CPU needs mpirun), so the torchrun
+    # launcher (--multi_gpu) with ACCELERATE_USE_CPU=true (Accelerator: MULTI_CPU, gloo)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617",
            "-m", "lmms_eval"] + [str(a) for a in args(hw / "dp_two", hw / "dp_cache2")]
     env = _env(hw)
     env["OMP_NUM_THREADS"] = "1"
+    env["ACCELERATE_USE_CPU"] = "true"
     two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-6000:]
     a, b = _samples(hw / "dp_single"), _samples(hw / "dp_two")
