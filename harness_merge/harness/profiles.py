@@ -216,5 +216,5 @@ def finish(profile: PromptProfile, answer: str) -> str:
     return answer.strip() if profile.strip_answer else answer
 
 
-__all__ = ["PROFILES", "PromptProfile", "ProfileError", "finish", "gen_request", "get_profile", "ll_request",
-           "messages", "prepare_images"]
+__all__ = ["PROFILES", "ProfileError", "PromptProfile", "finish", "gen_params", "gen_request", "get_profile",
+           "ll_request", "messages", "prepare_images", "qwen_smart_resize"]

@@ -196,7 +196,7 @@ def test_cli_log_samples_qwen2_vl_vs_merged(base, docs, tmp_path):
         out = tmp_path / model
         p = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", margs,
                             "--tasks", "hm_parity_gen", "--include_path", str(d), "--output_path", str(out),
-                            "--log_samples", "--batch_size", "1"], env=env, capture_output=True, text=True,
+                            "--log_samples", "--batch_size", "1"], check=False, env=env, capture_output=True, text=True,
                            timeout=900)
         files = list(out.rglob("*samples_hm_parity_gen*.jsonl"))
         assert p.returncode == 0 and files, p.stderr[-5000:]

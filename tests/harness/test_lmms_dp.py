@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _samples(out):
     _, s = find_results(out)
-    return {t: {d["doc_id"]: (d["arguments"] if "arguments" in d else None, d["filtered_resps"]) for d in v}
+    return {t: {d["doc_id"]: (d.get("arguments"), d["filtered_resps"]) for d in v}
             for t, v in s.items()}
 
 
@@ -46,7 +46,7 @@ def test_two_process_accelerate_run_equals_single_process(run_cli, qwen2vl, mm_t
     env = _env(hw)
     env["OMP_NUM_THREADS"] = "1"
     env["ACCELERATE_USE_CPU"] = "true"
-    two = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    two = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-6000:]
     a, b = _samples(hw / "dp_single"), _samples(hw / "dp_two")
     assert set(a) == set(b) == {"hm_pope_mini", "hm_pope_mc_mini"}
