@@ -313,6 +313,16 @@ def _on_cpu() -> bool:
 
 
 def _engine_opts(opts: dict) -> dict:
+    """The ``vllm.LLM`` keyword arguments of our options (also the engine's cache
+    key): ``min_pixels``/``max_pixels`` -> ``mm_processor_kwargs``,
+    ``eos_from="tokenizer"`` -> ``generation_config="vllm"`` (vLLM's defaults:
+    stop at the tokenizer's EOS only, not the model's generation config)."""
+    opts = dict(opts)
+    pix = {k: int(opts.pop(k)) for k in ("min_pixels", "max_pixels") if opts.get(k) is not None}
+    if pix:
+        opts["mm_processor_kwargs"] = pix
+    if opts.pop("eos_from", None) == "tokenizer":
+        opts["generation_config"] = "vllm"
     eo = {k: opts[k] for k in _ENGINE_KEYS if opts.get(k) is not None}
     if not eo.get("trust_remote_code"):
         eo.pop("trust_remote_code", None)
@@ -600,12 +610,10 @@ class VLLMBackend:
         if eos_from not in ("generation_config", "tokenizer"):
             raise BackendError(f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}")
         pix = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        if pix:
-            engine_opts["mm_processor_kwargs"] = pix
+        # engine options, translated by _engine_opts (so prepare_engine(**same opts) finds this engine)
+        engine_opts.update(pix, eos_from=eos_from)
         if revision:
             engine_opts["revision"] = revision
-        if eos_from == "tokenizer":  # vLLM's own defaults: stop at the tokenizer's EOS only
-            engine_opts["generation_config"] = "vllm"
         _import_vllm()
         from .hf import load_processor
 

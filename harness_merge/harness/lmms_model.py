@@ -124,6 +124,22 @@ def _model_type(hargs) -> str | None:
         return None
 
 
+def profile_of(hargs) -> P.PromptProfile:
+    """The prompt profile of parsed model_args (``prompt_profile=`` or the base's
+    model_type), with the user's system_prompt / pixel bounds applied."""
+    bo = hargs.backend_opts
+    return P.get_profile(hargs.prompt_profile, _model_type(hargs), system_prompt=bo.get("system_prompt"),
+                         min_pixels=bo.get("min_pixels"), max_pixels=bo.get("max_pixels"))
+
+
+def serving_opts(hargs) -> dict:
+    """The backend options model 'merged' loads its backend with (the profile's
+    under the user's, system prompt left to the profile)."""
+    opts = {**profile_of(hargs).backend_opts(), **hargs.backend_opts}
+    opts.pop("system_prompt", None)
+    return opts
+
+
 class MergedLMM(lmms):
     """lmms-eval model ``merged``; see the module docstring."""
 
@@ -135,16 +151,13 @@ class MergedLMM(lmms):
         global _ACTIVE_RECORD
         defaults = {k: kwargs.pop(k) for k in ("batch_size", "device", "max_batch_size") if k in kwargs}
         self.hargs = parse_model_args(kwargs, defaults=defaults)
-        bo = self.hargs.backend_opts
-        self.profile = P.get_profile(self.hargs.prompt_profile, _model_type(self.hargs),
-                                     system_prompt=bo.get("system_prompt"), min_pixels=bo.get("min_pixels"),
-                                     max_pixels=bo.get("max_pixels"))
+        self.profile = profile_of(self.hargs)
         # the profile puts the system message into the request itself
         hargs = self.hargs
-        if "system_prompt" in bo:
+        if "system_prompt" in hargs.backend_opts:
             from dataclasses import replace
 
-            hargs = replace(hargs, backend_opts={k: v for k, v in bo.items() if k != "system_prompt"})
+            hargs = replace(hargs, backend_opts={k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"})
         loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
         self.backend = loaded.backend
         self.artifact = loaded.artifact
@@ -297,4 +310,4 @@ class MergedLMM(lmms):
         raise e
 
 
-__all__ = ["MergedLMM", "manifest"]
+__all__ = ["MergedLMM", "manifest", "profile_of", "serving_opts"]
