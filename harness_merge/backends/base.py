@@ -192,6 +192,38 @@ def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_len: int) -> l
     return out
 
 
+def lm_encode(tokenizer, text: str, prefix_id: int | None = None) -> list[int]:
+    """Token ids of raw text as lm-eval's ``hf`` model encodes it (``HFLM.tok_encode``):
+    the tokenizer's own special tokens (e.g. a BOS) are added unless the text already
+    starts with the prefix token's text."""
+    if prefix_id is None:
+        prefix_id = prefix_token_id(tokenizer)
+    prefix = tokenizer.decode([int(prefix_id)])
+    add = not (prefix and text.startswith(prefix))
+    return list(tokenizer(text, add_special_tokens=add)["input_ids"])
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """``(context_ids, continuation_ids)`` exactly as lm-eval 0.4.13 builds them for
+    a causal LM (``LM.loglikelihood`` / ``_encode_pair``): trailing whitespace of the
+    context moves into the continuation, the whole string is encoded and split at
+    the context's length; an empty context becomes the prefix token (BOS, else EOS)
+    unless the continuation already starts with it."""
+    pid = prefix_token_id(tokenizer)
+    if context == "":
+        cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if cont and cont[0] == pid:
+            return cont[:1], cont[1:]
+        return [pid], cont
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = lm_encode(tokenizer, context + continuation, pid)
+    ctx = lm_encode(tokenizer, context, pid)
+    return ctx, whole[len(ctx):]
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -242,6 +274,8 @@ __all__ = [
     "GenRequest",
     "LLRequest",
     "cut_at_stop",
+    "encode_pair",
+    "lm_encode",
     "load_backend",
     "render_prompt",
     "rolling_windows",

@@ -23,12 +23,16 @@ from typing import Any, Sequence
 import torch
 
 from .base import (
-    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, prefix_token_id, render_prompt, rolling_windows,
+    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, encode_pair, lm_encode, prefix_token_id,
+    render_prompt, rolling_windows,
 )
 
 log = logging.getLogger("harness_merge.backends.hf")
 
-OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold", "trust_remote_code")
+OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold", "trust_remote_code",
+           "eos_from", "min_pixels", "max_pixels", "device_map", "attn_implementation", "revision", "subfolder",
+           "chat_template")
+EOS_FROM = ("generation_config", "tokenizer")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -99,25 +103,33 @@ def _from_pretrained(candidates, path, **kw):
     raise BackendError(f"cannot load a model from {path}: " + " | ".join(errors))
 
 
-def load_processor(base: str, trust_remote_code: bool = False):
-    """``(processor or None, tokenizer)`` of a base model folder / hub id."""
+def load_processor(base: str, trust_remote_code: bool = False, *, revision: str | None = None,
+                   subfolder: str | None = None, **image_kwargs: Any):
+    """``(processor or None, tokenizer)`` of a base model folder / hub id
+    (``revision`` / ``subfolder`` as in ``from_pretrained``). ``image_kwargs``
+    (e.g. ``min_pixels``, ``max_pixels``) go to the image processor, as
+    ``AutoProcessor.from_pretrained(base, **image_kwargs)`` does."""
     from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    hub = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
+    if subfolder and Path(base, subfolder).is_dir():  # a local folder: read the subfolder itself
+        base, hub = str(Path(base, subfolder)), {k: v for k, v in hub.items() if k != "subfolder"}
+    image_kwargs = {k: v for k, v in image_kwargs.items() if v is not None}
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
     if not is_multimodal_config(config):
         return None, tok
     from transformers import AutoProcessor
 
     try:
-        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code, **hub, **image_kwargs)
         if hasattr(proc, "image_processor"):
             return proc, getattr(proc, "tokenizer", tok)
         first_error: Exception | None = None
     except Exception as e:  # noqa: BLE001 - fall back below, re-raise if that fails too
         first_error = e
     try:
-        return _image_only_processor(base, config, tok), tok
+        return _image_only_processor(base, config, tok, **image_kwargs), tok
     except Exception as e:  # noqa: BLE001
         raise BackendError(
             f"cannot build the processor of {base}: AutoProcessor failed ({first_error}); "
@@ -125,7 +137,20 @@ def load_processor(base: str, trust_remote_code: bool = False):
         ) from e
 
 
-def _image_only_processor(base: str, config, tok):
+def set_chat_template(processor, tokenizer, chat_template: str) -> None:
+    """``chat_template=``: a Jinja string or a path to a template file."""
+    text = chat_template
+    if "{" not in chat_template:
+        p = Path(chat_template)
+        if not p.is_file():
+            raise BackendError(f"chat_template={chat_template!r} is neither a template nor a file")
+        text = p.read_text()
+    for obj in (processor, tokenizer, getattr(processor, "tokenizer", None)):
+        if obj is not None:
+            obj.chat_template = text
+
+
+def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
     """The family's processor class built from tokenizer + image processor only
     (its video processor, which needs torchvision, left out)."""
     import transformers
@@ -145,9 +170,9 @@ def _image_only_processor(base: str, config, tok):
         cls_name = cls_name[0]
     proc_cls = getattr(transformers, cls_name)
     try:
-        image_processor = AutoImageProcessor.from_pretrained(base)
+        image_processor = AutoImageProcessor.from_pretrained(base, **image_kwargs)
     except Exception:  # noqa: BLE001 - e.g. a torchvision-backed fast class
-        image_processor = AutoImageProcessor.from_pretrained(base, use_fast=False)
+        image_processor = AutoImageProcessor.from_pretrained(base, use_fast=False, **image_kwargs)
 
     class _ImageOnly(proc_cls):  # type: ignore[misc, valid-type]
         def check_argument_for_proper_class(self, argument_name, argument):
@@ -258,10 +283,21 @@ class HFBackend:
         system_prompt: str | None = None,
         fold: bool = False,
         trust_remote_code: bool = False,
+        eos_from: str = "generation_config",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        device_map: str | None = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         from transformers import AutoConfig
 
         t0 = time.perf_counter()
+        if eos_from not in EOS_FROM:
+            raise BackendError(f"backend=hf: eos_from must be one of {', '.join(EOS_FROM)}, got {eos_from!r}")
+        hub = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
         self.base = base
         self.batch_size = max(1, int(batch_size or 1))
         self.default_max_new_tokens = int(max_new_tokens) if max_new_tokens else 256
@@ -269,8 +305,11 @@ class HFBackend:
         self.device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype)
         try:
-            config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-            self.processor, self.tokenizer = load_processor(base, trust_remote_code)
+            config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+            self.processor, self.tokenizer = load_processor(base, trust_remote_code, min_pixels=min_pixels,
+                                                            max_pixels=max_pixels, **hub)
+            if chat_template:
+                set_chat_template(self.processor, self.tokenizer, chat_template)
         except BackendError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -279,8 +318,13 @@ class HFBackend:
         kind = getattr(artifact, "kind", None)
         model_path = str(artifact.path) if kind == "full" else base
         try:
+            load_kw: dict[str, Any] = dict(hub) if kind != "full" else {}
+            if attn_implementation:
+                load_kw["attn_implementation"] = attn_implementation
+            if device_map:
+                load_kw["device_map"] = device_map
             model = _from_pretrained(model_class_for(config), model_path, dtype=torch_dtype,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, **load_kw)
         except BackendError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -299,15 +343,20 @@ class HFBackend:
                 model = model.merge_and_unload()
         elif kind not in (None, "full"):
             raise BackendError(f"unknown artifact kind {kind!r} (expected 'lora' or 'full')")
-        self.model = model.to(self.device).eval()
+        self.model = (model if device_map else model.to(self.device)).eval()
+        if device_map:  # placed by accelerate: inputs go to the first parameter's device
+            self.device = str(next(self.model.parameters()).device)
         for tk in {id(self.tokenizer): self.tokenizer,
                    id(getattr(self.processor, "tokenizer", None)): getattr(self.processor, "tokenizer", None)}.values():
             if tk is not None and tk.pad_token_id is None:
                 tk.pad_token = tk.eos_token
-        eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_ids:
-            self.eos_ids.append(self.tokenizer.eos_token_id)
+        if eos_from == "tokenizer":  # e.g. lmms-eval's qwen2_vl / llava_hf: eos_token_id=tokenizer.eos_token_id
+            self.eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        else:
+            eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+            self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+            if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_ids:
+                self.eos_ids.append(self.tokenizer.eos_token_id)
         self.max_length = int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 2048) or 2048)
         self.info = BackendInfo(
             name="hf",
@@ -347,7 +396,11 @@ class HFBackend:
             enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         else:
             self.tokenizer.padding_side = padding_side
-            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+            # as lm-eval's hf model (HFLM.tok_batch_encode): the tokenizer's special
+            # tokens unless the first text already starts with the BOS token
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add = not (bos and texts and texts[0].startswith(bos))
+            enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add)
         return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
 
     # -- generate ----------------------------------------------------------
@@ -450,6 +503,13 @@ class HFBackend:
                 if "token_type_ids" in enc:
                     enc["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(cont_t)], dim=1)
                 out[i] = self._score([(enc, len(cont))])[0]
+            elif r.context is not None:  # raw text (lm-eval): encoded as lm-eval's hf model does
+                ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation)
+                if not cont:
+                    out[i] = (0.0, True)
+                    continue
+                text_items.append((ctx or [self._prefix_id()], cont))
+                text_idx.append(i)
             else:
                 ctx = self.tokenizer(ctx_text, add_special_tokens=False)["input_ids"]
                 if not ctx:
@@ -467,7 +527,7 @@ class HFBackend:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         out = []
         for text in texts:
-            ids = self._cont_ids(text)
+            ids = lm_encode(self.tokenizer, text)  # as lm-eval's hf model (HFLM.tok_encode)
             windows = rolling_windows(ids, self._prefix_id(), self.max_length)
             out.append(sum(ll for ll, _ in self._score_token_batch(windows)))
         return out

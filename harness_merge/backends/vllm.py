@@ -73,6 +73,8 @@ from .base import (
     GenRequest,
     LLRequest,
     cut_at_stop,
+    encode_pair,
+    lm_encode,
     prefix_token_id,
     render_prompt,
     rolling_windows,
@@ -86,8 +88,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_LORA_RANK = ALLOWED_LORA_RANKS[-1]
-COMMON_OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "trust_remote_code")
-VLLM_OPTIONS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")
+COMMON_OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "trust_remote_code",
+                  "eos_from", "min_pixels", "max_pixels", "revision", "chat_template")
+VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                "enforce_eager", "max_lora_rank")
 # vllm-only extras (Python callers: bench, leaderboard; not model_args keys)
 EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
@@ -274,8 +278,9 @@ def vllm_model_dir(model_dir: str | Path, config=None) -> str:
 # ---------------------------------------------------------------------------
 # engines
 # ---------------------------------------------------------------------------
-_ENGINE_KEYS = ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager",
-                "trust_remote_code", "seed", "max_num_seqs")
+_ENGINE_KEYS = ("dtype", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                "enforce_eager", "trust_remote_code", "seed", "max_num_seqs", "revision", "mm_processor_kwargs",
+                "generation_config")
 _ENGINES: dict[tuple, VLLMEngine] = {}
 _LOCK = threading.RLock()
 _LORA_IDS = itertools.count(1)
@@ -308,6 +313,16 @@ def _on_cpu() -> bool:
 
 
 def _engine_opts(opts: dict) -> dict:
+    """The ``vllm.LLM`` keyword arguments of our options (also the engine's cache
+    key): ``min_pixels``/``max_pixels`` -> ``mm_processor_kwargs``,
+    ``eos_from="tokenizer"`` -> ``generation_config="vllm"`` (vLLM's defaults:
+    stop at the tokenizer's EOS only, not the model's generation config)."""
+    opts = dict(opts)
+    pix = {k: int(opts.pop(k)) for k in ("min_pixels", "max_pixels") if opts.get(k) is not None}
+    if pix:
+        opts["mm_processor_kwargs"] = pix
+    if opts.pop("eos_from", None) == "tokenizer":
+        opts["generation_config"] = "vllm"
     eo = {k: opts[k] for k in _ENGINE_KEYS if opts.get(k) is not None}
     if not eo.get("trust_remote_code"):
         eo.pop("trust_remote_code", None)
@@ -588,8 +603,17 @@ class VLLMBackend:
                  device: str | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
                  system_prompt: str | None = None, trust_remote_code: bool = False,
                  max_lora_rank: int | None = None, max_loras: int | None = None, max_images: int | None = None,
-                 engine: VLLMEngine | None = None, share: bool = True, **engine_opts: Any) -> None:
+                 engine: VLLMEngine | None = None, share: bool = True, eos_from: str = "generation_config",
+                 min_pixels: int | None = None, max_pixels: int | None = None, revision: str | None = None,
+                 chat_template: str | None = None, **engine_opts: Any) -> None:
         t0 = time.perf_counter()
+        if eos_from not in ("generation_config", "tokenizer"):
+            raise BackendError(f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}")
+        pix = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        # engine options, translated by _engine_opts (so prepare_engine(**same opts) finds this engine)
+        engine_opts.update(pix, eos_from=eos_from)
+        if revision:
+            engine_opts["revision"] = revision
         _import_vllm()
         from .hf import load_processor
 
@@ -602,7 +626,11 @@ class VLLMBackend:
             log.warning("backend=vllm: device=%s asked for but this vLLM build runs on the CPU", device)
         try:
             config = _config(base, trust_remote_code)
-            self.processor, self.tokenizer = load_processor(base, trust_remote_code)
+            self.processor, self.tokenizer = load_processor(base, trust_remote_code, revision=revision, **pix)
+            if chat_template:
+                from .hf import set_chat_template
+
+                set_chat_template(self.processor, self.tokenizer, chat_template)
         except BackendError:
             raise
         except Exception as e:
@@ -690,8 +718,10 @@ class VLLMBackend:
             text = self.render(r)
             if r.images:
                 inputs.append({"prompt": text, "multi_modal_data": self._mm(r.images)})
-            elif self.processor is None:  # text-only: tokenised as the hf backend does (no special tokens added)
-                inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+            elif self.processor is None:  # text-only: tokenised as the hf backend (and lm-eval's hf) does
+                bos = getattr(self.tokenizer, "bos_token", None)
+                add = not (bos and text.startswith(bos))
+                inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=add)["input_ids"]})
             else:
                 inputs.append({"prompt": text})
             kw: dict[str, Any] = {"max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
@@ -749,6 +779,12 @@ class VLLMBackend:
                 inp: dict[str, Any] = {"prompt_token_ids": ctx + cont}
                 if r.images:
                     inp["multi_modal_data"] = self._mm(r.images)
+            elif r.context is not None:  # raw text (lm-eval): encoded as lm-eval's hf model does
+                ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation)
+                if not cont:
+                    out[i] = (0.0, True)
+                    continue
+                inp = {"prompt_token_ids": ((ctx or [self._prefix_id()]) + cont)[-limit:]}
             else:
                 ctx = self.tokenizer(ctx_text, add_special_tokens=False)["input_ids"] or [self._prefix_id()]
                 inp = {"prompt_token_ids": (ctx + cont)[-limit:]}
@@ -761,7 +797,7 @@ class VLLMBackend:
     def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
         items, owner = [], []
         for j, text in enumerate(texts):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = lm_encode(self.tokenizer, text)  # as lm-eval's hf model (HFLM.tok_encode)
             for ctx, tgt in rolling_windows(ids, self._prefix_id(), self.max_model_len - 2):
                 items.append(({"prompt_token_ids": ctx + tgt}, len(tgt)))
                 owner.append(j)

@@ -3,14 +3,20 @@
 1. build a tiny Qwen2-VL from a config and pre-train it briefly (captions);
 2. train one LoRA adapter per synthetic task (colour, shape, count);
 3. merge the adapters with ``copa`` through :func:`harness_merge.api.merge`;
-4. run the real lmms-eval CLI on the merged model (``--model merged``, which
-   merges on load, here a cache hit) over the demo tasks and ``pope_local``;
-5. print a table: base zero-shot, each adapter alone and the merge (these four
-   in-process, same rows, same exact-match scoring) and the lmms-eval numbers.
+4. evaluate every row of the table with the real lmms-eval CLI on model
+   ``merged`` (one path for all rows, so the table cannot disagree with
+   itself): the base (``method=none``), each adapter alone (``method=ta`` on
+   that one adapter, ``scaling=1``: the adapter itself) and the merge (a cache
+   hit of step 3), on the demo tasks and ``pope_local``;
+5. print the table and the lmms-eval numbers of the merge.
 
-About 2-4 minutes on 2 shared CPU cores. Everything lands in ``--out``
+The adapters were trained on the base's chat template without a system
+prompt, so the demo evaluates with ``prompt_profile=plain`` (the default for a
+Qwen2-VL base, ``qwen2_vl``, reproduces lmms-eval's own ``qwen2_vl`` class).
+
+A few minutes on 2 shared CPU cores. Everything lands in ``--out``
 (default ``./demo_out``): ``base/``, ``adapters/<task>/``, ``merged/``,
-``lmms_eval/`` (results JSON), ``summary.json``.
+``lmms_eval/<row>/`` (results JSON), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 # task (all scores 0), so the demo uses lambda=1 unless --param is given.
 DEMO_PARAMS = {"copa": ["scaling=1"]}
 DEFAULT_TASKS_DIR = REPO / "task_configs" / "local"
+# the prompts the demo adapters were trained on (see the module docstring)
+DEMO_PROFILE = "plain"
 
 
 def _log(msg: str) -> None:
@@ -51,22 +59,9 @@ def _parse(argv):
     p.add_argument("--pretrain-steps", type=int, default=200, help="base pre-training steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
-    p.add_argument("--skip-lmms-eval", action="store_true", help="stop after the in-process table")
+    p.add_argument("--skip-lmms-eval", action="store_true", help="stop after the merge (no evaluation)")
     p.add_argument("--rebuild", action="store_true", help="retrain even if base/adapters exist in --out")
     return p.parse_args(argv)
-
-
-def _eval_rows(task: str):
-    from harness_merge.demo import data as ddata
-
-    # the same rows as task_configs/local/demo/demo_<task>.parquet
-    return ddata.make_rows(task, 24, seed=7)
-
-
-def _accuracies(model, processor, tasks) -> dict[str, float]:
-    from harness_merge.demo.train import accuracy
-
-    return {t: accuracy(model, processor, _eval_rows(t)) for t in tasks}
 
 
 def build(out: Path, adapter_tasks, *, steps: int, pretrain_steps: int, seed: int, rebuild: bool):
@@ -93,11 +88,13 @@ def build(out: Path, adapter_tasks, *, steps: int, pretrain_steps: int, seed: in
 
 def run_lmms_eval(base: Path, adapters, method: str, params: dict, tasks: str, tasks_dir: Path, out: Path,
                   cache_dir: Path) -> dict:
-    """The real lmms-eval CLI on model ``merged``; returns its results JSON."""
-    ad = ",".join(str(a) for a in adapters)
-    margs = f"pretrained={base},adapters=[{ad}],method={method},cache_dir={cache_dir}"
-    for k, v in params.items():
-        margs += f",{k}={v}"
+    """The real lmms-eval CLI on model ``merged``; returns its results JSON.
+    ``method="none"`` (no adapters) evaluates the base alone."""
+    margs = f"pretrained={base},method={method},cache_dir={cache_dir},prompt_profile={DEMO_PROFILE}"
+    if adapters:
+        margs += ",adapters=[" + ",".join(str(a) for a in adapters) + "]"
+    if params:
+        margs += ",params={" + ",".join(f"{k}={v}" for k, v in params.items()) + "}"
     cmd = [sys.executable, "-m", "harness_merge.harness.lmms_cli", "--model", "merged", "--model_args", margs,
            "--tasks", tasks, "--include_path", str(tasks_dir), "--output_path", str(out), "--batch_size", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -142,11 +139,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from peft import PeftModel
-    from transformers import Qwen2VLForConditionalGeneration
-
     from harness_merge.api import MergeSpec, merge
-    from harness_merge.demo.tiny import load_processor
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -163,37 +156,32 @@ def main(argv=None) -> int:
     _log(f"merged {len(adapters)} adapters with {args.method} {params or ''} ({time.time() - t:.1f}s): "
          f"{art.kind} -> {art.path}")
 
-    processor = load_processor(base)
+    summary: dict = {"artifact": str(art.path), "method": args.method, "params": params,
+                      "prompt_profile": DEMO_PROFILE}
     rows: list[tuple[str, dict[str, float]]] = []
-
-    def fresh():
-        return Qwen2VLForConditionalGeneration.from_pretrained(base)
-
-    rows.append(("base (zero-shot)", _accuracies(fresh(), processor, adapter_tasks)))
-    for task, ad in adapters.items():
-        rows.append((f"adapter {task}", _accuracies(PeftModel.from_pretrained(fresh(), ad), processor, adapter_tasks)))
-    if art.kind == "lora":
-        merged_model = PeftModel.from_pretrained(fresh(), art.path)
-    else:
-        merged_model = Qwen2VLForConditionalGeneration.from_pretrained(art.path)
-    rows.append((f"merged {args.method} (in-process)", _accuracies(merged_model, processor, adapter_tasks)))
-
-    summary = {"in_process": dict(rows), "artifact": str(art.path), "method": args.method, "params": params}
     lmms = None
     if not args.skip_lmms_eval:
         tasks = args.tasks or ",".join([f"demo_{t}" for t in adapter_tasks] + ["pope_local"])
-        res = run_lmms_eval(base, list(adapters.values()), args.method, params, tasks, args.tasks_dir,
-                            out / "lmms_eval", cache_dir)
-        lmms = _lmms_scores(res)
+        plan = [("base (zero-shot)", "base", [], "none", {})]
+        plan += [(f"adapter {t}", f"adapter_{t}", [ad], "ta", {"scaling": 1}) for t, ad in adapters.items()]
+        plan.append((f"merged {args.method}", "merged", list(adapters.values()), args.method, params))
+        summary["lmms_eval_rows"] = {}
+        for label, folder, ads, method, prm in plan:
+            res = run_lmms_eval(base, ads, method, prm, tasks, args.tasks_dir, out / "lmms_eval" / folder,
+                                cache_dir)
+            scores = _lmms_scores(res)
+            summary["lmms_eval_rows"][label] = scores
+            rows.append((label, {t: scores[f"demo_{t}"]["exact_match"] for t in adapter_tasks
+                                 if f"demo_{t}" in scores}))
+        lmms = summary["lmms_eval_rows"][f"merged {args.method}"]
         summary["lmms_eval"] = lmms
-        demo_acc = {t: lmms[f"demo_{t}"]["exact_match"] for t in adapter_tasks if f"demo_{t}" in lmms}
-        rows.append((f"merged {args.method} (lmms-eval)", demo_acc))
 
-    print()
-    print("Exact-match accuracy on the demo tasks (24 rows each):")
-    print(_table(rows, adapter_tasks))
+    if rows:
+        print()
+        print("Exact-match accuracy on the demo tasks (24 rows each; every row by lmms-eval, model 'merged'):")
+        print(_table(rows, adapter_tasks))
     if lmms:
-        print("\nlmms-eval results (model 'merged'):")
+        print(f"\nlmms-eval results of the merge (model 'merged', method {args.method}):")
         for task, metrics in lmms.items():
             print(f"  {task:22s} " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     summary["seconds"] = round(time.time() - t0, 1)

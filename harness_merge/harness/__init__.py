@@ -49,11 +49,80 @@ def merge_progress() -> bool:
     return lm_eval.level == logging.NOTSET or lm_eval.level <= logging.INFO
 
 
-def load_merged(hargs) -> Loaded:
+
+def run_id(hargs, manifest: dict | None) -> str:
+    """A readable id of what is served: ``<base name>__<method>-<hash8>``, the
+    hash over the base reference (with revision/subfolder), the method, its
+    resolved parameters, the adapters' sha256 and the artifact options; the base
+    alone is ``<base name>__none``. Used as the results' ``model_name`` and
+    output folder, so runs of different merges never mix."""
+    import hashlib
+    import json
+    import re
+
+    name = str(hargs.pretrained).rstrip("/").replace("\\", "/").split("/")[-1] or "model"
+    sub = hargs.backend_opts.get("subfolder")
+    if sub:
+        name = f"{name}-{str(sub).strip('/').replace('/', '-')}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    if hargs.method == "none" or not manifest:
+        return f"{name}__none"
+    payload = {
+        "base": str(hargs.pretrained),
+        "revision": hargs.backend_opts.get("revision"),
+        "subfolder": sub,
+        "method": manifest.get("method", hargs.method),
+        "params": manifest.get("params", hargs.params),
+        "adapters": [a.get("sha256") for a in manifest.get("adapters", [])],
+        "format": hargs.format,
+        "rank": hargs.rank,
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}__{payload['method']}-{digest}"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` set by ``accelerate launch`` / ``torchrun``."""
+    import os
+
+    def _int(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    return _int("RANK", 0), _int("LOCAL_RANK", 0), max(1, _int("WORLD_SIZE", 1))
+
+
+def rank_device(opts: dict, backend: str) -> dict:
+    """Data parallel (several processes, one model each): bind this process's
+    model to ``cuda:<LOCAL_RANK>`` when the device is unset or a bare ``cuda``,
+    as the harnesses' own models do; CPU runs stay on the CPU. vLLM places its
+    engine itself (``tensor_parallel_size`` / ``data_parallel_size``)."""
+    _, local_rank, world = dist_env()
+    if world <= 1 or backend != "hf" or opts.get("device_map"):
+        return opts
+    dev = opts.get("device")
+    if dev in (None, "", "auto", "cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return {**opts, "device": f"cuda:{local_rank}"}
+        except ImportError:
+            pass
+        if dev in (None, "", "auto"):
+            return {**opts, "device": "cpu"}
+    return opts
+
+
+def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
     """Merge ``hargs`` (a :class:`~.model_args.HarnessArgs`) and serve it.
 
     The merge goes through the content-addressed cache, so a second run with
     the same inputs does no merge work (``record["cache_hit"]``).
+    ``extra_opts`` (a prompt profile's backend options) are passed to the
+    backend under the user's own options.
     """
     from ..api import merge
     from ..backends import load_backend
@@ -80,16 +149,18 @@ def load_merged(hargs) -> Loaded:
              f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}")
     t_merge = time.perf_counter() - t0
     t1 = time.perf_counter()
-    backend = load_backend(hargs.backend, art, hargs.pretrained, **hargs.backend_opts)
+    opts = rank_device({**(extra_opts or {}), **hargs.backend_opts}, hargs.backend)
+    backend = load_backend(hargs.backend, art, hargs.pretrained, **opts)
     t_load = time.perf_counter() - t1
     info = getattr(backend, "info", None)
     _say(f"backend {hargs.backend} loaded in {t_load:.2f}s"
          + (f" ({info.model_class}, {info.dtype}, {info.device}{', LoRA folded' if info.folded else ''})"
             if info is not None else ""))
     record = {
+        "model_name": run_id(hargs, m if art is not None else None),
         "base": hargs.pretrained,
         "backend": hargs.backend,
-        "backend_opts": {k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"},
+        "backend_opts": {k: v for k, v in opts.items() if k != "system_prompt"},
         "artifact": {"path": str(art.path), "kind": art.kind} if art is not None else None,
         "cache_hit": bool(art.cache_hit) if art is not None else None,
         "merge_seconds": round(t_merge, 3),
@@ -127,4 +198,29 @@ def report_failure(exc: BaseException, where: str) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-__all__ = ["FAILURES", "Loaded", "load_merged", "merge_progress", "report_failure"]
+def install_identity_hook(tracker_cls, get_name) -> None:
+    """Make a harness's ``GeneralConfigTracker`` name the run by ``get_name()``
+    (our :func:`run_id`) instead of the ``pretrained=`` it reads from the
+    model_args string: the results' ``model_name`` and the output folder."""
+    import functools
+
+    orig = tracker_cls.log_experiment_args
+    if getattr(orig, "_harness_merge", False):
+        return
+
+    @functools.wraps(orig)
+    def log_experiment_args(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        name = get_name()
+        if name:
+            mod = __import__(tracker_cls.__module__, fromlist=["sanitize_model_name"])
+            sanitize = getattr(mod, "sanitize_model_name", lambda x: x.replace("/", "__"))
+            self.model_name = name
+            self.model_name_sanitized = sanitize(name)
+
+    log_experiment_args._harness_merge = True  # type: ignore[attr-defined]
+    tracker_cls.log_experiment_args = log_experiment_args
+
+
+__all__ = ["FAILURES", "Loaded", "dist_env", "install_identity_hook", "load_merged", "merge_progress",
+           "rank_device", "report_failure", "run_id"]

@@ -12,17 +12,31 @@ does before running lm-eval's CLI (newer lm-eval versions read the
 Arguments: as for lmms-eval (``harness_merge.harness.model_args``). What was
 merged is logged to stderr and stored under ``config.merge`` in the results
 JSON (lm-eval merges ``get_model_info()`` into the config).
+
+lm-eval 0.4.13's ``get_model`` loads its built-in models (``hf``, ``vllm``,
+...) only while its registry is empty, so ``lm_eval.models`` is imported
+before ``merged`` is registered: both stay available in one process
+(``lm-eval-merged --model hf`` runs lm-eval's own model).
+
+Scoring follows lm-eval's ``hf`` model: a loglikelihood request's context and
+continuation are encoded as ``LM._encode_pair`` does (trailing whitespace
+moved into the continuation, the whole string encoded and split), see
+``harness_merge.backends.base.encode_pair``.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: see below)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..backends.base import GenRequest, LLRequest
-from . import load_merged, report_failure
-from .model_args import parse_model_args, split_arg_string
+from . import install_identity_hook, load_merged, report_failure
+from .model_args import ModelArgsError, parse_model_args, split_arg_string
+
+# the run id (results' model_name, output folder) of the model 'merged' loaded last
+_ACTIVE_NAME: str | None = None
 
 
 @register_model("merged")
@@ -37,6 +51,11 @@ class MergedLM(LM):
         try:
             defaults = {k: kwargs.pop(k) for k in ("batch_size", "device", "max_batch_size") if k in kwargs}
             self.hargs = parse_model_args(kwargs, defaults=defaults)
+            if self.hargs.prompt_profile is not None:
+                raise ModelArgsError(
+                    "model_args: prompt_profile applies to lmms-eval only; lm-eval's requests are raw text, "
+                    "scored as lm-eval's hf model does (use --apply_chat_template for chat models)"
+                )
             loaded = load_merged(self.hargs)
         except Exception as e:
             report_failure(e, "lm-eval model 'merged': load")
@@ -44,6 +63,11 @@ class MergedLM(LM):
         self.backend = loaded.backend
         self.artifact = loaded.artifact
         self.merge_record = loaded.record
+        from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+        global _ACTIVE_NAME
+        _ACTIVE_NAME = self.merge_record["model_name"]
+        install_identity_hook(GeneralConfigTracker, lambda: _ACTIVE_NAME)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

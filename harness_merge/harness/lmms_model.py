@@ -26,7 +26,8 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..backends.base import BackendError, GenRequest, LLRequest
-from . import FAILURES, conv_templates, load_merged, report_failure  # noqa: F401  (FAILURES re-exported for tests)
+from . import FAILURES, conv_templates, install_identity_hook, load_merged, report_failure  # noqa: F401  (FAILURES for tests)
+from . import profiles as P
 from .model_args import parse_model_args
 
 MODEL_ID = "merged"
@@ -110,6 +111,35 @@ def _keep_tuple(result: tuple[float, bool]):
     return GenerationResult(text=(float(result[0]), bool(result[1])))  # type: ignore[arg-type]
 
 
+def _model_type(hargs) -> str | None:
+    """The base's ``model_type`` (config.json), without loading the model."""
+    try:
+        from transformers import AutoConfig
+
+        hub = {k: hargs.backend_opts[k] for k in ("revision", "subfolder") if hargs.backend_opts.get(k)}
+        cfg = AutoConfig.from_pretrained(hargs.pretrained,
+                                         trust_remote_code=bool(hargs.backend_opts.get("trust_remote_code")), **hub)
+        return getattr(cfg, "model_type", None)
+    except Exception:  # noqa: BLE001 - the backend reports an unloadable base with its own error
+        return None
+
+
+def profile_of(hargs) -> P.PromptProfile:
+    """The prompt profile of parsed model_args (``prompt_profile=`` or the base's
+    model_type), with the user's system_prompt / pixel bounds applied."""
+    bo = hargs.backend_opts
+    return P.get_profile(hargs.prompt_profile, _model_type(hargs), system_prompt=bo.get("system_prompt"),
+                         min_pixels=bo.get("min_pixels"), max_pixels=bo.get("max_pixels"))
+
+
+def serving_opts(hargs) -> dict:
+    """The backend options model 'merged' loads its backend with (the profile's
+    under the user's, system prompt left to the profile)."""
+    opts = {**profile_of(hargs).backend_opts(), **hargs.backend_opts}
+    opts.pop("system_prompt", None)
+    return opts
+
+
 class MergedLMM(lmms):
     """lmms-eval model ``merged``; see the module docstring."""
 
@@ -121,18 +151,38 @@ class MergedLMM(lmms):
         global _ACTIVE_RECORD
         defaults = {k: kwargs.pop(k) for k in ("batch_size", "device", "max_batch_size") if k in kwargs}
         self.hargs = parse_model_args(kwargs, defaults=defaults)
-        loaded = load_merged(self.hargs)
+        self.profile = profile_of(self.hargs)
+        # the profile puts the system message into the request itself
+        hargs = self.hargs
+        if "system_prompt" in hargs.backend_opts:
+            from dataclasses import replace
+
+            hargs = replace(hargs, backend_opts={k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"})
+        loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
         self.backend = loaded.backend
         self.artifact = loaded.artifact
         self.merge_record = loaded.record
+        self.merge_record["prompt_profile"] = self.profile.record()
+        self.merge_record["first_prompt"] = None
         _ACTIVE_RECORD = self.merge_record
         _install_results_hook()
+        from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
+
+        install_identity_hook(GeneralConfigTracker,
+                              lambda: (_ACTIVE_RECORD or {}).get("model_name"))
         self._batch_size = int(self.hargs.backend_opts.get("batch_size", 1))
         self._device = getattr(getattr(self.backend, "info", None), "device", "cpu")
         self.conv = conv_templates.get_template(self.hargs.conv_template) if self.hargs.conv_template else None
         self._image_token = conv_templates.image_token_of(getattr(self.backend, "processor", None))
         if self.conv is not None:
             self.merge_record["conv_template"] = self.conv.name
+        self._templated = False
+        # data parallel (accelerate launch / torchrun): lmms-eval shards the
+        # requests by these (and sets them again itself when WORLD_SIZE > 1)
+        from . import dist_env
+
+        self._rank, _, self._world_size = dist_env()
+        self.merge_record["world_size"] = self._world_size
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -160,6 +210,42 @@ class MergedLMM(lmms):
     def get_model_info(self) -> dict:
         return {"merge": self.merge_record}
 
+    # -- --apply_chat_template ---------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        """The base's chat template (lmms-eval records it with --apply_chat_template)."""
+        for obj in (getattr(self.backend, "processor", None), getattr(self.backend, "tokenizer", None)):
+            t = getattr(obj, "chat_template", None)
+            if t:
+                return t
+        return None
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.hargs.pretrained).replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """lmms-eval's task builds the context with this under --apply_chat_template;
+        such a context is then sent as is (no second template)."""
+        tok = getattr(self.backend, "tokenizer", None)
+        if tok is None or not self.chat_template:
+            raise BackendError(f"--apply_chat_template: the base {self.hargs.pretrained} has no chat template")
+        self._templated = True
+        hist = [{**m, "content": m["content"] if isinstance(m.get("content"), str)
+                 else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")}
+                for m in chat_history]
+        if tok.chat_template != self.chat_template:
+            return tok.apply_chat_template(hist, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           chat_template=self.chat_template)
+        return tok.apply_chat_template(hist, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _record_first(self, req) -> None:
+        if self.merge_record.get("first_prompt") is None:
+            try:
+                self.merge_record["first_prompt"] = self.backend.render(req)
+            except Exception as e:  # noqa: BLE001 - the record must not break the run
+                self.merge_record["first_prompt"] = f"<not rendered: {type(e).__name__}: {e}>"
+
     # -- request translation ------------------------------------------------
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
         if doc_to_visual is None:
@@ -178,28 +264,14 @@ class MergedLMM(lmms):
             )
         return [v.convert("RGB") for v in visuals]
 
-    @staticmethod
-    def _messages(ctx: str, n_images: int) -> tuple[dict, ...]:
-        text = ctx.replace("<image>", "").strip() if n_images else ctx
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-        return ({"role": "user", "content": content},)
-
-    @staticmethod
-    def _gen_params(gen_kwargs: dict) -> dict:
-        gk = dict(gen_kwargs or {})
-        until = gk.get("until") or []
-        if isinstance(until, str):
-            until = [until]
-        temperature = float(gk.get("temperature", 0.0) or 0.0)
-        do_sample = bool(gk.get("do_sample", temperature > 0))
-        mnt = gk.get("max_new_tokens")
-        return dict(
-            until=tuple(until),
-            max_new_tokens=int(mnt) if mnt else None,
-            temperature=temperature,
-            do_sample=do_sample and temperature > 0,
-            top_p=gk.get("top_p"),
-        )
+    def _templated_ctx(self, task: str, n_images: int) -> bool:
+        if self._templated and n_images:
+            raise BackendError(
+                f"task {task}: --apply_chat_template with image tasks is not supported by model 'merged' "
+                f"(its prompt profile {self.profile.name} renders the chat template with the images); "
+                f"drop --apply_chat_template"
+            )
+        return self._templated
 
     @_guard("lmms-eval model 'merged': generate_until")
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -207,13 +279,16 @@ class MergedLMM(lmms):
         for inst in requests:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args[:6]
             images = self._visuals(doc_to_visual, doc_id, task, split)
-            if self.conv is not None:
-                reqs.append(conv_templates.gen_request(self.conv, ctx, self._gen_params(gen_kwargs), images,
+            if self.conv is not None:  # an original-repo conversation template decides over the profile
+                reqs.append(conv_templates.gen_request(self.conv, ctx, P.gen_params(self.profile, gen_kwargs), images,
                                                        self._image_token))
-                continue
-            reqs.append(GenRequest(messages=self._messages(ctx, len(images)), images=tuple(images),
-                                   **self._gen_params(gen_kwargs)))
-        out = self.backend.generate(reqs)
+            elif self._templated_ctx(task, len(images)):
+                reqs.append(GenRequest(prompt=ctx, **P.gen_params(self.profile, gen_kwargs)))
+            else:
+                reqs.append(P.gen_request(self.profile, ctx, gen_kwargs, images))
+        if reqs:
+            self._record_first(reqs[0])
+        out = [P.finish(self.profile, a) for a in self.backend.generate(reqs)]
         for inst, ans in zip(requests, out):
             self.cache_hook.add_partial("generate_until", (inst.args[0], inst.args[1]), ans)
         return out
@@ -230,9 +305,12 @@ class MergedLMM(lmms):
             images = self._visuals(doc_to_visual, doc_id, task, split)
             if self.conv is not None:
                 reqs.append(conv_templates.ll_request(self.conv, ctx, str(target), images, self._image_token))
-                continue
-            reqs.append(LLRequest(continuation=str(target), messages=self._messages(ctx, len(images)),
-                                  images=tuple(images)))
+            elif self._templated_ctx(task, len(images)):
+                reqs.append(LLRequest(continuation=str(target), context=ctx))
+            else:
+                reqs.append(P.ll_request(self.profile, ctx, str(target), images))
+        if reqs:
+            self._record_first(reqs[0])
         return [_keep_tuple(r) for r in self.backend.loglikelihood(reqs)]
 
     def generate_until_multi_round(self, requests) -> list[str]:
@@ -241,4 +319,4 @@ class MergedLMM(lmms):
         raise e
 
 
-__all__ = ["MergedLMM", "manifest"]
+__all__ = ["MergedLMM", "manifest", "profile_of", "serving_opts"]

@@ -2,21 +2,31 @@
 
 ``pretrained=BASE,adapters=[a,b,c],method=copa,prune_rate=0.8,backend=hf``
 
-- ``adapters``: ``[a,b,c]``, ``a;b;c`` or a single path (a Python list too).
-- ``method``: a registered method, or ``none`` to serve the base alone (no
-  adapters; the zero-shot reference of a leaderboard).
-- every parameter of the chosen method by its own name (``prune_rate``,
-  ``scaling``, ``weights=[0.5,0.5]``, ``seed``, ...), looked up in the
-  method's parameter dataclass and passed on as given (the dataclass converts
-  and validates).
-- merge options: ``format`` (auto|lora|full), ``rank``, ``cache_dir``.
+The string is parsed once into typed parts (:class:`HarnessArgs`):
+
+- what to merge: ``pretrained`` (folder or hub id), ``adapters`` (``[a,b,c]``,
+  ``a;b;c``, a single path or a Python list), ``method`` (a registered method,
+  or ``none`` to serve the base alone: the zero-shot reference of a leaderboard);
+- the method's parameters: ``params={prune_rate=0.8,weights=[0.5,0.5]}``, or
+  flat by their own names (``prune_rate=0.8``) where the name is not also one
+  of the keys below. A method parameter that shares its name with a serving or
+  artifact key (wudi's ``device``, wudi2's ``rank``) can be set only inside
+  ``params={...}``; the flat key always means the serving/artifact key, so a
+  collision cannot happen. Values are passed on as given (the method's
+  dataclass converts and validates);
+- the artifact: ``format`` (auto|lora|full), ``rank`` (truncation rank of a
+  LoRA made by SVD), ``cache_dir``;
+- serving: ``backend`` (hf|vllm), ``dtype``, ``device``, ``batch_size`` (a
+  number; ``auto`` is refused), ``max_new_tokens``, ``system_prompt``,
+  ``prompt_profile`` (qwen2_vl|llava_hf|vllm|plain|auto, see
+  :mod:`.profiles`), ``max_pixels`` / ``min_pixels`` (image processor bounds),
+  ``revision`` / ``subfolder`` (of a hub base), ``chat_template`` (a template
+  or a file), ``trust_remote_code``; hf only: ``fold`` (fold the LoRA into the
+  weights), ``device_map``, ``attn_implementation``; vLLM pass-throughs
+  ``tensor_parallel_size``, ``data_parallel_size``, ``gpu_memory_utilization``,
+  ``max_model_len``, ``enforce_eager``, ``max_lora_rank``.
 - ``conv_template``: render requests with an original-repo conversation
-  template (``vicuna_v1``: LLaVA-1.5's) instead of the base's chat template.
-- serving: ``backend`` (hf|vllm), ``dtype``, ``device``, ``batch_size``,
-  ``max_new_tokens``, ``system_prompt``, ``fold`` (hf: fold the LoRA into the
-  weights), ``trust_remote_code``; vLLM pass-throughs ``tensor_parallel_size``,
-  ``gpu_memory_utilization``, ``max_model_len``, ``enforce_eager``,
-  ``max_lora_rank``.
+  template (``vicuna_v1``: LLaVA-1.5's) instead of the profile's chat template.
 
 Unknown keys are an error that lists the valid ones. Values from the harness
 may be strings (our own splitting) or already typed (lmms-eval / lm-eval guess
@@ -31,11 +41,19 @@ from typing import Any, Mapping
 from ..errors import MergeError, MethodParamError
 
 BACKEND_KEYS = ("backend", "dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold",
-                "trust_remote_code")
-VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")
-MERGE_KEYS = ("pretrained", "adapters", "method", "format", "rank", "cache_dir")
+                "trust_remote_code", "prompt_profile", "max_pixels", "min_pixels", "device_map",
+                "attn_implementation", "revision", "subfolder", "chat_template")
+VLLM_KEYS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+             "enforce_eager", "max_lora_rank")
+# keys of backend=hf only
+HF_ONLY_KEYS = ("fold", "device_map", "attn_implementation", "subfolder")
+MERGE_KEYS = ("pretrained", "adapters", "method", "params", "format", "rank", "cache_dir")
+# A method parameter whose name is also one of the keys above (wudi's ``device``,
+# wudi2's ``rank``) can only be set inside ``params={...}``: a flat key always
+# means the serving / artifact key.
 # request rendering done by the harness model itself (see .conv_templates)
 PROMPT_KEYS = ("conv_template",)
+RESERVED_KEYS = frozenset(BACKEND_KEYS) | frozenset(VLLM_KEYS) | frozenset(MERGE_KEYS) | frozenset(PROMPT_KEYS)
 # keys the harnesses add on their own (CLI --batch_size / --device / --max_batch_size)
 IGNORED_KEYS = ("max_batch_size",)
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -52,6 +70,11 @@ class ModelArgsError(MethodParamError):
 
 @dataclass(frozen=True)
 class HarnessArgs:
+    """``model_args`` parsed once, in typed parts: what to merge (``pretrained``,
+    ``adapters``, ``method`` and its ``params``), the artifact (``format``,
+    ``rank``, ``cache_dir``), the serving backend and its options, and the
+    prompt profile (``prompt_profile``; None = chosen from the base's model type)."""
+
     pretrained: str
     adapters: tuple[str, ...]
     method: str
@@ -61,6 +84,7 @@ class HarnessArgs:
     cache_dir: str | None = None
     backend: str = "hf"
     backend_opts: dict[str, Any] = field(default_factory=dict)
+    prompt_profile: str | None = None
     conv_template: str | None = None
 
     def merge_spec(self):
@@ -166,8 +190,29 @@ def _to_float(key: str, v: Any) -> float:
 def _batch_size(v: Any) -> int:
     s = str(v).strip().lower()
     if s.startswith("auto"):
-        return 1  # no automatic batch-size search: one request at a time is always safe
+        raise ModelArgsError(
+            f"model_args: batch_size={v} (automatic batch-size search) is not supported by model 'merged'; "
+            f"give a number, e.g. --batch_size 8 (requests are batched up to it)"
+        )
     return _to_int("batch_size", v, minimum=1)  # type: ignore[return-value]
+
+
+def parse_params(value: Any) -> dict[str, Any]:
+    """``params={prune_rate=0.8,weights=[0.5,0.5]}`` (``:`` works as ``=``; a dict too)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    s = str(value).strip()
+    if not (s.startswith("{") and s.endswith("}")):
+        raise ModelArgsError(f"model_args: params must be written params={{name=value,...}}, got {value!r}")
+    body = s[1:-1].strip()
+    if not body:
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in split_arg_string(body.replace(":", "=") if "=" not in body else body).items():
+        out[k.strip().strip("\"'")] = v
+    return out
 
 
 def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> HarnessArgs:
@@ -195,7 +240,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         spec = methods.get(method)  # unknown method -> MethodParamError with the list
         param_names = spec.params_cls.field_names()
 
-    valid = set(MERGE_KEYS) | set(PROMPT_KEYS) | set(BACKEND_KEYS) | set(VLLM_KEYS) | set(param_names)
+    flat_params = [n for n in param_names if n not in RESERVED_KEYS]
+    nested = [n for n in param_names if n in RESERVED_KEYS]
+    valid = set(RESERVED_KEYS) | set(flat_params)
     unknown = [k for k in raw if k not in valid]
     if unknown:
         hints = []
@@ -204,8 +251,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ModelArgsError(
             f"model_args: unknown key(s) {', '.join(hints)}. Valid keys: "
-            f"merge: {', '.join(MERGE_KEYS)}; method {method} parameters: {', '.join(param_names)}; "
-            f"serving: {', '.join(BACKEND_KEYS + PROMPT_KEYS)}; vllm: {', '.join(VLLM_KEYS)}"
+            f"merge: {', '.join(MERGE_KEYS)}; method {method} parameters: {', '.join(flat_params)}"
+            + (f" (and, inside params={{...}} only: {', '.join(nested)})" if nested else "")
+            + f"; serving: {', '.join(BACKEND_KEYS + PROMPT_KEYS)}; vllm: {', '.join(VLLM_KEYS)}"
         )
 
     pretrained = raw.pop("pretrained", None)
@@ -217,7 +265,20 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     if spec is not None and not adapters:
         raise ModelArgsError("model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b")
 
-    params = {k: raw.pop(k) for k in list(raw) if k in param_names}
+    params = parse_params(raw.pop("params", None))
+    if spec is None and params:
+        raise ModelArgsError(f"model_args: method={NO_MERGE} merges nothing; drop params=...")
+    bad = [k for k in params if k not in param_names]
+    if bad:
+        raise ModelArgsError(
+            f"model_args: params: {', '.join(repr(k) for k in bad)} "
+            f"{'is not a parameter' if len(bad) == 1 else 'are not parameters'} of method {method}; "
+            f"its parameters: {', '.join(param_names)}"
+        )
+    for k in [k for k in list(raw) if k in flat_params]:
+        if k in params:
+            raise ModelArgsError(f"model_args: {k} is given twice (flat and inside params={{...}}); keep one")
+        params[k] = raw.pop(k)
     if "weights" in params and not isinstance(params["weights"], (list, tuple)) and params["weights"] is not None:
         params["weights"] = ",".join(parse_list(params["weights"]))
 
@@ -252,15 +313,39 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     for k in ("fold", "trust_remote_code"):
         if k in raw:
             opts[k] = _to_bool(k, raw.pop(k))
+    for k in ("max_pixels", "min_pixels"):
+        if k in raw:
+            opts[k] = _to_int(k, raw.pop(k), minimum=1)
+    if "min_pixels" in opts and "max_pixels" in opts and opts["min_pixels"] > opts["max_pixels"]:
+        raise ModelArgsError(f"model_args: min_pixels={opts['min_pixels']} is above max_pixels={opts['max_pixels']}")
+    for k in ("device_map", "attn_implementation", "revision", "subfolder", "chat_template"):
+        if k in raw:
+            v = str(raw.pop(k)).strip()
+            if v:
+                opts[k] = v
+    profile = raw.pop("prompt_profile", None)
+    if profile is not None:
+        from .profiles import PROFILES
+
+        profile = str(profile).strip().lower()
+        if profile == "auto":
+            profile = None
+        elif profile not in PROFILES:
+            raise ModelArgsError(f"model_args: prompt_profile must be one of {', '.join(PROFILES)} or auto, "
+                                 f"got {profile!r}")
     vllm_given = [k for k in VLLM_KEYS if k in raw]
     if vllm_given and backend != "vllm":
         raise ModelArgsError(
             f"model_args: {', '.join(vllm_given)} appl{'ies' if len(vllm_given) == 1 else 'y'} to backend=vllm only "
             f"(this run uses backend={backend}); add backend=vllm or drop them"
         )
-    if "fold" in opts and backend == "vllm":
-        raise ModelArgsError("model_args: fold applies to backend=hf only (vLLM serves a LoRA artifact as a LoRA)")
-    for k in ("tensor_parallel_size", "max_model_len", "max_lora_rank"):
+    hf_only = [k for k in HF_ONLY_KEYS if k in opts]
+    if hf_only and backend == "vllm":
+        raise ModelArgsError(
+            f"model_args: {', '.join(hf_only)} appl{'ies' if len(hf_only) == 1 else 'y'} to backend=hf only"
+            + (" (vLLM serves a LoRA artifact as a LoRA)" if "fold" in hf_only else "")
+        )
+    for k in ("tensor_parallel_size", "data_parallel_size", "max_model_len", "max_lora_rank"):
         if k in raw:
             opts[k] = _to_int(k, raw.pop(k), minimum=1)
     if "gpu_memory_utilization" in raw:
@@ -272,8 +357,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     return HarnessArgs(
         pretrained=str(pretrained), adapters=adapters, method=spec.name if spec else NO_MERGE, params=params, format=fmt,
         rank=rank, cache_dir=str(cache_dir) if cache_dir else None, backend=backend, backend_opts=opts,
-        conv_template=conv_template,
+        prompt_profile=profile, conv_template=conv_template,
     )
 
 
-__all__ = ["HarnessArgs", "ModelArgsError", "parse_list", "parse_model_args", "split_arg_string"]
+__all__ = ["HarnessArgs", "ModelArgsError", "RESERVED_KEYS", "parse_list", "parse_model_args", "parse_params",
+           "split_arg_string"]

@@ -95,7 +95,8 @@ class Row:
         if self.kind == "base":
             kw.update(adapters=[], method="none")
         else:
-            kw.update(adapters=list(self.adapters), method=self.method, **self.params)
+            # method parameters under params= (issue 10: a flat rank/device means the artifact/serving key)
+            kw.update(adapters=list(self.adapters), method=self.method, params=dict(self.params))
         return kw
 
 
@@ -479,7 +480,10 @@ def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
             continue
         art = merge(spec, cache_dir=h.cache_dir, progress=False)
         (loras.append(art) if art.kind == "lora" else full.add(r.label))
-    opts = parse_model_args(rows[0].model_kwargs(grid)).backend_opts
+    from ..harness.lmms_model import serving_opts
+
+    # the options model 'merged' will load with (its prompt profile's included), so it finds this engine
+    opts = serving_opts(parse_model_args(rows[0].model_kwargs(grid)))
     prepare_engine(grid.base, loras, **opts)
     print(f"[leaderboard] vllm: one engine for the base and {len(loras)} LoRA row(s); "
           f"{len(full)} full-weight row(s) get their own", file=sys.stderr)

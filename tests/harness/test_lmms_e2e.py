@@ -72,6 +72,16 @@ def test_copa_run_records_merge_in_results(copa_run, qwen2vl):
     assert all(len(a["sha256"]) >= 16 for a in man["adapters"])
     assert merge["artifact"]["kind"] in ("lora", "full")
     assert "method=copa" in p.stderr and "harness-merge" in p.stderr
+    # issue 10: the run is named by what was merged, not by its base
+    base = qwen2vl[0]
+    rid = merge["model_name"]
+    assert rid.startswith(f"{base.name}__copa-") and len(rid.rsplit("-", 1)[1]) == 8
+    assert results["model_name"] == rid
+    res_file = sorted(out.rglob("*results*.json"))[-1]
+    assert rid in str(res_file.relative_to(out)), res_file
+    # the profile chosen from the base's model_type, and the first prompt it rendered
+    assert merge["prompt_profile"]["name"] == "qwen2_vl"
+    assert merge["first_prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.")
 
 
 def test_second_run_hits_merge_cache(copa_run, run_cli, mm_tasks, hw):

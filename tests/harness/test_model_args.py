@@ -97,8 +97,12 @@ def test_vllm_pass_throughs():
                               "enforce_eager": True, "max_lora_rank": 64}
 
 
-def test_batch_size_auto_means_one():
-    assert parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=auto:4").backend_opts["batch_size"] == 1
+def test_batch_size_auto_is_refused_with_a_message():
+    # issue 10: "auto" used to become 1 silently; now it is refused and names the key
+    with pytest.raises(ModelArgsError, match=r"batch_size=auto:4 .*not supported.*give a number"):
+        parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=auto:4")
+    with pytest.raises(ModelArgsError, match=r"batch_size=auto"):
+        parse_model_args({"pretrained": "/b", "method": "none"}, defaults={"batch_size": "auto"})
 
 
 # -- backend seam ---------------------------------------------------------------
@@ -170,3 +174,78 @@ def test_method_none_serves_base_alone():
         parse_model_args("pretrained=/b,method=none,adapters=[/a]")
     with pytest.raises(ModelArgsError, match="unknown key"):
         parse_model_args("pretrained=/b,method=none,scaling=2")
+
+
+# -- namespaced arguments (issue 10) ------------------------------------------------
+def test_wudi_device_flat_is_the_serving_device_not_the_method_parameter():
+    h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi,device=cuda:0")
+    assert h.backend_opts["device"] == "cuda:0"
+    assert "device" not in h.params
+    h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi,params={device=cpu,iterations=5},device=cuda:1")
+    assert h.params == {"device": "cpu", "iterations": "5"} and h.backend_opts["device"] == "cuda:1"
+
+
+def test_wudi2_rank_flat_is_the_artifact_rank_and_params_rank_is_the_method_rank():
+    h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi2,rank=16")
+    assert h.rank == 16 and "rank" not in h.params
+    h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi2,rank=16,params={rank:4}")
+    assert h.rank == 16 and h.params == {"rank": "4"}
+    spec = h.merge_spec()
+    assert spec.rank == 16 and spec.params["rank"] == "4"
+
+
+def test_method_params_never_shadow_reserved_keys_by_construction():
+    from harness_merge import methods
+    from harness_merge.harness.model_args import RESERVED_KEYS
+
+    for name in methods.available():
+        fields = methods.get(name).params_cls.field_names()
+        args = ",".join(f"{k}=1" for k in fields if k not in RESERVED_KEYS and k != "weights")
+        h = parse_model_args(f"pretrained=/b,adapters=[/a,/c],method={name}" + (f",{args}" if args else ""))
+        assert set(h.params) <= set(fields) - RESERVED_KEYS
+
+
+def test_params_errors_name_the_key():
+    with pytest.raises(ModelArgsError, match=r"params: 'prune_rat' is not a parameter of method ties"):
+        parse_model_args("pretrained=/b,adapters=[/a,/c],method=ties,params={prune_rat=0.5}")
+    with pytest.raises(ModelArgsError, match=r"prune_rate is given twice"):
+        parse_model_args("pretrained=/b,adapters=[/a,/c],method=ties,prune_rate=0.1,params={prune_rate=0.5}")
+    with pytest.raises(ModelArgsError, match=r"params must be written params=\{"):
+        parse_model_args("pretrained=/b,adapters=[/a,/c],method=ties,params=prune_rate")
+    with pytest.raises(ModelArgsError, match=r"inside params=\{\.\.\.\} only: .*device"):
+        parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi,devic=cpu")
+
+
+def test_serving_keys_users_type_are_accepted():
+    h = parse_model_args("pretrained=Qwen/Qwen2-VL-7B-Instruct,method=none,max_pixels=602112,min_pixels=3136,"
+                         "device_map=auto,attn_implementation=sdpa,revision=abc123,subfolder=sub,"
+                         "chat_template=/t.jinja,prompt_profile=qwen2_vl")
+    assert h.backend_opts == {"max_pixels": 602112, "min_pixels": 3136, "device_map": "auto",
+                              "attn_implementation": "sdpa", "revision": "abc123", "subfolder": "sub",
+                              "chat_template": "/t.jinja"}
+    assert h.prompt_profile == "qwen2_vl"
+    with pytest.raises(ModelArgsError, match=r"prompt_profile must be one of .*qwen2_vl"):
+        parse_model_args("pretrained=/b,method=none,prompt_profile=qwen")
+    with pytest.raises(ModelArgsError, match=r"device_map applies to backend=hf only"):
+        parse_model_args("pretrained=/b,method=none,backend=vllm,device_map=auto")
+    with pytest.raises(ModelArgsError, match=r"min_pixels=9 is above max_pixels=4"):
+        parse_model_args("pretrained=/b,method=none,min_pixels=9,max_pixels=4")
+    h = parse_model_args("pretrained=/b,method=none,backend=vllm,data_parallel_size=2,tensor_parallel_size=2")
+    assert h.backend_opts == {"data_parallel_size": 2, "tensor_parallel_size": 2}
+
+
+def test_run_id_is_readable_and_separates_merges():
+    from harness_merge.harness import run_id
+
+    man = {"method": "copa", "params": {"prune_rate": 0.8}, "adapters": [{"sha256": "a" * 64}, {"sha256": "b" * 64}]}
+    h = parse_model_args("pretrained=Qwen/Qwen2-VL-7B-Instruct,adapters=[/a,/b],method=copa")
+    rid = run_id(h, man)
+    assert rid.startswith("Qwen2-VL-7B-Instruct__copa-") and len(rid.split("-")[-1]) == 8
+    other = {**man, "params": {"prune_rate": 0.5}}
+    assert run_id(h, other) != rid
+    assert run_id(h, {**man, "adapters": man["adapters"][::-1]}) != rid
+    h16 = parse_model_args("pretrained=Qwen/Qwen2-VL-7B-Instruct,adapters=[/a,/b],method=copa,rank=16")
+    assert run_id(h16, man) != rid
+    assert run_id(h, dict(man)) == rid  # deterministic
+    none = parse_model_args("pretrained=/m/base/,method=none")
+    assert run_id(none, None) == "base__none"

@@ -1,0 +1,87 @@
+"""Prompt profiles (harness_merge.harness.profiles): what each renders, checked
+against the lmms-eval class behaviour written out here. The end-to-end parity
+with the real classes is in test_lmms_parity.py."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness_merge.harness import profiles as P
+
+
+def _img(w=60, h=45):
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_default_profile_follows_model_type_and_overrides_apply():
+    assert P.get_profile(None, "qwen2_vl").name == "qwen2_vl"
+    assert P.get_profile("auto", "llava").name == "llava_hf"
+    assert P.get_profile(None, "qwen2").name == "plain"
+    p = P.get_profile("qwen2_vl", None, system_prompt="Be brief.", max_pixels=1000)
+    assert p.system_prompt == "Be brief." and p.max_pixels == 1000 and p.min_pixels == 3136
+    with pytest.raises(P.ProfileError, match="prompt_profile must be one of"):
+        P.get_profile("nope")
+
+
+def test_qwen2_vl_messages_system_prompt_and_unstripped_context():
+    p = P.get_profile("qwen2_vl")
+    m = P.messages(p, "<image>\nWhat colour? ", 1)
+    assert m[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert m[1]["content"] == [{"type": "image"}, {"type": "text", "text": "\nWhat colour? "}]
+    plain = P.messages(P.get_profile("plain"), "<image>\nWhat colour? ", 1)
+    assert plain == ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},)
+
+
+def test_qwen2_vl_images_are_jpeg85_then_resized_to_multiples_of_28():
+    im = _img(60, 45)
+    out = P.prepare_images(P.get_profile("qwen2_vl"), [im])[0]
+    # oracle: JPEG quality 85 round trip, then qwen's smart_resize (factor 28, bounds 3136..602112)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    jpeg = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    h, w = 45, 60
+    hb, wb = max(28, round(h / 28) * 28), max(28, round(w / 28) * 28)
+    assert out.size == (wb, hb) == (56, 56)
+    assert np.array_equal(np.asarray(out), np.asarray(jpeg.resize((wb, hb))))
+    assert not np.array_equal(np.asarray(out), np.asarray(im.resize((wb, hb))))  # JPEG changed pixels
+
+
+def test_gen_params_defaults_per_profile():
+    q = P.gen_params(P.get_profile("qwen2_vl"), {"until": "\n"})
+    assert q["max_new_tokens"] == 128 and q["until"] == ("\n",)
+    l = P.gen_params(P.get_profile("llava_hf"), {"until": ["\n"], "max_new_tokens": 5})
+    assert l["max_new_tokens"] == 5 and l["until"] == ()
+    assert P.gen_params(P.get_profile("plain"), {})["max_new_tokens"] is None
+    assert P.finish(P.get_profile("qwen2_vl"), "  yes \n") == "yes"
+    assert P.finish(P.get_profile("plain"), " yes ") == " yes "
+    assert P.get_profile("qwen2_vl").backend_opts() == {"eos_from": "tokenizer", "min_pixels": 3136,
+                                                        "max_pixels": 602112}
+
+
+def test_llava_hf_image_tokens_text():
+    m = P.messages(P.get_profile("llava_hf"), "Is it red?", 2)
+    assert m == ({"role": "user", "content": "<image> <image>\nIs it red?"},)
+
+
+@pytest.mark.parametrize("hw", [(45, 60), (10, 10), (2000, 1500), (28, 5000)])
+def test_smart_resize_bounds(hw):
+    h, w = hw
+    rh, rw = P.qwen_smart_resize(h, w, 28, 3136, 602112)
+    assert rh % 28 == 0 and rw % 28 == 0
+    assert 3136 <= rh * rw <= 602112
+    assert abs(rh / rw - h / w) / (h / w) < 0.5
+
+
+def test_smart_resize_refuses_extreme_aspect_ratio():
+    with pytest.raises(P.ProfileError, match="aspect ratio"):
+        P.qwen_smart_resize(10, 2500)
+
+
+def test_smart_resize_equals_qwen_vl_utils_where_it_imports():
+    qvu = pytest.importorskip("qwen_vl_utils.vision_process", reason="qwen_vl_utils needs torchvision")
+    for h, w in [(45, 60), (10, 10), (2000, 1500), (333, 777), (28, 5000)]:
+        assert P.qwen_smart_resize(h, w, 28, 3136, 602112) == qvu.smart_resize(h, w, 28, 3136, 602112)
