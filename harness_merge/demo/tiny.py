@@ -413,25 +413,29 @@ def random_lora(
     models they are restricted to the language model (vision blocks of Qwen2-VL
     use a fused ``qkv``, so ``q_proj``/``v_proj`` only match text layers anyway).
     """
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    model = _load_for_lora(base_dir)
-    cfg = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(targets),
-        lora_dropout=0.0,
-        bias="none",
-        use_rslora=use_rslora,
-        init_lora_weights=True,
-    )
-    pm = get_peft_model(model, cfg)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                     use_rslora=use_rslora, init_lora_weights=True)
+    return _write_random_adapter(base_dir, out_dir, cfg, seed=seed, std=std)
+
+
+def _write_random_adapter(base_dir, out_dir, cfg, *, seed: int, std: float, magnitude_std: float = 0.0) -> Path:
+    """PEFT's adapter ``cfg`` on ``base_dir`` with seeded random A and B (and, for
+    DoRA, magnitude vectors scaled by ``1 + magnitude_std * noise``), saved by PEFT."""
+    import torch
+    from peft import get_peft_model
+
+    pm = get_peft_model(_load_for_lora(base_dir), cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** 0.5)
+        if magnitude_std:
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + magnitude_std * torch.randn(p.shape, generator=g))
     out = Path(out_dir)
     pm.save_pretrained(out)
     return out
@@ -452,24 +456,11 @@ def random_dora(
     nonzero A and B as :func:`random_lora`, and magnitude vectors moved away from
     PEFT's initial row norms by ``(1 + magnitude_std * noise)``, so that a merge
     that dropped or recomputed the magnitudes changes the outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    model = _load_for_lora(base_dir)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
                      use_dora=True, init_lora_weights=True)
-    pm = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * std / max(p.shape[-1], 1) ** 0.5)
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + magnitude_std * torch.randn(p.shape, generator=g))
-    out = Path(out_dir)
-    pm.save_pretrained(out)
-    return out
+    return _write_random_adapter(base_dir, out_dir, cfg, seed=seed, std=std, magnitude_std=magnitude_std)
 
 
 def save_llava_repo_lora(
