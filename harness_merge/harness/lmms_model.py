@@ -285,7 +285,7 @@ class MergedLMM(lmms):
             elif self._templated_ctx(task, len(images)):
                 reqs.append(GenRequest(prompt=ctx, **P.gen_params(self.profile, gen_kwargs)))
             else:
-                reqs.append(P.gen_request(self.profile, ctx, gen_kwargs, images))
+                reqs.append(P.gen_request(self.profile, ctx, gen_kwargs, images, self._image_token))
         if reqs:
             self._record_first(reqs[0])
         out = [P.finish(self.profile, a) for a in self.backend.generate(reqs)]
@@ -308,7 +308,7 @@ class MergedLMM(lmms):
             elif self._templated_ctx(task, len(images)):
                 reqs.append(LLRequest(continuation=str(target), context=ctx))
             else:
-                reqs.append(P.ll_request(self.profile, ctx, str(target), images))
+                reqs.append(P.ll_request(self.profile, ctx, str(target), images, self._image_token))
         if reqs:
             self._record_first(reqs[0])
         return [_keep_tuple(r) for r in self.backend.loglikelihood(reqs)]

@@ -171,8 +171,10 @@ def prepare_images(profile: PromptProfile, images: Sequence[Any]) -> list:
     return out
 
 
-def messages(profile: PromptProfile, ctx: str, n_images: int) -> tuple[dict, ...]:
-    """The chat messages of one request."""
+def messages(profile: PromptProfile, ctx: str, n_images: int, image_token: str = "<image>") -> tuple[dict, ...]:
+    """The chat messages of one request. ``image_token``: the processor's image
+    placeholder for the ``image_tokens`` layout (``<image>`` for llava-hf models,
+    as lmms-eval writes it; another model's own token replaces it)."""
     msgs: list[dict] = []
     if profile.system_prompt:
         msgs.append({"role": "system", "content": profile.system_prompt})
@@ -180,6 +182,8 @@ def messages(profile: PromptProfile, ctx: str, n_images: int) -> tuple[dict, ...
         text = ctx
         if n_images and "<image>" not in text:
             text = " ".join(["<image>"] * n_images) + "\n" + text
+        if image_token != "<image>":
+            text = text.replace("<image>", image_token)
         msgs.append({"role": "user", "content": text})
         return tuple(msgs)
     text = ctx.replace("<image>", "") if n_images else ctx
@@ -202,14 +206,18 @@ def gen_params(profile: PromptProfile, gen_kwargs: dict | None) -> dict:
                 temperature=temperature, do_sample=do_sample and temperature > 0, top_p=gk.get("top_p"))
 
 
-def gen_request(profile: PromptProfile, ctx: str, gen_kwargs: dict | None, images: Sequence[Any]) -> GenRequest:
+def gen_request(profile: PromptProfile, ctx: str, gen_kwargs: dict | None, images: Sequence[Any],
+                image_token: str = "<image>") -> GenRequest:
     ims = prepare_images(profile, images)
-    return GenRequest(messages=messages(profile, ctx, len(ims)), images=tuple(ims), **gen_params(profile, gen_kwargs))
+    return GenRequest(messages=messages(profile, ctx, len(ims), image_token), images=tuple(ims),
+                      **gen_params(profile, gen_kwargs))
 
 
-def ll_request(profile: PromptProfile, ctx: str, target: str, images: Sequence[Any]) -> LLRequest:
+def ll_request(profile: PromptProfile, ctx: str, target: str, images: Sequence[Any],
+               image_token: str = "<image>") -> LLRequest:
     ims = prepare_images(profile, images)
-    return LLRequest(continuation=str(target), messages=messages(profile, ctx, len(ims)), images=tuple(ims))
+    return LLRequest(continuation=str(target), messages=messages(profile, ctx, len(ims), image_token),
+                     images=tuple(ims))
 
 
 def finish(profile: PromptProfile, answer: str) -> str:

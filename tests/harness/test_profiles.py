@@ -85,3 +85,12 @@ def test_smart_resize_equals_qwen_vl_utils_where_it_imports():
     qvu = pytest.importorskip("qwen_vl_utils.vision_process", reason="qwen_vl_utils needs torchvision")
     for h, w in [(45, 60), (10, 10), (2000, 1500), (333, 777), (28, 5000)]:
         assert P.qwen_smart_resize(h, w, 28, 3136, 602112) == qvu.smart_resize(h, w, 28, 3136, 602112)
+
+
+def test_llava_hf_image_tokens_use_the_models_placeholder():
+    """A model whose processor names another image token gets that token where
+    lmms-eval's llava_hf writes ``<image>`` (the tiny LLaVA uses ``<|image_pad|>``)."""
+    m = P.messages(P.get_profile("llava_hf"), "Is it red?", 1, image_token="<|image_pad|>")
+    assert m == ({"role": "user", "content": "<|image_pad|>\nIs it red?"},)
+    m = P.messages(P.get_profile("llava_hf"), "<image>\nIs it red?", 1, image_token="<|image_pad|>")
+    assert m[0]["content"] == "<|image_pad|>\nIs it red?"
