@@ -131,6 +131,15 @@ def _from_own(data: dict, path: Path) -> Recipe:
     )
 
 
+def _checked_params(path, label: str, params: dict, known, known_label: str, *, where: str | None = None) -> dict:
+    """``params`` with every name in ``known`` and every value a scalar (``_scalar``)."""
+    bad = set(params) - known
+    if bad:
+        raise RecipeError(f"{path}: {label}: unknown mergekit parameter(s) {sorted(bad)}"
+                          f"{known_label}: {sorted(known)}")
+    return {k: _scalar(path, where or label, k, v) for k, v in params.items()}
+
+
 def _scalar(path: Path, where: str, key: str, value: Any) -> Any:
     if isinstance(value, (list, dict)):
         raise RecipeError(
@@ -159,11 +168,7 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
     glob = data.get("parameters") or {}
     if not isinstance(glob, dict):
         raise RecipeError(f"{path}: 'parameters' must be a mapping, got {type(glob).__name__}")
-    bad = set(glob) - _GLOBAL_PARAMS
-    if bad:
-        raise RecipeError(f"{path}: parameters: unknown mergekit parameter(s) {sorted(bad)} for {mk}; "
-                          f"known: {sorted(_GLOBAL_PARAMS)}")
-    glob = {k: _scalar(path, "parameters", k, v) for k, v in glob.items()}
+    glob = _checked_params(path, "parameters", glob, _GLOBAL_PARAMS, f" for {mk}; known")
     notes: list[str] = []
 
     base_raw = data.get("base_model")
@@ -188,11 +193,8 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
         mp = entry.get("parameters") or {}
         if not isinstance(mp, dict):
             raise RecipeError(f"{path}: models[{i}].parameters must be a mapping")
-        bad = set(mp) - _MODEL_PARAMS
-        if bad:
-            raise RecipeError(f"{path}: models[{i}] ({ref}): unknown mergekit parameter(s) {sorted(bad)}; "
-                              f"per-model parameters: {sorted(_MODEL_PARAMS)}")
-        mp = {k: _scalar(path, f"models[{i}]", k, v) for k, v in mp.items()}
+        mp = _checked_params(path, f"models[{i}] ({ref})", mp, _MODEL_PARAMS, "; per-model parameters",
+                             where=f"models[{i}]")
         if "+" in ref and not Path(ref).exists():  # mergekit's base+lora syntax
             b, lora = ref.split("+", 1)
             lora_bases.add(b)

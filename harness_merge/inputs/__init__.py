@@ -42,19 +42,13 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
         raise InputError(f"cannot merge LoRA adapters with full checkpoints in one run: {mixed}")
     if kinds[0] == "lora":
         dora = [is_dora_dir(d) for d in dirs]
-        if any(dora) and not all(dora):
-            mixed = ", ".join(f"{r} ({'DoRA' if x else 'LoRA'})" for r, x in zip(refs, dora))
-            raise InputError(
-                f"cannot merge DoRA adapters with plain LoRA adapters in one run (a LoRA adapter has no "
-                f"magnitude vector to merge): {mixed}"
-            )
+        _refuse_mixed(refs, dora, "DoRA", "LoRA",
+                      "cannot merge DoRA adapters with plain LoRA adapters in one run (a LoRA adapter has no "
+                      "magnitude vector to merge)")
         llava = [is_llava_repo_dir(d) for d in dirs]
-        if any(llava) and not all(llava):
-            mixed = ", ".join(f"{r} ({'LLaVA-repo' if x else 'PEFT'})" for r, x in zip(refs, llava))
-            raise InputError(
-                f"cannot merge LLaVA-repo checkpoints (adapter + non_lora_trainables.bin) with plain PEFT "
-                f"adapters in one run (the projector would be averaged over only some inputs): {mixed}"
-            )
+        _refuse_mixed(refs, llava, "LLaVA-repo", "PEFT",
+                      "cannot merge LLaVA-repo checkpoints (adapter + non_lora_trainables.bin) with plain PEFT "
+                      "adapters in one run (the projector would be averaged over only some inputs)")
         if all(llava):
             if any(dora):
                 raise InputError(f"{refs[0]}: DoRA in the LLaVA-repo layout is not supported")
@@ -66,6 +60,13 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
             "pass the base checkpoint (--base PATH / pretrained=...)"
         )
     return CheckpointSet(list(refs), dirs, base_ref=base, base_dir=resolve_ref(base))
+
+
+def _refuse_mixed(refs, flags, yes: str, no: str, why: str) -> None:
+    """One kind of input per run: ``why``, listing each input with its kind."""
+    if any(flags) and not all(flags):
+        mixed = ", ".join(f"{r} ({yes if x else no})" for r, x in zip(refs, flags))
+        raise InputError(f"{why}: {mixed}")
 
 
 __all__ = ["CheckpointSet", "DoRASet", "InputSet", "LlavaRepoSet", "LoRASet", "open_inputs", "resolve_ref"]
