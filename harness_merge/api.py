@@ -17,7 +17,14 @@ from typing import Any, Literal
 
 from . import __version__, methods
 from .artifact import fsio
-from .artifact.cache import MANIFEST, FileHasher, MergeCache, cache_key, code_version, read_files_record
+from .artifact.cache import (
+    MANIFEST,
+    FileHasher,
+    MergeCache,
+    cache_key,
+    code_version,
+    read_files_record,
+)
 from .artifact.publish import check_out_dir, publish, publish_built
 from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
 from .cost import check_cost

@@ -74,8 +74,13 @@ def record(name: str, ok: bool | None, detail: str = "") -> None:
 def build_model_dir(root: str) -> dict:
     import torch
     from tokenizers import AddedToken, pre_tokenizers
-    from transformers import (GenerationConfig, Qwen2Tokenizer, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLProcessor)
+    from transformers import (
+        GenerationConfig,
+        Qwen2Tokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     model_dir = os.path.join(root, "qwen2vl-tiny")

@@ -147,7 +147,7 @@ def apply_umask(root: Path) -> None:
     """Give every file 0666 and every folder 0777 less the umask: some writers
     (safetensors) create their files 0600 whatever the umask."""
     mask = current_umask()
-    for d, dirs, files in os.walk(root):
+    for d, _dirs, files in os.walk(root):
         os.chmod(d, 0o777 & ~mask)
         for f in files:
             os.chmod(Path(d) / f, 0o666 & ~mask)

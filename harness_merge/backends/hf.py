@@ -23,8 +23,16 @@ from typing import Any, Sequence
 import torch
 
 from .base import (
-    BackendError, BackendInfo, GenRequest, LLRequest, cut_at_stop, encode_pair, lm_encode, prefix_token_id,
-    render_prompt, rolling_windows,
+    BackendError,
+    BackendInfo,
+    GenRequest,
+    LLRequest,
+    cut_at_stop,
+    encode_pair,
+    lm_encode,
+    prefix_token_id,
+    render_prompt,
+    rolling_windows,
 )
 
 log = logging.getLogger("harness_merge.backends.hf")
@@ -471,7 +479,7 @@ class HFBackend:
                 mask[j, :len(q)] = 1
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             logp_all = torch.log_softmax(logits, dim=-1)
-            for j, ((c, t), q) in enumerate(zip(chunk, seqs)):
+            for j, ((_c, t), q) in enumerate(zip(chunk, seqs)):
                 n = len(t)
                 n_in = len(q) - 1
                 lp = logp_all[j, n_in - n:n_in]

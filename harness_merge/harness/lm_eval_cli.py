@@ -10,9 +10,12 @@ import sys
 
 
 def main() -> None:
-    from . import FAILURES
-    from . import lm_eval_model  # noqa: F401  (registers "merged")
     from lm_eval.__main__ import cli_evaluate
+
+    from . import (
+        FAILURES,
+        lm_eval_model,  # noqa: F401  (registers "merged")
+    )
 
     code: int | str | None = 0
     try:

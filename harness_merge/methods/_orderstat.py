@@ -73,7 +73,7 @@ def resolve(bins: list[list[tuple[int, int]]], low: list[list[torch.Tensor]]) ->
     for wanted, counts in zip(bins, low):
         row = []
         for (b, k), c in zip(wanted, counts):
-            l = int(torch.searchsorted(c.cumsum(0), torch.tensor(k, dtype=torch.int64), right=True))
-            row.append(key_value((b << 16) | l))
+            low_bits = int(torch.searchsorted(c.cumsum(0), torch.tensor(k, dtype=torch.int64), right=True))
+            row.append(key_value((b << 16) | low_bits))
         out.append(row)
     return out

@@ -26,6 +26,7 @@ from lmms_eval.tasks.chartqa.utils import chartqa_process_results as _chartqa_bu
 from lmms_eval.tasks.gqa.utils import gqa_process_docs as _gqa_process_docs_builtin
 from lmms_eval.tasks.textvqa.utils import textvqa_process_results as _textvqa_builtin
 from lmms_eval.tasks.vizwiz_vqa.utils import vizwiz_vqa_process_results as _vizwiz_builtin
+
 from harness_merge.task_utils import box_iou
 
 SCALE = 100.0

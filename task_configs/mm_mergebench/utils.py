@@ -37,6 +37,7 @@ from typing import Any, Iterable
 from lmms_eval.tasks.refcoco.utils_rec import refcoco_bbox_rec_preprocess_dataset
 from lmms_eval.tasks.scienceqa.utils import sqa_process_results
 from lmms_eval.tasks.vqav2.utils import vqav2_process_results as _vqav2_builtin
+
 from harness_merge.task_utils import box_iou
 
 SCALE = 100.0

@@ -114,7 +114,7 @@ def _fake_checkpoints(tiny_base, adapters, root):
     inputs = open_inputs([str(a) for a in adapters])
     sd0 = load_file(tiny_base / "model.safetensors")
     out = []
-    for i, ad in enumerate(adapters):
+    for i, _ad in enumerate(adapters):
         d = root / f"ck{i}"
         shutil.copytree(tiny_base, d)
         sd = dict(sd0)

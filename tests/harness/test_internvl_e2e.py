@@ -35,7 +35,8 @@ def test_internvl_full_checkpoint_merge_through_lmms_eval(run_cli, internvl, mm_
     assert merge["artifact"]["kind"] == "full" and merge["manifest"]["inputs_kind"] == "dense"
     assert len(samples["hm_pope_mini"]) == 4
     # the served weights: theta_0 + 0.5 * sum_n (theta_n - theta_0), vision tower and projector included
-    load = lambda d: InternVLForConditionalGeneration.from_pretrained(str(d)).state_dict()
+    def load(d):
+        return InternVLForConditionalGeneration.from_pretrained(str(d)).state_dict()
     got, th0 = load(merge["artifact"]["path"]), load(base)
     ths = [load(c) for c in cks]
     checked = 0

@@ -53,7 +53,7 @@ def test_encode_pair_matches_lm_eval(pair):
 def test_loglikelihood_equals_hflm_per_request(pair, chat):
     ref, ours = pair
     reqs = []
-    for i, (ctx, cont) in enumerate(QA):
+    for _i, (ctx, cont) in enumerate(QA):
         if chat and ctx:
             ctx_r, ctx_o = _chat(ref, ctx), _chat(ours, ctx)
             assert ctx_r == ctx_o  # the same rendered context reaches both models

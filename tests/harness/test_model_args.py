@@ -4,11 +4,19 @@ from __future__ import annotations
 import pytest
 
 from harness_merge.backends.base import (
-    BackendError, GenRequest, LLRequest, cut_at_stop, load_backend, rolling_windows,
+    BackendError,
+    GenRequest,
+    LLRequest,
+    cut_at_stop,
+    load_backend,
+    rolling_windows,
 )
 from harness_merge.errors import MethodParamError
 from harness_merge.harness.model_args import (
-    ModelArgsError, parse_list, parse_model_args, split_arg_string,
+    ModelArgsError,
+    parse_list,
+    parse_model_args,
+    split_arg_string,
 )
 
 

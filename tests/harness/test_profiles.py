@@ -53,8 +53,8 @@ def test_qwen2_vl_images_are_jpeg85_then_resized_to_multiples_of_28():
 def test_gen_params_defaults_per_profile():
     q = P.gen_params(P.get_profile("qwen2_vl"), {"until": "\n"})
     assert q["max_new_tokens"] == 128 and q["until"] == ("\n",)
-    l = P.gen_params(P.get_profile("llava_hf"), {"until": ["\n"], "max_new_tokens": 5})
-    assert l["max_new_tokens"] == 5 and l["until"] == ()
+    lv = P.gen_params(P.get_profile("llava_hf"), {"until": ["\n"], "max_new_tokens": 5})
+    assert lv["max_new_tokens"] == 5 and lv["until"] == ()
     assert P.gen_params(P.get_profile("plain"), {})["max_new_tokens"] is None
     assert P.finish(P.get_profile("qwen2_vl"), "  yes \n") == "yes"
     assert P.finish(P.get_profile("plain"), " yes ") == " yes "

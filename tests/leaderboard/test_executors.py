@@ -91,7 +91,8 @@ def test_fake_ray_equals_serial(grid, tmp_path, monkeypatch, capsys):
     serial = runner.run(grid, tmp_path / "serial")
     par = runner.run(grid, tmp_path / "ray", executor=executors.RayExecutor())
     err = capsys.readouterr().err
-    strip = lambda cells: [(c["label"], c["task"], c["metric"], c["value"]) for c in cells]
+    def strip(cells):
+        return [(c["label"], c["task"], c["metric"], c["value"]) for c in cells]
     assert strip(par["cells"]) == strip(serial["cells"]) and len(par["cells"]) == 6 * 2
     on_disk = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert strip(on_disk["cells"]) == strip(serial["cells"])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness_merge.leaderboard import regress, runner
 from harness_merge.errors import MergeError
+from harness_merge.leaderboard import regress, runner
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "task_configs" / "local"

@@ -80,8 +80,8 @@ def test_no_prune_no_clamp_sum_of_products_is_weight_average():
 
 
 def test_scaling_is_at_least_one_and_normalised():
-    from harness_merge.methods.copa import complementary_scale, cross_task_normalise
     from harness_merge.methods._ops import magnitude_mask
+    from harness_merge.methods.copa import complementary_scale, cross_task_normalise
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(6, 20, generator=g)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .helpers import as_dense as _dense_of, run_method
+from harness_merge.errors import MethodParamError
+from harness_merge.methods import get
+from harness_merge.methods._lowrank import factor_cores, numerical_rank
+from harness_merge.methods.tsv_iso import iso_cts_dims
+from harness_merge.types import Dense, LoRAFactors, LowRank, ModuleInputs
+
+from .helpers import as_dense as _dense_of
+from .helpers import run_method
 
 # Most tests below check the basis-free variant spectrum=numerical_rank against
 # its own formulas; the defaults (spectrum=full, the released codes) are tested
@@ -16,12 +23,6 @@ from .helpers import as_dense as _dense_of, run_method
 def _run(name, mi, **params):
     params.setdefault("spectrum", "numerical_rank")
     return run_method(name, mi, **params)
-
-from harness_merge.errors import MethodParamError
-from harness_merge.methods import get
-from harness_merge.methods._lowrank import factor_cores, numerical_rank
-from harness_merge.methods.tsv_iso import iso_cts_dims
-from harness_merge.types import Dense, LoRAFactors, LowRank, ModuleInputs
 
 
 def _lora(n=3, r=4, d_out=24, d_in=20, seed=0, ranks=None):

@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
-from .helpers import as_dense as _dense_of, run_method as _run
-
 from harness_merge.errors import MergeError, MethodParamError
 from harness_merge.methods import get
 from harness_merge.types import Dense, LoRAFactors, LowRank, ModuleInputs
+
+from .helpers import as_dense as _dense_of
+from .helpers import run_method as _run
 
 
 def _lora(n=3, r=3, d_out=20, d_in=16, seed=0):

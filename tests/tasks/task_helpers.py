@@ -12,14 +12,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import datasets
+import PIL.Image as PIL_Image
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "task_configs"
-
-import datasets
-import PIL.Image as PIL_Image
-
 
 # --------------------------------------------------------------------------- YAML rewriting
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datasets
 import pytest
-
 from task_helpers import FLOAT, IMAGE, INT, STR, image_cell, png, str_list
 
 FOLDER = "capability_suite"

@@ -4,9 +4,7 @@ the mean of its tasks' `score` (a fake model answers; nothing is downloaded)."""
 from __future__ import annotations
 
 import pytest
-
 from task_helpers import IMAGE, INT, STR, image_cell, png, str_list
-
 from test_mm_mergebench import CAPTION_REFS
 
 

@@ -7,7 +7,6 @@ per-task results, so no dataset is loaded.
 from __future__ import annotations
 
 import pytest
-
 from task_helpers import CONFIGS, read_yaml
 
 SUITES = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from task_helpers import IMAGE, INT, STR, image_cell, png, str_list
 
 FOLDER = "mm_mergebench"
