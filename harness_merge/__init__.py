@@ -4,4 +4,5 @@
 ``harness-merge`` the command. Importing this package loads neither vLLM nor
 the harnesses.
 """
+
 __version__ = "0.1.0"

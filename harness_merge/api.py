@@ -4,6 +4,7 @@
 content-addressed cache, otherwise stream the merge module by module and write
 the artifact atomically.
 """
+
 from __future__ import annotations
 
 import errno
@@ -78,7 +79,9 @@ def _resolve_format(spec: MergeSpec, inputs, mspec, params) -> str:
         raise ArtifactError("format=full writes base + merged update: pass the base model (--base)")
     if spec.format != "auto":
         if spec.format == "lora" and spec.rank is None and inputs.kind == "dense":
-            log.warning("LoRA from full checkpoints by exact SVD can be as large as the model; consider --rank")
+            log.warning(
+                "LoRA from full checkpoints by exact SVD can be as large as the model; consider --rank"
+            )
         return spec.format
     if inputs.kind == "dense":
         return "full"
@@ -142,8 +145,10 @@ def merge(
     cache = MergeCache(cache_dir) if use_cache else None
     hasher = cache.hasher if cache is not None else FileHasher(None)
     n_bytes = sum(p.stat().st_size for files in inputs.files for p in files)
-    say(f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
-        f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)")
+    say(
+        f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
+        f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)"
+    )
     adapter_hashes = [hasher.many(files) for files in inputs.files]
     base_hash = None
     if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
@@ -207,8 +212,11 @@ def merge(
         elif inputs.kind == "lora":
             # The writer drives the merge in the base's storage order (streamed, shard by shard);
             # DoRA weights and replaced tensors come as one stream the writer places as they come.
-            merged = results if (dora or non_lora) else (
-                lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names))
+            merged = (
+                results
+                if (dora or non_lora)
+                else (lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names))
+            )
             info = write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=non_lora)
         else:
             info = write_full_from_checkpoints(results, inputs, tmp)
@@ -218,7 +226,9 @@ def merge(
             e = info["svd_rel_error"]
             log.warning(
                 "low-rank approximation: relative Frobenius error max %.3g, mean %.3g over %d modules",
-                e["max"], e["mean"], e["modules"],
+                e["max"],
+                e["mean"],
+                e["modules"],
             )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 

@@ -10,6 +10,7 @@ this machine (one small SVD or matmul, timed once per process).
 ``HARNESS_MERGE_MAX_SECONDS`` (default 600) is the limit;
 ``HARNESS_MERGE_FORCE=1`` (or ``force=True`` / ``--force``) runs anyway.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,9 @@ class CostError(MergeError):
 
 @dataclass(frozen=True)
 class Cost:
-    what: str          # "an exact SVD of 196 full-rank deltas (largest 11008x4096)"
+    what: str  # "an exact SVD of 196 full-rank deltas (largest 11008x4096)"
     flops: float
-    kind: str          # "svd" | "matmul": which calibration converts flops to seconds
+    kind: str  # "svd" | "matmul": which calibration converts flops to seconds
     alternatives: tuple[str, ...]
 
     def seconds(self) -> float:
@@ -93,18 +94,28 @@ def estimate(inputs, mspec, params, fmt: str) -> Cost | None:
             big = max(shapes, key=lambda s: s[0] * s[1])
             alts = ["--base BASE: write merged full weights (no SVD)"]
             if inputs.kind == "lora":
-                alts.append("a method that stays low-rank on LoRA (ta, wa, copa, tsv, iso_c, iso_cts, wudi, wudi2)")
+                alts.append(
+                    "a method that stays low-rank on LoRA (ta, wa, copa, tsv, iso_c, iso_cts, wudi, wudi2)"
+                )
             return Cost(
                 what=f"an exact SVD of {len(shapes)} full-rank {mspec.name} deltas (largest {big[0]}x{big[1]}), "
-                     f"to write them as a LoRA (on CPU, float64; --rank truncates after the full SVD)",
-                flops=flops, kind="svd", alternatives=tuple(alts),
+                f"to write them as a LoRA (on CPU, float64; --rank truncates after the full SVD)",
+                flops=flops,
+                kind="svd",
+                alternatives=tuple(alts),
             )
     if mspec.name in ("wudi", "wudi2") and getattr(params, "device", "cpu") == "cpu" and not lowrank:
         shapes = _shapes(inputs)
         n_in = len(inputs.refs)
-        iters = 0 if getattr(params, "solver", "iterative") == "closed_form" else int(getattr(params, "iterations", 300))
+        iters = (
+            0
+            if getattr(params, "solver", "iterative") == "closed_form"
+            else int(getattr(params, "iterations", 300))
+        )
         # normal equations: N (m n^2) to build, then 2 m n^2 per iteration; closed form: + ~20 n^3.
-        flops = float(sum(2 * m * n * n * (n_in + iters) + (20 * n**3 if not iters else 0) for m, n in shapes))
+        flops = float(
+            sum(2 * m * n * n * (n_in + iters) + (20 * n**3 if not iters else 0) for m, n in shapes)
+        )
         alts = ["device=cuda: run the optimisation on a GPU"]
         if inputs.kind == "lora":
             alts.append("space=factor: optimise in the LoRA factor space (small cores)")
@@ -112,8 +123,10 @@ def estimate(inputs, mspec, params, fmt: str) -> Cost | None:
             alts.append("solver=closed_form: solve the same quadratic directly")
         return Cost(
             what=f"a dense {mspec.name} on CPU: {iters or 'a closed-form solve'}"
-                 f"{' iterations' if iters else ''} over {len(shapes)} full {mspec.name} matrices",
-            flops=flops, kind="matmul", alternatives=tuple(alts),
+            f"{' iterations' if iters else ''} over {len(shapes)} full {mspec.name} matrices",
+            flops=flops,
+            kind="matmul",
+            alternatives=tuple(alts),
         )
     return None
 

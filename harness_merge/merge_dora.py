@@ -23,6 +23,7 @@ Artifacts: a PEFT DoRA adapter (``use_dora=true``, the merged factors and
 ``lora_magnitude_vector``s; PEFT recomputes the row norm from the base) or full
 weights ``W`` (for servers without DoRA, e.g. vLLM).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -11,6 +11,7 @@ included, as mergekit does (1-D tensors need an element-wise method). The
 choice is part of the parameters, so it is recorded in the manifest and the
 cache key. Tensors no input changed are skipped (delta 0).
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,8 +97,15 @@ def iter_merged(
             extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
     # On stderr from the first module on: the bar names the module being merged
     # before its work starts, so a slow module shows which it is.
-    bar = tqdm(names, desc=f"merge {spec.name}", unit="module", disable=not progress, leave=False,
-               file=sys.stderr, mininterval=0.5)
+    bar = tqdm(
+        names,
+        desc=f"merge {spec.name}",
+        unit="module",
+        disable=not progress,
+        leave=False,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
     with torch.no_grad():
         for name in bar:
             bar.set_postfix_str(name, refresh=True)

@@ -7,6 +7,7 @@ non-LoRA trained tensor is the plain average over the N checkpoints,
 The averaged tensors replace the base's (they are trained values, not updates
 of the base's), so the artifact is full weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ RECORD = {"non_lora_trainables": "mean_n p_n (released code: coef = 1/N), replac
 
 def iter_non_lora(inputs) -> Iterator[tuple[str, Replacement]]:
     for name in inputs.non_lora_names:
-        yield name, Replacement(torch.stack(inputs.read_non_lora(name)).mean(dim=0), info={"policy": "average"})
+        yield (
+            name,
+            Replacement(torch.stack(inputs.read_non_lora(name)).mean(dim=0), info={"policy": "average"}),
+        )
 
 
 __all__ = ["RECORD", "iter_non_lora"]

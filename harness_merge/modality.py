@@ -22,6 +22,7 @@ weights, with the merged LLM), and ``harness_merge.json`` recording the method,
 the shared and the kept tensors per modality. Each modality is served through
 the merged LLM by pointing a backend at its folder (``pretrained=<out>/vision``).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,10 @@ class SharedLLMSet:
 
     def read(self, name: str) -> ModuleInputs:
         th0 = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
-        taus = tuple(checked_float(m.get(mp[name]), f"{m.ref} [{mp[name]}]") - th0
-                     for m, mp in zip(self.models, self.maps))
+        taus = tuple(
+            checked_float(m.get(mp[name]), f"{m.ref} [{mp[name]}]") - th0
+            for m, mp in zip(self.models, self.maps)
+        )
         return ModuleInputs(name=name, task_vectors=taus, base=th0)
 
     def __iter__(self) -> Iterator[ModuleInputs]:
@@ -96,8 +99,15 @@ class SharedLLMSet:
             yield self.read(n)
 
 
-def merge_modalities(base_llm: str, models: Mapping[str, str], method: str, params: dict | None = None,
-                     *, out: str | Path, progress: bool = False) -> dict:
+def merge_modalities(
+    base_llm: str,
+    models: Mapping[str, str],
+    method: str,
+    params: dict | None = None,
+    *,
+    out: str | Path,
+    progress: bool = False,
+) -> dict:
     """Merge the shared LLM of ``models`` ({modality name: checkpoint folder})
     and write ``out`` (see the module docstring). Returns the manifest."""
     if len(models) < 2:
@@ -118,7 +128,9 @@ def merge_modalities(base_llm: str, models: Mapping[str, str], method: str, para
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        merged: dict[str, object] = {}  # base name -> merged tensor (the LLM only: small next to the encoders)
+        merged: dict[
+            str, object
+        ] = {}  # base name -> merged tensor (the LLM only: small next to the encoders)
         for name, res in iter_merged(inputs, mspec, mparams, progress=progress):
             th0 = base.get(name)
             if res is None:
@@ -126,9 +138,16 @@ def merge_modalities(base_llm: str, models: Mapping[str, str], method: str, para
             else:
                 delta = res.delta if isinstance(res, Dense) else res.delta()
                 merged[name] = (th0.float() + delta).to(th0.dtype)
-        record = {"harness_merge_version": __version__, "mode": "modality", "method": mspec.name,
-                  "params": mparams.as_dict(), "reference_url": mspec.reference_url,
-                  "base_llm": base_llm, "shared_tensors": len(merged), "modalities": {}}
+        record = {
+            "harness_merge_version": __version__,
+            "mode": "modality",
+            "method": mspec.name,
+            "params": mparams.as_dict(),
+            "reference_url": mspec.reference_url,
+            "base_llm": base_llm,
+            "shared_tensors": len(merged),
+            "modalities": {},
+        }
         for (mod_name, ref), ck, mp in zip(models.items(), cks, inputs.maps):
             d = tmp / mod_name
             d.mkdir()
@@ -143,14 +162,22 @@ def merge_modalities(base_llm: str, models: Mapping[str, str], method: str, para
                     weight_map[k] = fn
                 save_file(sd, str(d / fn), metadata={"format": "pt"})
             if len(ck.file_names) > 1:
-                (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+                (d / "model.safetensors.index.json").write_text(
+                    json.dumps({"metadata": {}, "weight_map": weight_map})
+                )
             for p in ck.path.iterdir():
-                if p.is_file() and not p.name.endswith((".safetensors", ".bin")) and p.name not in (
-                        "model.safetensors.index.json", MANIFEST):
+                if (
+                    p.is_file()
+                    and not p.name.endswith((".safetensors", ".bin"))
+                    and p.name not in ("model.safetensors.index.json", MANIFEST)
+                ):
                     shutil.copy2(p, d / p.name)
             kept = sorted(set(ck.where) - set(inverse))
-            record["modalities"][mod_name] = {"ref": ref, "kept_tensors": len(kept),
-                                              "kept_prefixes": sorted({k.split(".")[0] for k in kept})}
+            record["modalities"][mod_name] = {
+                "ref": ref,
+                "kept_tensors": len(kept),
+                "kept_prefixes": sorted({k.split(".")[0] for k in kept}),
+            }
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
         if out.exists():
             shutil.rmtree(out)

@@ -28,6 +28,7 @@ rescale, random masks, embeddings and norms); the CLI prints them.
 
 Relative paths resolve against the recipe's folder when they exist there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,13 +50,27 @@ MERGEKIT_METHODS = {
     "dare_ties": "dare_ties",
 }
 #: mergekit's defaults that differ by method (mergekit/merge_methods/registry.py, 0.1.5).
-_NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "dare_linear": False, "dare_ties": False}
+_NORMALIZE_DEFAULT = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_linear": False,
+    "dare_ties": False,
+}
 _RESCALE_DEFAULT = {"dare_linear": True, "dare_ties": True}
 _MODEL_PARAMS = {"weight", "density"}
 _GLOBAL_PARAMS = {"weight", "density", "normalize", "lambda", "rescale", "int8_mask"}
 # Top-level mergekit keys we accept; the rest (slices, modules, tokenizer, ...) are refused by name.
-_MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name"}
+_MERGEKIT_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
 
 NOTE_EMBEDDINGS = (
     "embeddings, lm_head and 1-D tensors (norms, biases): mergekit applies the method (and lambda) to them; "
@@ -124,19 +139,26 @@ def _from_own(data: dict, path: Path) -> Recipe:
         out = str(q if q.is_absolute() else root / q)
     base = data.get("base")
     return Recipe(
-        method=data.get("method"), adapters=[_rel(a, root) for a in ads],
+        method=data.get("method"),
+        adapters=[_rel(a, root) for a in ads],
         params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()},
-        base=_rel(base, root) if base is not None else None, out=out, format=data.get("format"),
-        rank=data.get("rank"), dtype=data.get("dtype"),
+        base=_rel(base, root) if base is not None else None,
+        out=out,
+        format=data.get("format"),
+        rank=data.get("rank"),
+        dtype=data.get("dtype"),
     )
 
 
-def _checked_params(path, label: str, params: dict, known, known_label: str, *, where: str | None = None) -> dict:
+def _checked_params(
+    path, label: str, params: dict, known, known_label: str, *, where: str | None = None
+) -> dict:
     """``params`` with every name in ``known`` and every value a scalar (``_scalar``)."""
     bad = set(params) - known
     if bad:
-        raise RecipeError(f"{path}: {label}: unknown mergekit parameter(s) {sorted(bad)}"
-                          f"{known_label}: {sorted(known)}")
+        raise RecipeError(
+            f"{path}: {label}: unknown mergekit parameter(s) {sorted(bad)}{known_label}: {sorted(known)}"
+        )
     return {k: _scalar(path, where or label, k, v) for k, v in params.items()}
 
 
@@ -176,13 +198,17 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
     if isinstance(models, (str, dict)):
         models = [models]
     if not isinstance(models, list) or not models:
-        raise RecipeError(f"{path}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        raise RecipeError(
+            f"{path}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}"
+        )
     adapters, weights, densities, lora_bases = [], [], [], set()
     for i, entry in enumerate(models):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"{path}: models[{i}] must be a path or {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            raise RecipeError(
+                f"{path}: models[{i}] must be a path or {{model: PATH, parameters: {{...}}}}, got {entry!r}"
+            )
         extra = set(entry) - {"model", "parameters"}
         if extra:
             raise RecipeError(f"{path}: models[{i}]: unknown key(s) {sorted(extra)}")
@@ -193,8 +219,9 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
         mp = entry.get("parameters") or {}
         if not isinstance(mp, dict):
             raise RecipeError(f"{path}: models[{i}].parameters must be a mapping")
-        mp = _checked_params(path, f"models[{i}] ({ref})", mp, _MODEL_PARAMS, "; per-model parameters",
-                             where=f"models[{i}]")
+        mp = _checked_params(
+            path, f"models[{i}] ({ref})", mp, _MODEL_PARAMS, "; per-model parameters", where=f"models[{i}]"
+        )
         if "+" in ref and not Path(ref).exists():  # mergekit's base+lora syntax
             b, lora = ref.split("+", 1)
             lora_bases.add(b)
@@ -211,11 +238,15 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
     base = base_raw if base_raw is not None else (next(iter(lora_bases)) if lora_bases else None)
     if base is None:
         if mk != "linear":
-            raise RecipeError(f"{path}: merge_method {mk} needs 'base_model' (task vectors are taken against it)")
+            raise RecipeError(
+                f"{path}: merge_method {mk} needs 'base_model' (task vectors are taken against it)"
+            )
         # linear: sum_i w_i theta_i / sum_i w_i = theta_1 + weighted mean of (theta_i - theta_1), any base works.
         base = str(models[0]["model"] if isinstance(models[0], dict) else models[0])
-        notes.append(f"linear without base_model: task vectors taken against the first model ({base}); "
-                     f"the weighted mean of the models is the same")
+        notes.append(
+            f"linear without base_model: task vectors taken against the first model ({base}); "
+            f"the weighted mean of the models is the same"
+        )
     base = _rel(base, root)
 
     normalize = bool(glob.get("normalize", _NORMALIZE_DEFAULT[mk]))
@@ -227,17 +258,23 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
 
     if mk == "linear":
         if not normalize and abs(sum(weights) - 1.0) > 1e-6:
-            raise RecipeError(f"{path}: linear with normalize: false and weights summing to {sum(weights):g} is "
-                              f"not a merge of task vectors; use normalize: true or weights summing to 1")
+            raise RecipeError(
+                f"{path}: linear with normalize: false and weights summing to {sum(weights):g} is "
+                f"not a merge of task vectors; use normalize: true or weights summing to 1"
+            )
         if lam != 1.0:
-            notes.append("linear: mergekit has no lambda for linear; harness-merge scales the averaged task vector")
+            notes.append(
+                "linear: mergekit has no lambda for linear; harness-merge scales the averaged task vector"
+            )
         params["weights"] = weights
     elif mk in ("task_arithmetic", "dare_linear"):
         params["weights"] = [w / sum(weights) for w in weights] if normalize else weights
     else:  # ties, dare_ties: our disjoint mean is peft's (sign on unweighted deltas, count denominator)
         if uniform and normalize:
-            notes.append(f"{mk}: equal weights with normalize: true is harness-merge's (peft's) TIES; "
-                         f"the weight cancels")
+            notes.append(
+                f"{mk}: equal weights with normalize: true is harness-merge's (peft's) TIES; "
+                f"the weight cancels"
+            )
         else:
             mean = sum(weights) / len(weights)
             params["weights"] = [w / mean for w in weights]
@@ -245,12 +282,14 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
                 f"{mk}: mergekit elects the sign on the weighted deltas and divides by "
                 + ("the sum of the agreeing weights" if normalize else "nothing (normalize: false)")
                 + "; harness-merge (as peft) elects on the unweighted trimmed deltas and divides by the count of "
-                  f"agreeing entries: results differ; weights passed as {[round(w / mean, 6) for w in weights]}"
+                f"agreeing entries: results differ; weights passed as {[round(w / mean, 6) for w in weights]}"
             )
     if mk in ("ties", "dare_linear", "dare_ties"):
         if len(set(densities)) > 1:
-            raise RecipeError(f"{path}: {mk}: per-model densities {densities} differ; harness-merge uses one "
-                              f"density for every model")
+            raise RecipeError(
+                f"{path}: {mk}: per-model densities {densities} differ; harness-merge uses one "
+                f"density for every model"
+            )
         key = "prune_rate" if mk == "ties" else "drop_rate"
         params[key] = 1.0 - densities[0]
     elif any(d != 1.0 for d in densities):
@@ -259,22 +298,37 @@ def from_mergekit(data: dict, path: Path) -> Recipe:
         rescale = bool(glob.get("rescale", _RESCALE_DEFAULT[mk]))
         params["rescale"] = rescale
         if rescale:
-            notes.append(f"{mk}: mergekit rescales the kept entries by the L1 ratio ||delta||_1 / ||kept||_1; "
-                         f"harness-merge by 1/(1 - drop_rate) (the DARE paper)")
-        notes.append(f"{mk}: random masks come from harness-merge's generator (seed, module), not mergekit's: "
-                     f"results agree in distribution only")
+            notes.append(
+                f"{mk}: mergekit rescales the kept entries by the L1 ratio ||delta||_1 / ||kept||_1; "
+                f"harness-merge by 1/(1 - drop_rate) (the DARE paper)"
+            )
+        notes.append(
+            f"{mk}: random masks come from harness-merge's generator (seed, module), not mergekit's: "
+            f"results agree in distribution only"
+        )
         if mk == "dare_ties" and not normalize:
-            notes.append("dare_ties: normalize: false in mergekit sums the agreeing entries; harness-merge "
-                         "averages them (peft's dare_ties)")
+            notes.append(
+                "dare_ties: normalize: false in mergekit sums the agreeing entries; harness-merge "
+                "averages them (peft's dare_ties)"
+            )
     elif "rescale" in glob:
         raise RecipeError(f"{path}: rescale applies to dare_linear / dare_ties only, not to {mk}")
     notes.append(NOTE_EMBEDDINGS)
     src = data.get("tokenizer_source")
     if src not in (None, "base"):
-        raise RecipeError(f"{path}: tokenizer_source {src!r}: harness-merge copies the base model's tokenizer only")
+        raise RecipeError(
+            f"{path}: tokenizer_source {src!r}: harness-merge copies the base model's tokenizer only"
+        )
     dtype = data.get("out_dtype") or data.get("dtype")
-    return Recipe(method=method, adapters=adapters, params=params, base=base, dtype=dtype,
-                  source="mergekit", notes=notes)
+    return Recipe(
+        method=method,
+        adapters=adapters,
+        params=params,
+        base=base,
+        dtype=dtype,
+        source="mergekit",
+        notes=notes,
+    )
 
 
 def translate_param_names(method: str, params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -285,8 +339,10 @@ def translate_param_names(method: str, params: dict[str, Any]) -> tuple[dict[str
     if "density" in out:
         target = {"ties": "prune_rate", "dare": "drop_rate", "dare_ties": "drop_rate"}.get(method)
         if target is None:
-            raise RecipeError(f"{method}: mergekit's 'density' has no equivalent here (it maps to ties' prune_rate "
-                              f"and dare's drop_rate); see `harness-merge methods`")
+            raise RecipeError(
+                f"{method}: mergekit's 'density' has no equivalent here (it maps to ties' prune_rate "
+                f"and dare's drop_rate); see `harness-merge methods`"
+            )
         raw = out.pop("density")
         try:
             d = float(raw)

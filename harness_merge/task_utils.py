@@ -1,5 +1,6 @@
 """Scoring helpers shared by the task configs in ``task_configs/`` (their
 ``utils.py`` files import from here; lmms-eval loads those from their folders)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,9 @@ def box_iou(a: list[float], b: list[float]) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
-    union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+    union = (
+        max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+    )
     return inter / union if union > 0 else 0.0
 
 

@@ -3,6 +3,7 @@
 These are the only types that cross the layer boundaries (inputs -> methods ->
 artifact); they hold tensors and nothing else, no file handles.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -119,7 +120,9 @@ class DoRAUpdate:
         """``m * (W0 + delta) / ||W0 + delta||_row`` in float32 (a zero row stays zero)."""
         V = W0.float() + self.direction_delta().float()
         norm = torch.linalg.norm(V, dim=1)
-        factor = torch.where(norm > 0, self.magnitude.float() / norm.clamp_min(torch.finfo(V.dtype).tiny), 0.0)
+        factor = torch.where(
+            norm > 0, self.magnitude.float() / norm.clamp_min(torch.finfo(V.dtype).tiny), 0.0
+        )
         return factor.unsqueeze(1) * V
 
 

@@ -18,6 +18,7 @@ Prints, side by side with the vllm/hf ratio:
 The vLLM engine runs as vLLM runs by default (EngineCore/Worker processes);
 ``--inprocess`` sets VLLM_ENABLE_V1_MULTIPROCESSING=0 (engine in this process).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,10 @@ def build(root: Path, n_adapters: int) -> tuple[str, list[str]]:
         torch.manual_seed(123)
         model.get_output_embeddings().weight.normal_(0.0, 0.5)  # robust greedy margins
     base = save_model(model, proc, root / "base")
-    ads = [str(random_lora(base, root / f"lora{i}", rank=8, alpha=16, seed=i, std=2.0, targets=LM_TARGETS))
-           for i in range(1, n_adapters + 1)]
+    ads = [
+        str(random_lora(base, root / f"lora{i}", rank=8, alpha=16, seed=i, std=2.0, targets=LM_TARGETS))
+        for i in range(1, n_adapters + 1)
+    ]
     return str(base), ads
 
 
@@ -64,7 +67,12 @@ def task_set(n: int, max_new: int):
     gen, ll = [], []
     for i in range(n):
         im = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
-        m = ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is it?"}]},)
+        m = (
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}: what is it?"}],
+            },
+        )
         gen.append(GenRequest(messages=m, images=(im,), max_new_tokens=max_new))
         ll += [LLRequest(continuation=c, messages=m, images=(im,)) for c in ("yes", "no")]
     return gen, ll
@@ -107,8 +115,11 @@ def cold_child(args) -> None:
     gen, _ = task_set(1, 1)
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
-    art = merge(MergeSpec(adapters=tuple(args.adapters), method="copa", base=args.base), cache_dir=args.cache,
-                progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(args.adapters), method="copa", base=args.base),
+        cache_dir=args.cache,
+        progress=False,
+    )
     t_merge = time.perf_counter() - t1
     t2 = time.perf_counter()
     b = load_backend(args.backend, art, args.base, **OPTS)
@@ -116,21 +127,50 @@ def cold_child(args) -> None:
     t3 = time.perf_counter()
     b.generate(gen)
     t_first = time.perf_counter() - t3
-    print("HM_BENCH " + json.dumps({"import_s": t_import, "merge_s": t_merge, "cache_hit": art.cache_hit,
-                                    "load_s": t_load, "first_answer_s": t_first,
-                                    "total_s": time.perf_counter() - t0}), flush=True)
+    print(
+        "HM_BENCH "
+        + json.dumps(
+            {
+                "import_s": t_import,
+                "merge_s": t_merge,
+                "cache_hit": art.cache_hit,
+                "load_s": t_load,
+                "first_answer_s": t_first,
+                "total_s": time.perf_counter() - t0,
+            }
+        ),
+        flush=True,
+    )
     b.close()
 
 
 def cold_start(backend: str, base: str, adapters: list[str], cache: Path) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--cold-child", backend, "--base", base, "--cache", str(cache),
-                        "--adapters", *adapters], check=False, capture_output=True, text=True, env=dict(os.environ))
+    p = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--cold-child",
+            backend,
+            "--base",
+            base,
+            "--cache",
+            str(cache),
+            "--adapters",
+            *adapters,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     wall = time.perf_counter() - t0
     line = [x for x in p.stdout.splitlines() if x.startswith("HM_BENCH ")]
     if p.returncode != 0 or not line:
-        raise RuntimeError(f"cold start child failed (rc={p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    d = json.loads(line[-1][len("HM_BENCH "):])
+        raise RuntimeError(
+            f"cold start child failed (rc={p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+        )
+    d = json.loads(line[-1][len("HM_BENCH ") :])
     d["process_wall_s"] = wall  # includes interpreter start and engine shutdown at exit
     return d
 
@@ -141,7 +181,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=32, help="requests per task (generate and loglikelihood)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=2, help="throughput: best of this many runs")
-    ap.add_argument("--share-n", type=int, default=3, help="LoRA artifacts for the engine-sharing measurement")
+    ap.add_argument(
+        "--share-n", type=int, default=3, help="LoRA artifacts for the engine-sharing measurement"
+    )
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-share", action="store_true")
     ap.add_argument("--inprocess", action="store_true", help="VLLM_ENABLE_V1_MULTIPROCESSING=0")
@@ -154,8 +196,11 @@ def main() -> int:
     ap.add_argument("--adapters", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cold_child:
-        cold_child(argparse.Namespace(backend=args.cold_child, base=args.base, cache=args.cache,
-                                      adapters=args.adapters))
+        cold_child(
+            argparse.Namespace(
+                backend=args.cold_child, base=args.base, cache=args.cache, adapters=args.adapters
+            )
+        )
         return 0
     if args.inprocess:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -167,17 +212,24 @@ def main() -> int:
     from harness_merge.backends import load_backend
     from harness_merge.backends import vllm as hv
 
-    res: dict = {"n": args.n, "reps": args.reps, "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(),
-                 "mode": "in-process" if args.inprocess else "multiprocess (vLLM default)"}
+    res: dict = {
+        "n": args.n,
+        "reps": args.reps,
+        "max_new_tokens": args.max_new_tokens,
+        "cpus": os.cpu_count(),
+        "mode": "in-process" if args.inprocess else "multiprocess (vLLM default)",
+    }
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_backends_"))
     tmp.mkdir(parents=True, exist_ok=True)
     base, ads = build(tmp, max(2, args.share_n + 1))
     cache = tmp / "cache"
     art = merge(MergeSpec(adapters=tuple(ads[:2]), method="copa", base=base), cache_dir=cache, progress=False)
     gen, ll = task_set(args.n, args.max_new_tokens)
-    print(f"tiny Qwen2-VL, copa merge of 2 rank-8 adapters -> {art.kind} artifact; task set: {len(gen)} image "
-          f"generate (max_new_tokens={args.max_new_tokens}) + {len(ll)} image loglikelihood; {res['mode']}",
-          flush=True)
+    print(
+        f"tiny Qwen2-VL, copa merge of 2 rank-8 adapters -> {art.kind} artifact; task set: {len(gen)} image "
+        f"generate (max_new_tokens={args.max_new_tokens}) + {len(ll)} image loglikelihood; {res['mode']}",
+        flush=True,
+    )
 
     # 1+2. throughput and first-token latency
     thr = {}
@@ -204,15 +256,19 @@ def main() -> int:
         print(f"{k:<14}{d['gen_per_s']:>12.2f}{d['ll_per_s']:>12.2f}{ft:>14}")
     best_hf = max(thr["hf (batch 1)"]["gen_per_s"], thr["hf (batch 8)"]["gen_per_s"])
     best_hf_ll = max(thr["hf (batch 1)"]["ll_per_s"], thr["hf (batch 8)"]["ll_per_s"])
-    ratios = {"generate_vs_hf_bs1": thr["vllm"]["gen_per_s"] / h["gen_per_s"],
-              "generate_vs_best_hf": thr["vllm"]["gen_per_s"] / best_hf,
-              "loglik_vs_hf_bs1": thr["vllm"]["ll_per_s"] / h["ll_per_s"],
-              "loglik_vs_best_hf": thr["vllm"]["ll_per_s"] / best_hf_ll,
-              "first_token_hf_over_vllm": h["first_token_s"] / thr["vllm"]["first_token_s"]}
+    ratios = {
+        "generate_vs_hf_bs1": thr["vllm"]["gen_per_s"] / h["gen_per_s"],
+        "generate_vs_best_hf": thr["vllm"]["gen_per_s"] / best_hf,
+        "loglik_vs_hf_bs1": thr["vllm"]["ll_per_s"] / h["ll_per_s"],
+        "loglik_vs_best_hf": thr["vllm"]["ll_per_s"] / best_hf_ll,
+        "first_token_hf_over_vllm": h["first_token_s"] / thr["vllm"]["first_token_s"],
+    }
     res["ratios"] = ratios
-    print(f"ratio vllm/hf: generate x{ratios['generate_vs_hf_bs1']:.2f} vs hf batch 1, "
-          f"x{ratios['generate_vs_best_hf']:.2f} vs the best hf; loglikelihood x{ratios['loglik_vs_hf_bs1']:.2f} / "
-          f"x{ratios['loglik_vs_best_hf']:.2f}; first token: vLLM {ratios['first_token_hf_over_vllm']:.2f}x faster")
+    print(
+        f"ratio vllm/hf: generate x{ratios['generate_vs_hf_bs1']:.2f} vs hf batch 1, "
+        f"x{ratios['generate_vs_best_hf']:.2f} vs the best hf; loglikelihood x{ratios['loglik_vs_hf_bs1']:.2f} / "
+        f"x{ratios['loglik_vs_best_hf']:.2f}; first token: vLLM {ratios['first_token_hf_over_vllm']:.2f}x faster"
+    )
     print(f"vLLM backend load (engine start, vllm already imported): {res['vllm_load_s']:.1f} s", flush=True)
 
     # 3. cold start, fresh processes
@@ -223,17 +279,24 @@ def main() -> int:
             cold[f"{be}, empty merge cache"] = cold_start(be, base, ads[:2], fresh)
             cold[f"{be}, merge cache hit"] = cold_start(be, base, ads[:2], fresh)
         res["cold_start"] = cold
-        print(f"\n{'cold start (fresh process)':<28}{'imports':>9}{'merge':>8}{'load':>8}{'1st ans':>9}"
-              f"{'total':>8}{'process':>9}")
+        print(
+            f"\n{'cold start (fresh process)':<28}{'imports':>9}{'merge':>8}{'load':>8}{'1st ans':>9}"
+            f"{'total':>8}{'process':>9}"
+        )
         for k, d in cold.items():
-            print(f"{k:<28}{d['import_s']:>8.1f}s{d['merge_s']:>7.2f}s{d['load_s']:>7.1f}s"
-                  f"{d['first_answer_s']:>8.2f}s{d['total_s']:>7.1f}s{d['process_wall_s']:>8.1f}s"
-                  + ("  [cache hit]" if d["cache_hit"] else ""), flush=True)
+            print(
+                f"{k:<28}{d['import_s']:>8.1f}s{d['merge_s']:>7.2f}s{d['load_s']:>7.1f}s"
+                f"{d['first_answer_s']:>8.2f}s{d['total_s']:>7.1f}s{d['process_wall_s']:>8.1f}s"
+                + ("  [cache hit]" if d["cache_hit"] else ""),
+                flush=True,
+            )
 
     # 4. engine sharing
     if not args.skip_share:
-        share_ads = [merge(MergeSpec(adapters=(a,), method="ta", base=base), cache_dir=cache, progress=False)
-                     for a in ads[1:args.share_n + 1]]
+        share_ads = [
+            merge(MergeSpec(adapters=(a,), method="ta", base=base), cache_dir=cache, progress=False)
+            for a in ads[1 : args.share_n + 1]
+        ]
         t0 = time.perf_counter()
         eng = hv.prepare_engine(base, share_ads, **OPTS)
         outs_shared = []
@@ -253,13 +316,22 @@ def main() -> int:
             outs_sep.append(b.generate(gen[:4]))
             b.close()
         t_sep = time.perf_counter() - t0
-        res["sharing"] = {"n_artifacts": len(share_ads), "one_engine_s": t_shared, "engine_starts_shared": starts,
-                          "engine_per_artifact_s": t_sep, "saving_s": t_sep - t_shared,
-                          "saving_frac": 1 - t_shared / t_sep, "same_outputs": outs_shared == outs_sep}
+        res["sharing"] = {
+            "n_artifacts": len(share_ads),
+            "one_engine_s": t_shared,
+            "engine_starts_shared": starts,
+            "engine_per_artifact_s": t_sep,
+            "saving_s": t_sep - t_shared,
+            "saving_frac": 1 - t_shared / t_sep,
+            "same_outputs": outs_shared == outs_sep,
+        }
         s = res["sharing"]
-        print(f"\nengine sharing, {s['n_artifacts']} LoRA artifacts x task set: one engine {t_shared:.1f} s "
-              f"({starts} start), one engine per artifact {t_sep:.1f} s -> saves {s['saving_s']:.1f} s "
-              f"({100 * s['saving_frac']:.0f} %); same answers: {s['same_outputs']}", flush=True)
+        print(
+            f"\nengine sharing, {s['n_artifacts']} LoRA artifacts x task set: one engine {t_shared:.1f} s "
+            f"({starts} start), one engine per artifact {t_sep:.1f} s -> saves {s['saving_s']:.1f} s "
+            f"({100 * s['saving_frac']:.0f} %); same answers: {s['same_outputs']}",
+            flush=True,
+        )
 
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

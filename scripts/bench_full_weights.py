@@ -9,6 +9,7 @@ Each writer runs in its own subprocess, so peak RSS is per writer.
     python scripts/bench_full_weights.py                  # 4 layers (~2.1 GB base)
     python scripts/bench_full_weights.py --layers 32      # the full 7B (13.5 GB base, 27 GB of disk)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,15 @@ import time
 from pathlib import Path
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
-MODS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, HIDDEN),
-        "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN),
-        "mlp.down_proj": (HIDDEN, MLP)}
+MODS = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (MLP, HIDDEN),
+    "mlp.up_proj": (MLP, HIDDEN),
+    "mlp.down_proj": (HIDDEN, MLP),
+}
 
 
 def make_base(d: Path, layers: int, per_shard: int) -> Path:
@@ -34,8 +41,15 @@ def make_base(d: Path, layers: int, per_shard: int) -> Path:
     if (d / "config.json").is_file():
         return d
     d.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=VOCAB, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = "float16"
     cfg.save_pretrained(d)
@@ -88,8 +102,16 @@ def make_adapters(root: Path, layers: int, rank: int = 16, n: int = 2) -> list[P
                 sd[k + ".lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in**0.5).half()
                 sd[k + ".lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01).half()
         save_file(sd, d / "adapter_model.safetensors")
-        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                                           "target_modules": [m.split(".")[-1] for m in MODS]}))
+        (d / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "target_modules": [m.split(".")[-1] for m in MODS],
+                }
+            )
+        )
     return out
 
 
@@ -129,23 +151,33 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_full_"))
     t0 = time.perf_counter()
-    base = make_base(work / f"base_l{args.layers}_s{args.layers_per_shard}", args.layers, args.layers_per_shard)
+    base = make_base(
+        work / f"base_l{args.layers}_s{args.layers_per_shard}", args.layers, args.layers_per_shard
+    )
     ads = make_adapters(work / f"ads_l{args.layers}", args.layers)
     shards = sorted(base.glob("*.safetensors"))
     largest = max(p.stat().st_size for p in shards) / 2**20
     total = sum(p.stat().st_size for p in shards) / 2**20
-    print(f"base: {args.layers} layers at 7B shapes, fp16, {len(shards)} shards, {total:.0f} MiB, largest shard "
-          f"{largest:.0f} MiB; 2 adapters rank 16 (built in {time.perf_counter() - t0:.0f}s); load {os.getloadavg()[0]:.1f}")
+    print(
+        f"base: {args.layers} layers at 7B shapes, fp16, {len(shards)} shards, {total:.0f} MiB, largest shard "
+        f"{largest:.0f} MiB; 2 adapters rank 16 (built in {time.perf_counter() - t0:.0f}s); load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'writer':16s} {'wall':>8s}  {'peak RSS':>9s}  {'RSS - largest shard':>20s}")
     for kind in args.writers:
         out = Path(tempfile.mkdtemp(prefix=f"out_{kind}_", dir=work)) / "merged"
-        res = subprocess.run([sys.executable, "-c", CHILD, kind, str(base), str(out), *map(str, ads)],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD, kind, str(base), str(out), *map(str, ads)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if res.returncode != 0:
             raise SystemExit(f"{kind} failed:\n{res.stderr[-3000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{kind:16s} {r['wall']:8.1f}s {r['peak_rss_mb']:8.0f} MiB {r['peak_rss_mb'] - largest:14.0f} MiB"
-              f"   (load {os.getloadavg()[0]:.1f})")
+        print(
+            f"{kind:16s} {r['wall']:8.1f}s {r['peak_rss_mb']:8.0f} MiB {r['peak_rss_mb'] - largest:14.0f} MiB"
+            f"   (load {os.getloadavg()[0]:.1f})"
+        )
         subprocess.run(["rm", "-rf", str(out.parent)], check=False)
 
 

@@ -7,6 +7,7 @@ backend's samples/s for image generation and image loglikelihood.
 
     python scripts/bench_harness.py [--n 16] [--batch-sizes 1,4] [--max-new-tokens 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,12 +60,28 @@ def main() -> None:
         print(f"load base+LoRA (hf):   {load_merged * 1000:8.1f} ms")
 
         colors = [(i * 37 % 256, i * 91 % 256, i * 53 % 256) for i in range(args.n)]
-        msgs = lambda i: ({"role": "user", "content": [{"type": "image"},  # noqa: E731
-                                                        {"type": "text", "text": f"Question {i}: is it red?"}]},)
-        gen = [GenRequest(messages=msgs(i), images=(Image.new("RGB", (56, 56), c),),
-                          max_new_tokens=args.max_new_tokens) for i, c in enumerate(colors)]
-        ll = [LLRequest(continuation=" yes", messages=msgs(i), images=(Image.new("RGB", (56, 56), c),))
-              for i, c in enumerate(colors)]
+
+        def msgs(i):
+            return (
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": f"Question {i}: is it red?"},
+                    ],
+                },
+            )
+
+        gen = [
+            GenRequest(
+                messages=msgs(i), images=(Image.new("RGB", (56, 56), c),), max_new_tokens=args.max_new_tokens
+            )
+            for i, c in enumerate(colors)
+        ]
+        ll = [
+            LLRequest(continuation=" yes", messages=msgs(i), images=(Image.new("RGB", (56, 56), c),))
+            for i, c in enumerate(colors)
+        ]
         for fold in (False, True):
             b = load_backend("hf", art, str(base), dtype="float32", fold=fold)
             for bs in [int(x) for x in args.batch_sizes.split(",")]:
@@ -76,8 +93,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 b.loglikelihood(ll)
                 lps = args.n / (time.perf_counter() - t0)
-                print(f"hf {'folded' if fold else 'PEFT  '} batch {bs}: generate {g:7.1f} samples/s "
-                      f"({args.max_new_tokens} new tokens), loglikelihood {lps:7.1f} samples/s")
+                print(
+                    f"hf {'folded' if fold else 'PEFT  '} batch {bs}: generate {g:7.1f} samples/s "
+                    f"({args.max_new_tokens} new tokens), loglikelihood {lps:7.1f} samples/s"
+                )
             b.close()
         be.close()
 

@@ -11,6 +11,7 @@ when it is not installed).
     python scripts/bench_merge.py                  # 8 adapters, 32 layers, copa ta ties
     python scripts/bench_merge.py --layers 4 --methods copa ta ties tsv iso_c
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,13 @@ from pathlib import Path
 
 # LLaVA-1.5-7B (Vicuna-7B) language model: hidden 4096, MLP 11008.
 SHAPES = {  # module -> (d_out, d_in)
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
-    "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096), "mlp.down_proj": (4096, 11008),
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
 }
 
 
@@ -49,10 +54,17 @@ def make_adapters(root: Path, n: int, layers: int, rank: int) -> list[Path]:
                 sd[f"{key}.lora_A.weight"] = (torch.randn(rank, d_in, generator=g) / d_in**0.5).half()
                 sd[f"{key}.lora_B.weight"] = (torch.randn(d_out, rank, generator=g) * 0.01).half()
         save_file(sd, d / "adapter_model.safetensors")
-        (d / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-            "target_modules": [m.split(".")[-1] for m in SHAPES], "base_model_name_or_path": "liuhaotian/llava-v1.5-7b",
-        }))
+        (d / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "target_modules": [m.split(".")[-1] for m in SHAPES],
+                    "base_model_name_or_path": "liuhaotian/llava-v1.5-7b",
+                }
+            )
+        )
     return out
 
 
@@ -118,8 +130,11 @@ print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAG
 
 
 def run_child(kind, method, cache, adapters) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, kind, method, str(cache), *map(str, adapters)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, method, str(cache), *map(str, adapters)],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         raise SystemExit(f"{kind} {method} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -136,39 +151,62 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--methods", nargs="+", default=["copa", "ta", "wa", "ties"])
     ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
-    ap.add_argument("--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)")
+    ap.add_argument(
+        "--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)"
+    )
     args = ap.parse_args(argv)
     from harness_merge import methods
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
     t0 = time.perf_counter()
-    adapters = make_adapters(work / f"n{args.adapters}_l{args.layers}_r{args.rank}", args.adapters, args.layers, args.rank)
+    adapters = make_adapters(
+        work / f"n{args.adapters}_l{args.layers}_r{args.rank}", args.adapters, args.layers, args.rank
+    )
     size = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
-    print(f"{args.adapters} adapters x {args.layers} layers x 7 modules, rank {args.rank}, fp16: {size:.0f} MiB on disk "
-          f"(generated in {time.perf_counter() - t0:.0f}s)")
+    print(
+        f"{args.adapters} adapters x {args.layers} layers x 7 modules, rank {args.rank}, fp16: {size:.0f} MiB on disk "
+        f"(generated in {time.perf_counter() - t0:.0f}s)"
+    )
     floor = run_child("floor", "-", work / "cache", adapters)
-    print(f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   (load {_load()})")
-    print(f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)")
+    print(
+        f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   (load {_load()})"
+    )
+    print(
+        f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)"
+    )
     for m in args.methods:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"
         cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
         r = run_child(kind, m, cache, adapters)
-        out = f"LoRA rank {r['rank']}" if kind == "api" else f"{r['modules']} dense deltas (computed, not written)"
-        print(f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  (load {_load()})")
+        out = (
+            f"LoRA rank {r['rank']}"
+            if kind == "api"
+            else f"{r['modules']} dense deltas (computed, not written)"
+        )
+        print(
+            f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  (load {_load()})"
+        )
         if kind == "api":
             hit = run_child("api", m, cache, adapters)
-            print(f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
-                  f"   (load {_load()})")
+            print(
+                f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
+                f"   (load {_load()})"
+            )
         if m in ("ta", "wa") and not args.no_peers:
-            shapes = {f"model.layers.{layer}.{mod}": s for layer in range(args.layers) for mod, s in SHAPES.items()}
+            shapes = {
+                f"model.layers.{layer}.{mod}": s for layer in range(args.layers) for mod, s in SHAPES.items()
+            }
             p = run_child("peft_cat", m, json.dumps(shapes), adapters)
-            print(f"{'  peft cat (' + m + ')':24s} {p['wall']:8.2f} s  {p['peak_rss_mb']:8.0f} MiB  "
-                  f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  (load {_load()})"
-                  f"  -> ours {r['wall'] / p['wall']:.2f}x PEFT's time")
+            print(
+                f"{'  peft cat (' + m + ')':24s} {p['wall']:8.2f} s  {p['peak_rss_mb']:8.0f} MiB  "
+                f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  (load {_load()})"
+                f"  -> ours {r['wall'] / p['wall']:.2f}x PEFT's time"
+            )
     if not args.no_peers:
         try:
             import mergekit  # noqa: F401
+
             print("mergekit is installed, but this script has no full-checkpoint comparison with it yet")
         except ImportError:
             print("mergekit: not installed (optional; not in the main lock) - its comparison is skipped")

@@ -5,6 +5,7 @@ merged delta, on random LoRA adapters and task vectors. Prints one line per
 
     OMP_NUM_THREADS=1 python scripts/bench_method_variants.py [--d 256] [--r 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,17 @@ def _lora(n, d, r, modules, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     mods = {}
     for j in range(modules):
-        mods[f"m{j}"] = ModuleInputs(f"m{j}", lora=tuple(
-            LoRAFactors((torch.randn(r, d, generator=g) * 0.02).to(dtype).float(),
-                        (torch.randn(d, r, generator=g) * 0.002 * (1 + j)).to(dtype).float(), 2.0)
-            for _ in range(n)))
+        mods[f"m{j}"] = ModuleInputs(
+            f"m{j}",
+            lora=tuple(
+                LoRAFactors(
+                    (torch.randn(r, d, generator=g) * 0.02).to(dtype).float(),
+                    (torch.randn(d, r, generator=g) * 0.002 * (1 + j)).to(dtype).float(),
+                    2.0,
+                )
+                for _ in range(n)
+            ),
+        )
     return mods
 
 
@@ -94,8 +102,10 @@ def main() -> None:
             t2 = time.perf_counter()
             gap = float((b - a).norm() / a.norm())
             v = " ".join(f"{k}={x}" for k, x in variant.items())
-            print(f"{str(dtype)[6:]:9s} {name:9s} {kind:5s} variant {v:34s} gap {gap:.3g}  "
-                  f"(default {t1 - t0:.2f} s, variant {t2 - t1:.2f} s)")
+            print(
+                f"{str(dtype)[6:]:9s} {name:9s} {kind:5s} variant {v:34s} gap {gap:.3g}  "
+                f"(default {t1 - t0:.2f} s, variant {t2 - t1:.2f} s)"
+            )
 
 
 if __name__ == "__main__":

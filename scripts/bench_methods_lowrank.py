@@ -68,9 +68,7 @@ def child(
     if path == "factor":
         inp = ModuleInputs("model.layers.0.mlp", lora=lora)
     else:
-        inp = ModuleInputs(
-            "model.layers.0.mlp", task_vectors=tuple(f.delta() for f in lora)
-        )
+        inp = ModuleInputs("model.layers.0.mlp", task_vectors=tuple(f.delta() for f in lora))
         del lora
     spec = get(method)
     params = {}
@@ -109,9 +107,7 @@ def child(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,11008x4096")
     ap.add_argument("--methods", default="tsv,iso_c,iso_cts,wudi")
     ap.add_argument("--paths", default="factor,dense")
@@ -119,9 +115,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--wudi-iters", type=int, default=300)
     ap.add_argument("--dense-wudi-iters", type=int, default=2)
-    ap.add_argument(
-        "--timeout", type=float, default=1800.0, help="seconds per measurement"
-    )
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -8,6 +8,7 @@ exit 1 with one line per difference otherwise. Packages the lock lists as
 excluded (``# name`` under "The following packages were excluded") must be
 absent. Standard library only, so it runs in any venv.
 """
+
 from __future__ import annotations
 
 import re

@@ -85,66 +85,141 @@ def pope_rows():
 def mme_rows():
     # pairs: same image, same question_id, one Yes and one No question (MME scores acc and acc+)
     pairs = [
-        ("existence", scene([("green", "triangle", (28, 8, 56, 48))]),
-         ("Is there a triangle in this image?", "Yes"), ("Is there a circle in this image?", "No")),
-        ("count", scene([("red", "square", (4, 10, 24, 30)), ("red", "square", (44, 10, 64, 30))]),
-         ("Are there two squares in this image?", "Yes"), ("Are there three squares in this image?", "No")),
-        ("color", scene([("yellow", "circle", (20, 8, 60, 48))]),
-         ("Is the circle yellow?", "Yes"), ("Is the circle blue?", "No")),
-        ("position", scene([("blue", "square", (4, 16, 28, 40)), ("red", "circle", (52, 16, 76, 40))]),
-         ("Is the blue square on the left of the red circle?", "Yes"),
-         ("Is the blue square on the right of the red circle?", "No")),
+        (
+            "existence",
+            scene([("green", "triangle", (28, 8, 56, 48))]),
+            ("Is there a triangle in this image?", "Yes"),
+            ("Is there a circle in this image?", "No"),
+        ),
+        (
+            "count",
+            scene([("red", "square", (4, 10, 24, 30)), ("red", "square", (44, 10, 64, 30))]),
+            ("Are there two squares in this image?", "Yes"),
+            ("Are there three squares in this image?", "No"),
+        ),
+        (
+            "color",
+            scene([("yellow", "circle", (20, 8, 60, 48))]),
+            ("Is the circle yellow?", "Yes"),
+            ("Is the circle blue?", "No"),
+        ),
+        (
+            "position",
+            scene([("blue", "square", (4, 16, 28, 40)), ("red", "circle", (52, 16, 76, 40))]),
+            ("Is the blue square on the left of the red circle?", "Yes"),
+            ("Is the blue square on the right of the red circle?", "No"),
+        ),
     ]
     rows = []
     for cat, img, *qa in pairs:
         qid = f"{cat}/synthetic_{len(rows) // 2:03d}.png"
         for q, a in qa:
-            rows.append({"question_id": qid, "image": _png(img), "question": f"{q} Please answer yes or no.",
-                         "answer": a, "category": cat})
+            rows.append(
+                {
+                    "question_id": qid,
+                    "image": _png(img),
+                    "question": f"{q} Please answer yes or no.",
+                    "answer": a,
+                    "category": cat,
+                }
+            )
     return rows
 
 
 def mmbench_rows():
     items = [
-        (scene([("red", "circle", (20, 8, 60, 48))]), "What colour is the circle?",
-         ("red", "green", "blue", "yellow"), "A", "attribute_recognition", "finegrained_perception (instance-level)"),
-        (scene([("green", "triangle", (20, 6, 62, 50))]), "Which shape is shown in the image?",
-         ("circle", "triangle", "square", "star"), "B", "object_localization", "finegrained_perception (instance-level)"),
-        (scene([("blue", "square", (4, 4, 20, 20)), ("blue", "square", (30, 30, 46, 46)),
-                ("blue", "square", (60, 8, 76, 24))]), "How many squares are there?",
-         ("one", "two", "three", "four"), "C", "attribute_recognition", "finegrained_perception (instance-level)"),
-        (scene([("yellow", "circle", (4, 14, 30, 40)), ("red", "square", (54, 14, 80, 40))]),
-         "Which object is on the right?", ("yellow circle", "green square", "blue circle", "red square"), "D",
-         "spatial_relationship", "relation_reasoning"),
+        (
+            scene([("red", "circle", (20, 8, 60, 48))]),
+            "What colour is the circle?",
+            ("red", "green", "blue", "yellow"),
+            "A",
+            "attribute_recognition",
+            "finegrained_perception (instance-level)",
+        ),
+        (
+            scene([("green", "triangle", (20, 6, 62, 50))]),
+            "Which shape is shown in the image?",
+            ("circle", "triangle", "square", "star"),
+            "B",
+            "object_localization",
+            "finegrained_perception (instance-level)",
+        ),
+        (
+            scene(
+                [
+                    ("blue", "square", (4, 4, 20, 20)),
+                    ("blue", "square", (30, 30, 46, 46)),
+                    ("blue", "square", (60, 8, 76, 24)),
+                ]
+            ),
+            "How many squares are there?",
+            ("one", "two", "three", "four"),
+            "C",
+            "attribute_recognition",
+            "finegrained_perception (instance-level)",
+        ),
+        (
+            scene([("yellow", "circle", (4, 14, 30, 40)), ("red", "square", (54, 14, 80, 40))]),
+            "Which object is on the right?",
+            ("yellow circle", "green square", "blue circle", "red square"),
+            "D",
+            "spatial_relationship",
+            "relation_reasoning",
+        ),
     ]
     rows = []
     for i, (img, q, opts, ans, cat, l2) in enumerate(items):
-        rows.append({
-            "index": i,
-            "question": q,
-            "hint": "The image shows simple coloured shapes." if i == 3 else None,
-            "A": opts[0], "B": opts[1], "C": opts[2], "D": opts[3],
-            "answer": ans,
-            "category": cat,
-            "image": _png(img),
-            "source": "synthetic",
-            "L2-category": l2,
-            "comment": "",
-            "split": "dev",
-        })
+        rows.append(
+            {
+                "index": i,
+                "question": q,
+                "hint": "The image shows simple coloured shapes." if i == 3 else None,
+                "A": opts[0],
+                "B": opts[1],
+                "C": opts[2],
+                "D": opts[3],
+                "answer": ans,
+                "category": cat,
+                "image": _png(img),
+                "source": "synthetic",
+                "L2-category": l2,
+                "comment": "",
+                "split": "dev",
+            }
+        )
     return rows
 
 
 def scienceqa_rows():
     items = [
-        (scene([("blue", "circle", (20, 8, 60, 48))]), "Which colour is the circle in the picture?",
-         ["red", "blue"], 1, "Look at the picture."),
-        (scene([("red", "square", (8, 8, 40, 40)), ("red", "square", (48, 20, 64, 36))]),
-         "Which square is larger?", ["the left square", "the right square", "they are the same size"], 0, ""),
-        (scene([("yellow", "triangle", (24, 6, 60, 50))]), "Which shape has three sides?",
-         ["triangle", "circle"], 0, ""),
-        (bar_chart([2, 9, 5], ["a", "b", "c"]), "Which bar is the tallest?", ["a", "b", "c"], 1,
-         "The chart shows three bars."),
+        (
+            scene([("blue", "circle", (20, 8, 60, 48))]),
+            "Which colour is the circle in the picture?",
+            ["red", "blue"],
+            1,
+            "Look at the picture.",
+        ),
+        (
+            scene([("red", "square", (8, 8, 40, 40)), ("red", "square", (48, 20, 64, 36))]),
+            "Which square is larger?",
+            ["the left square", "the right square", "they are the same size"],
+            0,
+            "",
+        ),
+        (
+            scene([("yellow", "triangle", (24, 6, 60, 50))]),
+            "Which shape has three sides?",
+            ["triangle", "circle"],
+            0,
+            "",
+        ),
+        (
+            bar_chart([2, 9, 5], ["a", "b", "c"]),
+            "Which bar is the tallest?",
+            ["a", "b", "c"],
+            1,
+            "The chart shows three bars.",
+        ),
     ]
     return [
         {
@@ -172,34 +247,54 @@ def chartqa_rows():
     for (vals, labels), kind in zip(charts, ("human_test", "augmented_test")):
         img = bar_chart(vals, labels)
         hi = int(np.argmax(vals))
-        rows.append({"type": kind, "question": "What is the value of the tallest bar?", "answer": str(vals[hi]),
-                     "image": _png(img)})
-        rows.append({"type": kind, "question": "Which label has the tallest bar?", "answer": labels[hi],
-                     "image": _png(img)})
+        rows.append(
+            {
+                "type": kind,
+                "question": "What is the value of the tallest bar?",
+                "answer": str(vals[hi]),
+                "image": _png(img),
+            }
+        )
+        rows.append(
+            {
+                "type": kind,
+                "question": "Which label has the tallest bar?",
+                "answer": labels[hi],
+                "image": _png(img),
+            }
+        )
     return rows
 
 
 def refcoco_rows():
     items = [
-        ([("red", "circle", (6, 10, 34, 38)), ("blue", "square", (46, 14, 74, 42))],
-         ["the red circle", "circle on the left"], (6, 10, 28, 28)),
-        ([("green", "triangle", (10, 4, 50, 44)), ("yellow", "square", (58, 30, 78, 50))],
-         ["yellow square"], (58, 30, 20, 20)),
+        (
+            [("red", "circle", (6, 10, 34, 38)), ("blue", "square", (46, 14, 74, 42))],
+            ["the red circle", "circle on the left"],
+            (6, 10, 28, 28),
+        ),
+        (
+            [("green", "triangle", (10, 4, 50, 44)), ("yellow", "square", (58, 30, 78, 50))],
+            ["yellow square"],
+            (58, 30, 20, 20),
+        ),
         ([("blue", "circle", (30, 6, 74, 50))], ["the blue circle"], (30, 6, 44, 44)),
     ]
     rows = []
     for i, (objs, answers, bbox) in enumerate(items):
         x, y, w, h = bbox
-        rows.append({
-            "question_id": str(1000 + i),
-            "image": _png(scene(objs)),
-            "question": "Please carefully observe the area circled in the image and come up with a caption for the area.",
-            "answer": answers,
-            "segmentation": [float(v) for v in (x, y, x + w, y, x + w, y + h, x, y + h)],
-            "bbox": [float(v) for v in bbox],
-            "iscrowd": 0,
-            "file_name": f"synthetic_{i:03d}.jpg",
-        })
+        rows.append(
+            {
+                "question_id": str(1000 + i),
+                "image": _png(scene(objs)),
+                "question": "Please carefully observe the area circled in the image and come up with a caption for the area.",
+                "answer": answers,
+                "segmentation": [float(v) for v in (x, y, x + w, y, x + w, y + h, x, y + h)],
+                "bbox": [float(v) for v in bbox],
+                "iscrowd": 0,
+                "file_name": f"synthetic_{i:03d}.jpg",
+            }
+        )
     return rows
 
 
@@ -222,19 +317,66 @@ def _features(name: str):
 
     s, img = Value("string"), HFImage()
     return {
-        "pope": Features({"id": s, "question_id": s, "question": s, "answer": s, "image_source": s, "image": img,
-                          "category": s}),
+        "pope": Features(
+            {
+                "id": s,
+                "question_id": s,
+                "question": s,
+                "answer": s,
+                "image_source": s,
+                "image": img,
+                "category": s,
+            }
+        ),
         "mme": Features({"question_id": s, "image": img, "question": s, "answer": s, "category": s}),
-        "mmbench": Features({"index": Value("int64"), "question": s, "hint": s, "A": s, "B": s, "C": s, "D": s,
-                             "answer": s, "category": s, "image": img, "source": s, "L2-category": s, "comment": s,
-                             "split": s}),
-        "scienceqa": Features({"image": img, "question": s, "choices": Sequence(s), "answer": Value("int8"),
-                               "hint": s, "task": s, "grade": s, "subject": s, "topic": s, "category": s,
-                               "skill": s, "lecture": s, "solution": s}),
+        "mmbench": Features(
+            {
+                "index": Value("int64"),
+                "question": s,
+                "hint": s,
+                "A": s,
+                "B": s,
+                "C": s,
+                "D": s,
+                "answer": s,
+                "category": s,
+                "image": img,
+                "source": s,
+                "L2-category": s,
+                "comment": s,
+                "split": s,
+            }
+        ),
+        "scienceqa": Features(
+            {
+                "image": img,
+                "question": s,
+                "choices": Sequence(s),
+                "answer": Value("int8"),
+                "hint": s,
+                "task": s,
+                "grade": s,
+                "subject": s,
+                "topic": s,
+                "category": s,
+                "skill": s,
+                "lecture": s,
+                "solution": s,
+            }
+        ),
         "chartqa": Features({"type": s, "question": s, "answer": s, "image": img}),
-        "refcoco": Features({"question_id": s, "image": img, "question": s, "answer": Sequence(s),
-                             "segmentation": Sequence(Value("float32")), "bbox": Sequence(Value("float32")),
-                             "iscrowd": Value("int8"), "file_name": s}),
+        "refcoco": Features(
+            {
+                "question_id": s,
+                "image": img,
+                "question": s,
+                "answer": Sequence(s),
+                "segmentation": Sequence(Value("float32")),
+                "bbox": Sequence(Value("float32")),
+                "iscrowd": Value("int8"),
+                "file_name": s,
+            }
+        ),
         "demo": Features({"question_id": s, "question": s, "answer": s, "image": img}),
     }[name]
 

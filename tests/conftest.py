@@ -3,6 +3,7 @@
 Everything is built locally (no hub): a 2-layer Qwen2 with hidden size 32, and
 adapters created by PEFT itself with seeded random A and B.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,13 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     model = Qwen2ForCausalLM(cfg).eval()
@@ -35,8 +41,16 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> Path:
 
 
 def make_lora_adapter(
-    base: Path, out: Path, *, r: int = 4, alpha: float = 8, seed: int = 0, targets=TARGETS,
-    use_rslora: bool = False, rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
+    base: Path,
+    out: Path,
+    *,
+    r: int = 4,
+    alpha: float = 8,
+    seed: int = 0,
+    targets=TARGETS,
+    use_rslora: bool = False,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A PEFT LoRA adapter with seeded random A and B (B nonzero, unlike PEFT's init)."""
@@ -45,8 +59,13 @@ def make_lora_adapter(
 
     model = AutoModelForCausalLM.from_pretrained(base)
     cfg = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora,
-        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, lora_dropout=0.0,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        lora_dropout=0.0,
     )
     peft_model = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ aside to ``<root>/damaged/`` and rebuilt. Temp folders of dead merges (any
 key) are removed by the next miss. File hashes of the inputs are memoised by
 (path, size, mtime, ctime, inode), so a repeat run does not re-read the inputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -179,7 +180,9 @@ class MergeCache:
             return "damaged", f"no readable {FILES_RECORD}"
         if MANIFEST not in files:
             return "damaged", f"{MANIFEST} not recorded"
-        present = {p.relative_to(e).as_posix() for p in e.rglob("*") if p.is_file() and p.name != FILES_RECORD}
+        present = {
+            p.relative_to(e).as_posix() for p in e.rglob("*") if p.is_file() and p.name != FILES_RECORD
+        }
         extra = sorted(present - set(files))
         if extra:
             return "damaged", f"unrecorded file {extra[0]}"
@@ -204,7 +207,10 @@ class MergeCache:
             except OSError as err:
                 return "damaged", f"{rel} unreadable ({fsio.os_error_text(err)})"
             if digest != want["sha256"]:
-                return "damaged", f"{rel} sha256 {digest[:12]}... differs from the recorded {want['sha256'][:12]}..."
+                return (
+                    "damaged",
+                    f"{rel} sha256 {digest[:12]}... differs from the recorded {want['sha256'][:12]}...",
+                )
         if memo != stamps:
             self._write_memo(key, stamps)
         return "ok", None

@@ -21,6 +21,7 @@
   (fallback without RENAME_EXCHANGE: old ``--out`` moved aside, new not yet in).
 - ``os_error_text``: an OSError (or safetensors' I/O error) as one line.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -76,7 +77,7 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
 def _owner_state(name: str, prefix: str) -> str:
     """``"dead"``, ``"alive"`` or ``"unknown"`` (another machine's, or not a
     ``make_temp_dir`` name) for the process named in a temp folder's name."""
-    parts = name[len(prefix):].rsplit("-", 2)
+    parts = name[len(prefix) :].rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit():
         return "unknown"
     if parts[0].rsplit("-", 1)[-1] != _HOST:
@@ -113,8 +114,11 @@ def clean_stale(parent: Path, prefix: str, *, max_age_s: float = STALE_AGE_S) ->
         except OSError:
             continue
         state = _owner_state(p.name, prefix)
-        if (state == "dead" or (state == "unknown" and age > max_age_s)
-                or (state == "alive" and age > LIVE_PID_AGE_S)):
+        if (
+            state == "dead"
+            or (state == "unknown" and age > max_age_s)
+            or (state == "alive" and age > LIVE_PID_AGE_S)
+        ):
             rmtree(p)
             removed.append(p)
     return removed

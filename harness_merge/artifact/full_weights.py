@@ -14,6 +14,7 @@ order, so a merged module is added the moment its base tensor comes by. Peak
 memory is about one base tensor plus one merged update, whatever the model's
 size.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,24 @@ log = logging.getLogger("harness_merge")
 INDEX = "model.safetensors.index.json"
 
 _ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
-for _st, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                   ("U32", "uint32"), ("U64", "uint64")):
+for _st, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
     if hasattr(torch, _attr):
         _ST_TO_TORCH[_st] = getattr(torch, _attr)
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
@@ -57,13 +70,17 @@ class SafetensorsReader:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
         except (OSError, struct.error, ValueError) as e:
-            raise InputError(f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            raise InputError(
+                f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})"
+            ) from None
         self.data_start = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, dict] = header
         for name, e in header.items():
             if e.get("dtype") not in _ST_TO_TORCH:
-                raise InputError(f"{self.path}: tensor {name}: unsupported safetensors dtype {e.get('dtype')!r}")
+                raise InputError(
+                    f"{self.path}: tensor {name}: unsupported safetensors dtype {e.get('dtype')!r}"
+                )
 
     def names_in_file_order(self) -> list[str]:
         return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
@@ -83,7 +100,9 @@ class SafetensorsReader:
         try:
             f.seek(self.data_start + begin)
             if f.readinto(buf) != len(buf):
-                raise InputError(f"{self.path}: tensor {name} is truncated (file shorter than its header says)")
+                raise InputError(
+                    f"{self.path}: tensor {name} is truncated (file shorter than its header says)"
+                )
         finally:
             if own:
                 f.close()
@@ -97,14 +116,20 @@ class SafetensorsStreamWriter:
     """Write a safetensors file tensor by tensor: the header (names, dtypes,
     shapes, offsets) is written first, then each tensor in the declared order."""
 
-    def __init__(self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+    def __init__(
+        self, path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict | None = None
+    ):
         self.path = Path(path)
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         self._order: list[tuple[str, int]] = []
         for name, dtype, shape in layout:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._order.append((name, nbytes))
             offset += nbytes
         self.total_size = offset
@@ -123,7 +148,9 @@ class SafetensorsStreamWriter:
         if t.numel():
             data = t.reshape(-1).view(torch.uint8).numpy()
             if data.nbytes != nbytes:
-                raise RuntimeError(f"{self.path}: tensor {name} has {data.nbytes} bytes, the header says {nbytes}")
+                raise RuntimeError(
+                    f"{self.path}: tensor {name} has {data.nbytes} bytes, the header says {nbytes}"
+                )
             self._f.write(memoryview(data))
         self._next += 1
 
@@ -143,8 +170,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None =
     Python ``bytes`` (each tensor's memory is written as it is): same format,
     half the peak memory and less time for large artifacts."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    w = SafetensorsStreamWriter(Path(path), [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
-                                metadata=metadata or {"format": "pt"})
+    w = SafetensorsStreamWriter(
+        Path(path),
+        [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()],
+        metadata=metadata or {"format": "pt"},
+    )
     try:
         for k, t in tensors.items():
             w.write(k, t)
@@ -167,7 +197,9 @@ def _shard_files(base_dir: Path) -> list[str]:
     if not files:
         bins = list(base_dir.glob("*.bin"))
         hint = " (found .bin files: convert them to safetensors)" if bins else ""
-        raise InputError(f"{base_dir}: no *.safetensors weights{hint}; full weights are written from a safetensors base")
+        raise InputError(
+            f"{base_dir}: no *.safetensors weights{hint}; full weights are written from a safetensors base"
+        )
     for fn in files:
         if not (base_dir / fn).is_file():
             raise InputError(f"{base_dir}: shard {fn} listed in {INDEX} is missing")
@@ -183,10 +215,16 @@ def meta_model(base_dir: Path):
     try:
         config = AutoConfig.from_pretrained(str(base_dir))
     except Exception as e:  # noqa: BLE001 (any failure: the config is unreadable)
-        raise InputError(f"{base_dir}: cannot read the base model's config ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{base_dir}: cannot read the base model's config ({type(e).__name__}: {e})"
+        ) from None
     classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
     last = None
-    for cls in classes + [transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM, transformers.AutoModel]:
+    for cls in classes + [
+        transformers.AutoModelForImageTextToText,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModel,
+    ]:
         try:
             with torch.device("meta"):
                 if hasattr(cls, "from_config"):
@@ -225,8 +263,14 @@ def loaded_names(model, checkpoint_keys: Iterable[str]) -> dict[str, tuple[str, 
     return out
 
 
-def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str], readers: dict[str, SafetensorsReader],
-                      replaced=()):
+def plan_lora_targets(
+    lora_set,
+    base_ref: str,
+    base_dir: Path,
+    shards: list[str],
+    readers: dict[str, SafetensorsReader],
+    replaced=(),
+):
     """``{checkpoint key: module}`` for every LoRA module, and ``{checkpoint key: parameter}``
     for every ``replaced`` parameter (loaded names), checked before anything is written."""
     from ..inputs.fit import check_lora_fits_model
@@ -261,8 +305,10 @@ def plan_lora_targets(lora_set, base_ref: str, base_dir: Path, shards: list[str]
     for p in replaced:
         key = by_loaded.get(p)
         if key is None:
-            raise InputError(f"{base_ref}: no tensor of the base checkpoint loads as {p}, which the merge replaces"
-                             + (f" (stored as {converted[p]} and converted on load)" if p in converted else ""))
+            raise InputError(
+                f"{base_ref}: no tensor of the base checkpoint loads as {p}, which the merge replaces"
+                + (f" (stored as {converted[p]} and converted on load)" if p in converted else "")
+            )
         targets[key] = p
     return targets
 
@@ -301,8 +347,15 @@ def _results_in_order(results, order: list[str]) -> Iterator[tuple[str, MergeRes
         yield want, held.pop(want)
 
 
-def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None,
-                          replaced=()) -> dict:
+def stream_full_from_lora(
+    results: MergeModules | Iterable,
+    lora_set,
+    base_ref: str,
+    out_dir: Path,
+    *,
+    dtype: str | None,
+    replaced=(),
+) -> dict:
     """Write ``base + merged update`` shard by shard in the base's layout.
 
     A ``DoRAUpdate`` result writes its DoRA weight ``m * (W0 + dV) / ||W0 + dV||_row``;
@@ -333,8 +386,11 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
             dt = rd.dtype(k)
             return out_dt if out_dt is not None and dt.is_floating_point else dt
 
-        w = SafetensorsStreamWriter(out_dir / out_names[fn], [(k, out_dtype(k), rd.shape(k)) for k in names],
-                                    metadata=rd.metadata or {"format": "pt"})
+        w = SafetensorsStreamWriter(
+            out_dir / out_names[fn],
+            [(k, out_dtype(k), rd.shape(k)) for k in names],
+            metadata=rd.metadata or {"format": "pt"},
+        )
         with open(rd.path, "rb") as f, _aborting(w):
             for k in names:
                 t = rd.read(k, f)
@@ -344,8 +400,10 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
                         raise RuntimeError(f"merge order broken: got {m}, expected {targets[k]}")
                     if isinstance(res, Replacement):
                         if tuple(res.value.shape) != tuple(t.shape):
-                            raise InputError(f"{base_ref}: {m}: the merged tensor {list(res.value.shape)} does not "
-                                             f"match the base's {k} {list(t.shape)}")
+                            raise InputError(
+                                f"{base_ref}: {m}: the merged tensor {list(res.value.shape)} does not "
+                                f"match the base's {k} {list(t.shape)}"
+                            )
                         t = res.value
                         n += 1
                     elif isinstance(res, DoRAUpdate):
@@ -363,7 +421,9 @@ def stream_full_from_lora(results: MergeModules | Iterable, lora_set, base_ref: 
         w.close()
         total += w.total_size
     if len(shards) > 1:
-        (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out_dir / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     copy_side_files(base_dir, out_dir)
     if dtype:
         _set_config_dtype(out_dir / "config.json", dtype)
@@ -391,4 +451,11 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["SafetensorsReader", "SafetensorsStreamWriter", "loaded_names", "meta_model", "save_tensors", "stream_full_from_lora"]
+__all__ = [
+    "SafetensorsReader",
+    "SafetensorsStreamWriter",
+    "loaded_names",
+    "meta_model",
+    "save_tensors",
+    "stream_full_from_lora",
+]

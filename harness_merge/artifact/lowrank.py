@@ -1,5 +1,6 @@
 """Low-rank conversions used by the writer: SVD of a dense delta and
 re-truncation of a factored one (QR of the factors, SVD of the small core)."""
+
 from __future__ import annotations
 
 import torch

@@ -18,6 +18,7 @@ links to the cache) with the umask's permissions. Publishers of one ``out``
 are serialised by an ``flock`` on ``out``'s parent folder (no lock file is
 left behind); leftovers of dead publishers are removed by the next one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,8 @@ def recover(out: Path) -> None:
     if not out.exists():
         olds = sorted(
             (p for p in parent.iterdir() if p.name.startswith(old_p) and (p / MANIFEST).is_file()),
-            key=lambda p: p.stat().st_mtime, reverse=True,
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
         )
         if olds:
             os.rename(olds[0], out)
@@ -119,8 +121,14 @@ def publish(src: Path, out: Path, *, files: dict[str, dict] | None) -> None:
         check_out_dir(out)
         tmp = fsio.make_temp_dir(out.parent, _prefixes(out)[0])
         try:
-            rels = sorted(files) if files is not None else sorted(
-                p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and p.name != FILES_RECORD
+            rels = (
+                sorted(files)
+                if files is not None
+                else sorted(
+                    p.relative_to(src).as_posix()
+                    for p in src.rglob("*")
+                    if p.is_file() and p.name != FILES_RECORD
+                )
             )
             for rel in rels:
                 dst = tmp / rel
@@ -148,4 +156,3 @@ def publish_built(tmp: Path, out: Path) -> None:
         except BaseException:
             fsio.rmtree(tmp)
             raise
-

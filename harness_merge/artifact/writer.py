@@ -8,6 +8,7 @@ Merged DoRA modules (``DoRAUpdate``) add their ``lora_magnitude_vector`` and
 ``use_dora=true`` (PEFT loads it; vLLM has no DoRA: serve full weights), or,
 as full weights, ``W = m * (W0 + dV) / ||W0 + dV||_row``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,13 @@ _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name.replace("torch.", "").lower().replace("fp16", "float16").replace("bf16", "bfloat16").replace("fp32", "float32")]
+        return _DTYPES[
+            name.replace("torch.", "")
+            .lower()
+            .replace("fp16", "float16")
+            .replace("bf16", "bfloat16")
+            .replace("fp32", "float32")
+        ]
     except KeyError:
         raise ArtifactError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
 
@@ -81,7 +88,8 @@ def write_lora(
         log.warning(
             "%d module(s) (e.g. %s) have a merged update of rank above half their size: as a LoRA they "
             "take more room than the weights; write full weights (--base) or truncate (--rank R)",
-            len(big), big[0],
+            len(big),
+            big[0],
         )
     r = max(A.shape[0] for A, _ in factors.values())
     tensors = {}
@@ -97,8 +105,14 @@ def write_lora(
     from peft import LoraConfig
 
     cfg = LoraConfig(
-        r=r, lora_alpha=r, target_modules=sorted(factors), lora_dropout=0.0, bias="none",
-        base_model_name_or_path=base_model_name, inference_mode=True, use_dora=bool(magnitudes),
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(factors),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=base_model_name,
+        inference_mode=True,
+        use_dora=bool(magnitudes),
     )
     cfg.save_pretrained(str(out_dir))
     _normalise_adapter_config(Path(out_dir) / "adapter_config.json")
@@ -140,9 +154,15 @@ def load_base_model(base_ref: str, dtype: str | None = None):
     try:
         config = AutoConfig.from_pretrained(str(base_dir))
     except Exception as e:
-        raise InputError(f"{base_ref}: cannot read the base model's config ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{base_ref}: cannot read the base model's config ({type(e).__name__}: {e})"
+        ) from None
     classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
-    classes += [transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM, transformers.AutoModel]
+    classes += [
+        transformers.AutoModelForImageTextToText,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoModel,
+    ]
     kw = {"dtype": torch_dtype(dtype) if dtype else "auto"}
     last = None
     for cls in classes:
@@ -153,8 +173,9 @@ def load_base_model(base_ref: str, dtype: str | None = None):
     raise InputError(f"{base_ref}: the base model does not load ({type(last).__name__}: {last})")
 
 
-def write_full_from_lora(results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None,
-                         replaced=()) -> dict:
+def write_full_from_lora(
+    results, lora_set, base_ref: str, out_dir: Path, *, dtype: str | None, replaced=()
+) -> dict:
     """``base + merged update`` in the base's own layout, streamed shard by shard
     (see :mod:`harness_merge.artifact.full_weights`). ``results`` is a callable
     ``names -> iterator`` (the merge, driven in the base's storage order) or an

@@ -4,6 +4,7 @@
 module only when called: importing this package loads neither transformers
 nor vLLM.
 """
+
 from .base import BACKENDS, Backend, BackendError, GenRequest, LLRequest, load_backend
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "GenRequest", "LLRequest", "load_backend"]

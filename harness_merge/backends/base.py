@@ -23,6 +23,7 @@ through; an option a backend does not know is an error naming the known ones.
 
 Nothing here imports torch, transformers, vLLM or a harness.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -169,7 +170,9 @@ def prefix_token_id(tokenizer) -> int:
     return 0
 
 
-def rolling_windows(token_ids: Sequence[int], prefix_id: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+def rolling_windows(
+    token_ids: Sequence[int], prefix_id: int, max_len: int
+) -> list[tuple[list[int], list[int]]]:
     """Split a text's tokens into ``(context_ids, target_ids)`` windows that
     score every token exactly once, each window's input at most ``max_len``
     tokens. The first token is predicted from ``prefix_id`` (BOS/EOS);
@@ -221,7 +224,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = lm_encode(tokenizer, context + continuation, pid)
     ctx = lm_encode(tokenizer, context, pid)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def _text_of(content: Any) -> str:
@@ -230,8 +233,12 @@ def _text_of(content: Any) -> str:
     return "".join(c.get("text", "") for c in content if c.get("type") == "text")
 
 
-def render_prompt(req: GenRequest | LLRequest, processor: Any = None, tokenizer: Any = None,
-                  system_prompt: str | None = None) -> str:
+def render_prompt(
+    req: GenRequest | LLRequest,
+    processor: Any = None,
+    tokenizer: Any = None,
+    system_prompt: str | None = None,
+) -> str:
     """The prompt text of a request, the same for every backend.
 
     ``prompt`` / ``context`` are returned as is. ``messages`` get

@@ -11,6 +11,7 @@
   Qwen2-VL processor wants a torchvision video processor), the model family's
   processor is built from the tokenizer and the image processor alone.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -37,12 +38,32 @@ from .base import (
 
 log = logging.getLogger("harness_merge.backends.hf")
 
-OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold", "trust_remote_code",
-           "eos_from", "min_pixels", "max_pixels", "device_map", "attn_implementation", "revision", "subfolder",
-           "chat_template")
+OPTIONS = (
+    "dtype",
+    "device",
+    "batch_size",
+    "max_new_tokens",
+    "system_prompt",
+    "fold",
+    "trust_remote_code",
+    "eos_from",
+    "min_pixels",
+    "max_pixels",
+    "device_map",
+    "attn_implementation",
+    "revision",
+    "subfolder",
+    "chat_template",
+)
 EOS_FROM = ("generation_config", "tokenizer")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
@@ -50,9 +71,21 @@ def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
     if unknown:
         raise BackendError(
             f"backend=hf: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
-            + ("; tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager and "
-               "max_lora_rank apply to backend=vllm only" if any(k in unknown for k in
-               ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_lora_rank")) else "")
+            + (
+                "; tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager and "
+                "max_lora_rank apply to backend=vllm only"
+                if any(
+                    k in unknown
+                    for k in (
+                        "tensor_parallel_size",
+                        "gpu_memory_utilization",
+                        "max_model_len",
+                        "enforce_eager",
+                        "max_lora_rank",
+                    )
+                )
+                else ""
+            )
         )
     return HFBackend(artifact, base, **opts)
 
@@ -111,8 +144,14 @@ def _from_pretrained(candidates, path, **kw):
     raise BackendError(f"cannot load a model from {path}: " + " | ".join(errors))
 
 
-def load_processor(base: str, trust_remote_code: bool = False, *, revision: str | None = None,
-                   subfolder: str | None = None, **image_kwargs: Any):
+def load_processor(
+    base: str,
+    trust_remote_code: bool = False,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    **image_kwargs: Any,
+):
     """``(processor or None, tokenizer)`` of a base model folder / hub id
     (``revision`` / ``subfolder`` as in ``from_pretrained``). ``image_kwargs``
     (e.g. ``min_pixels``, ``max_pixels``) go to the image processor, as
@@ -190,7 +229,11 @@ def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
 
     _ImageOnly.__name__ = f"{proc_cls.__name__}ImageOnly"
     sig = inspect.signature(proc_cls.__init__).parameters
-    kwargs = {k: v for k, v in proc_cfg.items() if k in sig and k not in ("image_processor", "tokenizer", "video_processor")}
+    kwargs = {
+        k: v
+        for k, v in proc_cfg.items()
+        if k in sig and k not in ("image_processor", "tokenizer", "video_processor")
+    }
     template = tok.chat_template
     if (Path(base) / "chat_template.jinja").is_file():
         template = (Path(base) / "chat_template.jinja").read_text()
@@ -223,8 +266,11 @@ def check_lora_fits(base: str, adapter_dirs: Sequence[str], trust_remote_code: b
         model = None
         for cls in model_class_for(config):
             try:
-                model = cls.from_config(config, trust_remote_code=trust_remote_code) if hasattr(cls, "from_config") \
+                model = (
+                    cls.from_config(config, trust_remote_code=trust_remote_code)
+                    if hasattr(cls, "from_config")
                     else cls(config)
+                )
                 break
             except (ValueError, KeyError, TypeError):
                 continue
@@ -243,11 +289,13 @@ def check_lora_fits(base: str, adapter_dirs: Sequence[str], trust_remote_code: b
                         continue
                     mod_name = key.split(part)[0]
                     if mod_name.startswith("base_model.model."):
-                        mod_name = mod_name[len("base_model.model."):]
+                        mod_name = mod_name[len("base_model.model.") :]
                     mod = modules.get(mod_name)
                     if mod is None:
                         # PEFT may save under the checkpoint's key layout: try suffix matches
-                        hits = [n for n in modules if n.endswith("." + mod_name) or mod_name.endswith("." + n)]
+                        hits = [
+                            n for n in modules if n.endswith("." + mod_name) or mod_name.endswith("." + n)
+                        ]
                         mod = modules[hits[0]] if len(hits) == 1 else None
                     if mod is None:
                         raise InputError(
@@ -314,8 +362,9 @@ class HFBackend:
         torch_dtype = _resolve_dtype(dtype)
         try:
             config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
-            self.processor, self.tokenizer = load_processor(base, trust_remote_code, min_pixels=min_pixels,
-                                                            max_pixels=max_pixels, **hub)
+            self.processor, self.tokenizer = load_processor(
+                base, trust_remote_code, min_pixels=min_pixels, max_pixels=max_pixels, **hub
+            )
             if chat_template:
                 set_chat_template(self.processor, self.tokenizer, chat_template)
         except BackendError:
@@ -331,8 +380,13 @@ class HFBackend:
                 load_kw["attn_implementation"] = attn_implementation
             if device_map:
                 load_kw["device_map"] = device_map
-            model = _from_pretrained(model_class_for(config), model_path, dtype=torch_dtype,
-                                     trust_remote_code=trust_remote_code, **load_kw)
+            model = _from_pretrained(
+                model_class_for(config),
+                model_path,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                **load_kw,
+            )
         except BackendError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -354,18 +408,24 @@ class HFBackend:
         self.model = (model if device_map else model.to(self.device)).eval()
         if device_map:  # placed by accelerate: inputs go to the first parameter's device
             self.device = str(next(self.model.parameters()).device)
-        for tk in {id(self.tokenizer): self.tokenizer,
-                   id(getattr(self.processor, "tokenizer", None)): getattr(self.processor, "tokenizer", None)}.values():
+        for tk in {
+            id(self.tokenizer): self.tokenizer,
+            id(getattr(self.processor, "tokenizer", None)): getattr(self.processor, "tokenizer", None),
+        }.values():
             if tk is not None and tk.pad_token_id is None:
                 tk.pad_token = tk.eos_token
-        if eos_from == "tokenizer":  # e.g. lmms-eval's qwen2_vl / llava_hf: eos_token_id=tokenizer.eos_token_id
+        if (
+            eos_from == "tokenizer"
+        ):  # e.g. lmms-eval's qwen2_vl / llava_hf: eos_token_id=tokenizer.eos_token_id
             self.eos_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         else:
             eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
             self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
             if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self.eos_ids:
                 self.eos_ids.append(self.tokenizer.eos_token_id)
-        self.max_length = int(getattr(getattr(config, "text_config", config), "max_position_embeddings", 2048) or 2048)
+        self.max_length = int(
+            getattr(getattr(config, "text_config", config), "max_position_embeddings", 2048) or 2048
+        )
         self.info = BackendInfo(
             name="hf",
             model_class=type(self._inner_model()).__name__,
@@ -420,26 +480,33 @@ class HFBackend:
         # group by generation settings, keep order inside a group, longest first is not needed on CPU
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            key = (r.max_new_tokens or self.default_max_new_tokens, r.greedy,
-                   None if r.greedy else (r.temperature, r.top_p))
+            key = (
+                r.max_new_tokens or self.default_max_new_tokens,
+                r.greedy,
+                None if r.greedy else (r.temperature, r.top_p),
+            )
             groups.setdefault(key, []).append(i)
         for (max_new, greedy, sampling), idxs in groups.items():
             for s in range(0, len(idxs), self.batch_size):
-                chunk = idxs[s:s + self.batch_size]
+                chunk = idxs[s : s + self.batch_size]
                 texts = [self.render(requests[i]) for i in chunk]
                 images = [im for i in chunk for im in requests[i].images]
                 enc = self._encode(texts, images, "left")
-                kw: dict[str, Any] = dict(max_new_tokens=int(max_new), pad_token_id=self.tokenizer.pad_token_id,
-                                          eos_token_id=self.eos_ids or None)
+                kw: dict[str, Any] = dict(
+                    max_new_tokens=int(max_new),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.eos_ids or None,
+                )
                 if greedy:
                     kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
                 else:
                     temp, top_p = sampling
                     kw.update(do_sample=True, temperature=float(temp), top_p=top_p)
                 seqs = self.model.generate(**enc, **kw)
-                new = seqs[:, enc["input_ids"].shape[1]:]
-                decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True,
-                                                      clean_up_tokenization_spaces=False)
+                new = seqs[:, enc["input_ids"].shape[1] :]
+                decoded = self.tokenizer.batch_decode(
+                    new, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
                 for i, text in zip(chunk, decoded):
                     out[i] = cut_at_stop(text, requests[i].until)
         return [o if o is not None else "" for o in out]
@@ -452,8 +519,8 @@ class HFBackend:
             logits = self.model(**enc).logits[0].float()
             ids = enc["input_ids"][0]
             L = ids.shape[0]
-            logp = torch.log_softmax(logits[L - n_cont - 1:L - 1], dim=-1)
-            tgt = ids[L - n_cont:]
+            logp = torch.log_softmax(logits[L - n_cont - 1 : L - 1], dim=-1)
+            tgt = ids[L - n_cont :]
             ll = logp.gather(-1, tgt[:, None]).sum().item()
             greedy = bool((logp.argmax(-1) == tgt).all().item())
             res.append((ll, greedy))
@@ -468,23 +535,27 @@ class HFBackend:
         res: list[tuple[float, bool]] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for s in range(0, len(items), self.batch_size):
-            chunk = items[s:s + self.batch_size]
-            seqs = [(c + t)[-(self.max_length + 1):] for c, t in chunk]
+            chunk = items[s : s + self.batch_size]
+            seqs = [(c + t)[-(self.max_length + 1) :] for c, t in chunk]
             inputs = [q[:-1] for q in seqs]
             L = max(len(q) for q in inputs)
             ids = torch.full((len(chunk), L), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), L), dtype=torch.long)
             for j, q in enumerate(inputs):
-                ids[j, :len(q)] = torch.tensor(q, dtype=torch.long)
-                mask[j, :len(q)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+                ids[j, : len(q)] = torch.tensor(q, dtype=torch.long)
+                mask[j, : len(q)] = 1
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits.float()
             logp_all = torch.log_softmax(logits, dim=-1)
             for j, ((_c, t), q) in enumerate(zip(chunk, seqs)):
                 n = len(t)
                 n_in = len(q) - 1
-                lp = logp_all[j, n_in - n:n_in]
+                lp = logp_all[j, n_in - n : n_in]
                 tgt = torch.tensor(q[-n:], dtype=torch.long, device=lp.device)
-                res.append((lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all().item())))
+                res.append(
+                    (lp.gather(-1, tgt[:, None]).sum().item(), bool((lp.argmax(-1) == tgt).all().item()))
+                )
         return res
 
     @torch.inference_mode()
@@ -507,9 +578,12 @@ class HFBackend:
                 enc["attention_mask"] = torch.ones_like(enc["input_ids"])
                 if "mm_token_type_ids" in enc:
                     enc["mm_token_type_ids"] = torch.cat(
-                        [enc["mm_token_type_ids"], torch.zeros_like(cont_t)], dim=1)
+                        [enc["mm_token_type_ids"], torch.zeros_like(cont_t)], dim=1
+                    )
                 if "token_type_ids" in enc:
-                    enc["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(cont_t)], dim=1)
+                    enc["token_type_ids"] = torch.cat(
+                        [enc["token_type_ids"], torch.zeros_like(cont_t)], dim=1
+                    )
                 out[i] = self._score([(enc, len(cont))])[0]
             elif r.context is not None:  # raw text (lm-eval): encoded as lm-eval's hf model does
                 ctx, cont = encode_pair(self.tokenizer, r.context, r.continuation)

@@ -49,6 +49,7 @@ environment the engine runs in this process (``distributed_executor_backend
 vLLM itself is imported only when an engine starts (never at harness_merge
 import time, never to refuse a bad artifact).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -88,18 +89,37 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 MAX_LORA_RANK = ALLOWED_LORA_RANKS[-1]
-COMMON_OPTIONS = ("dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "trust_remote_code",
-                  "eos_from", "min_pixels", "max_pixels", "revision", "chat_template")
-VLLM_OPTIONS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
-                "enforce_eager", "max_lora_rank")
+COMMON_OPTIONS = (
+    "dtype",
+    "device",
+    "batch_size",
+    "max_new_tokens",
+    "system_prompt",
+    "trust_remote_code",
+    "eos_from",
+    "min_pixels",
+    "max_pixels",
+    "revision",
+    "chat_template",
+)
+VLLM_OPTIONS = (
+    "tensor_parallel_size",
+    "data_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "enforce_eager",
+    "max_lora_rank",
+)
 # vllm-only extras (Python callers: bench, leaderboard; not model_args keys)
 EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
 DEFAULT_MAX_NEW_TOKENS = 256
 
 # module names of vision towers / connectors in the model families we serve
-_TOWER_RE = re.compile(r"(^|\.)(visual|vision_tower|vision_model|multi_modal_projector|mm_projector|merger|"
-                       r"vision_encoder|image_newline|connector)(\.|$)")
+_TOWER_RE = re.compile(
+    r"(^|\.)(visual|vision_tower|vision_model|multi_modal_projector|mm_projector|merger|"
+    r"vision_encoder|image_newline|connector)(\.|$)"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -147,7 +167,9 @@ def inspect_lora(path: str | Path) -> LoraInfo:
     tower = any(_TOWER_RE.search(n) for n in names)
     rank = max(ranks) if ranks else 0
     if rank < 1:
-        raise BackendError(f"LoRA artifact {p}: cannot read its rank (adapter_config.json r={cfg.get('r')!r})")
+        raise BackendError(
+            f"LoRA artifact {p}: cannot read its rank (adapter_config.json r={cfg.get('r')!r})"
+        )
     return LoraInfo(p, rank, tuple(sorted(modules)), tower)
 
 
@@ -217,7 +239,9 @@ def _is_multimodal(config) -> bool:
 # LLaVA checkpoints saved by transformers 5: vLLM wants vision_tower.vision_model.*
 # ---------------------------------------------------------------------------
 def _compat_dir() -> Path:
-    return Path(os.environ.get("HM_VLLM_COMPAT_DIR") or Path.home() / ".cache" / "harness-merge" / "vllm-compat")
+    return Path(
+        os.environ.get("HM_VLLM_COMPAT_DIR") or Path.home() / ".cache" / "harness-merge" / "vllm-compat"
+    )
 
 
 def vllm_model_dir(model_dir: str | Path, config=None) -> str:
@@ -237,8 +261,12 @@ def vllm_model_dir(model_dir: str | Path, config=None) -> str:
     if getattr(config, "model_type", None) not in ("llava", "llava_next", "llava_onevision"):
         return str(p)
     shards = sorted(p.glob("*.safetensors"))
-    needs = any(k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
-                for f in shards for k in _safetensors_header(f) if k != "__metadata__")
+    needs = any(
+        k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+        for f in shards
+        for k in _safetensors_header(f)
+        if k != "__metadata__"
+    )
     if not needs:
         return str(p)
     st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in shards]
@@ -260,27 +288,42 @@ def vllm_model_dir(model_dir: str | Path, config=None) -> str:
         renamed = {}
         for k, v in tensors.items():
             if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-                k = "vision_tower.vision_model." + k[len("vision_tower."):]
+                k = "vision_tower.vision_model." + k[len("vision_tower.") :]
             renamed[k] = v
             weight_map[k] = f.name
         save_file(renamed, str(tmp / f.name), metadata={"format": "pt"})
     if len(shards) > 1:
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     (tmp / ".complete").write_text(str(p) + "\n")
     try:
         os.rename(tmp, out)
     except OSError:  # another process made it first
         shutil.rmtree(tmp, ignore_errors=True)
-    log.warning("vLLM: %s has LLaVA vision-tower keys in transformers-5 layout; serving a renamed copy %s", p, out)
+    log.warning(
+        "vLLM: %s has LLaVA vision-tower keys in transformers-5 layout; serving a renamed copy %s", p, out
+    )
     return str(out)
 
 
 # ---------------------------------------------------------------------------
 # engines
 # ---------------------------------------------------------------------------
-_ENGINE_KEYS = ("dtype", "tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
-                "enforce_eager", "trust_remote_code", "seed", "max_num_seqs", "revision", "mm_processor_kwargs",
-                "generation_config")
+_ENGINE_KEYS = (
+    "dtype",
+    "tensor_parallel_size",
+    "data_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "enforce_eager",
+    "trust_remote_code",
+    "seed",
+    "max_num_seqs",
+    "revision",
+    "mm_processor_kwargs",
+    "generation_config",
+)
 _ENGINES: dict[tuple, VLLMEngine] = {}
 _LOCK = threading.RLock()
 _LORA_IDS = itertools.count(1)
@@ -330,7 +373,8 @@ def _engine_opts(opts: dict) -> dict:
         eo.pop("dtype", None)
     else:
         eo["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
-            str(eo["dtype"]).lower(), str(eo["dtype"]).lower())
+            str(eo["dtype"]).lower(), str(eo["dtype"]).lower()
+        )
     eo.setdefault("seed", 0)
     return eo
 
@@ -344,15 +388,15 @@ class VLLMEngine:
     new user needs it.
     """
 
-    model: str                      # folder (or hub id) the user named
-    opts: dict                      # engine options (see _ENGINE_KEYS)
+    model: str  # folder (or hub id) the user named
+    opts: dict  # engine options (see _ENGINE_KEYS)
     enable_lora: bool = False
-    lora_rank: int = 0              # vLLM max_lora_rank (an allowed value) or 0
+    lora_rank: int = 0  # vLLM max_lora_rank (an allowed value) or 0
     max_loras: int = 1
     max_cpu_loras: int = 1
     tower: bool = False
     max_images: int = 1
-    keep: bool = False              # prepared for a set: survives its users' close()
+    keep: bool = False  # prepared for a set: survives its users' close()
     llm: Any = None
     users: int = 0
     starts: int = 0
@@ -372,13 +416,20 @@ class VLLMEngine:
         if on_cpu:
             kw.pop("gpu_memory_utilization", None)  # not used by the CPU platform
         if self.enable_lora:
-            kw.update(enable_lora=True, max_lora_rank=self.lora_rank, max_loras=self.max_loras,
-                      max_cpu_loras=max(self.max_cpu_loras, self.max_loras))
+            kw.update(
+                enable_lora=True,
+                max_lora_rank=self.lora_rank,
+                max_loras=self.max_loras,
+                max_cpu_loras=max(self.max_cpu_loras, self.max_loras),
+            )
             if self.tower:
                 kw["enable_tower_connector_lora"] = True
         if self.multimodal:
             kw["limit_mm_per_prompt"] = {"image": max(1, self.max_images)}
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and int(kw.get("tensor_parallel_size", 1)) == 1:
+        if (
+            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+            and int(kw.get("tensor_parallel_size", 1)) == 1
+        ):
             kw["distributed_executor_backend"] = "uni"
         return kw
 
@@ -393,13 +444,19 @@ class VLLMEngine:
                 self.multimodal = _is_multimodal(cfg)
                 self.served_model = vllm_model_dir(self.model, cfg)
             kw = self.kwargs()
-            log.info("vLLM: starting an engine for %s: %s", self.model, {k: v for k, v in kw.items() if k != "model"})
+            log.info(
+                "vLLM: starting an engine for %s: %s",
+                self.model,
+                {k: v for k, v in kw.items() if k != "model"},
+            )
             t0 = time.perf_counter()
             try:
                 self.llm = LLM(**kw)
             except Exception as e:
-                raise BackendError(f"vLLM could not start an engine for {self.model}: {type(e).__name__}: "
-                                   f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+                raise BackendError(
+                    f"vLLM could not start an engine for {self.model}: {type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                ) from e
             self.start_seconds = time.perf_counter() - t0
             self.starts += 1
 
@@ -436,10 +493,16 @@ class VLLMEngine:
             if images > self.max_images:
                 need.append(f"images per prompt {self.max_images} -> {images}")
                 self.max_images = images
-            self.max_cpu_loras = max(self.max_cpu_loras, n_loras)  # LRU of loaded adapters; no restart needed for correctness
+            self.max_cpu_loras = max(
+                self.max_cpu_loras, n_loras
+            )  # LRU of loaded adapters; no restart needed for correctness
             if need and self.llm is not None:
-                log.warning("vLLM: restarting the engine for %s (%s); declare the set up front with "
-                            "harness_merge.backends.vllm.prepare_engine to start it once", self.model, ", ".join(need))
+                log.warning(
+                    "vLLM: restarting the engine for %s (%s); declare the set up front with "
+                    "harness_merge.backends.vllm.prepare_engine to start it once",
+                    self.model,
+                    ", ".join(need),
+                )
                 self.stop()
             if self.llm is None:
                 self.start()
@@ -521,8 +584,9 @@ def _kind(artifact: Any) -> str | None:
     return kind
 
 
-def prepare_engine(base: str, artifacts: Sequence[Any] = (), *, max_images: int | None = None,
-                   **opts: Any) -> VLLMEngine:
+def prepare_engine(
+    base: str, artifacts: Sequence[Any] = (), *, max_images: int | None = None, **opts: Any
+) -> VLLMEngine:
     """Declare up front the LoRA artifacts one engine on ``base`` will serve:
     checks every rank (refused before any start), sizes ``max_lora_rank``
     (largest rank), ``max_loras`` (``opts['max_loras']`` or min(N, 4) adapters per
@@ -533,8 +597,10 @@ def prepare_engine(base: str, artifacts: Sequence[Any] = (), *, max_images: int 
     infos = []
     for a in artifacts:
         if _kind(a) != "lora":
-            raise BackendError(f"prepare_engine: {getattr(a, 'path', a)} is not a LoRA artifact; full-weight "
-                               f"artifacts are separate models and get their own engine from load()")
+            raise BackendError(
+                f"prepare_engine: {getattr(a, 'path', a)} is not a LoRA artifact; full-weight "
+                f"artifacts are separate models and get their own engine from load()"
+            )
         info = inspect_lora(a.path)
         check_lora_rank(info, opts.get("max_lora_rank"))
         infos.append(info)
@@ -551,8 +617,12 @@ def prepare_engine(base: str, artifacts: Sequence[Any] = (), *, max_images: int 
                 eng.max_cpu_loras = max(eng.max_cpu_loras, len(infos))
             if max_images:
                 eng.max_images = max(eng.max_images, int(max_images))
-        eng.ensure(lora_rank=max((i.rank for i in infos), default=0), tower=any(i.tower for i in infos),
-                   images=int(max_images or 0), n_loras=len(infos))
+        eng.ensure(
+            lora_rank=max((i.rank for i in infos), default=0),
+            tower=any(i.tower for i in infos),
+            images=int(max_images or 0),
+            n_loras=len(infos),
+        )
     return eng
 
 
@@ -568,7 +638,11 @@ def _check_options(opts: dict) -> None:
     if unknown:
         raise BackendError(
             f"backend=vllm: unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
-            + ("; fold applies to backend=hf only (vLLM serves a LoRA artifact as a LoRA)" if "fold" in unknown else "")
+            + (
+                "; fold applies to backend=hf only (vLLM serves a LoRA artifact as a LoRA)"
+                if "fold" in unknown
+                else ""
+            )
         )
     mlr = opts.get("max_lora_rank")
     if mlr is not None and int(mlr) < 1:
@@ -599,17 +673,38 @@ def load(artifact: Any, base: str, **opts: Any) -> VLLMBackend:
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, artifact: Any, base: str, lora: LoraInfo | None, *, dtype: str | None = "auto",
-                 device: str | None = None, batch_size: int | None = None, max_new_tokens: int | None = None,
-                 system_prompt: str | None = None, trust_remote_code: bool = False,
-                 max_lora_rank: int | None = None, max_loras: int | None = None, max_images: int | None = None,
-                 engine: VLLMEngine | None = None, share: bool = True, eos_from: str = "generation_config",
-                 min_pixels: int | None = None, max_pixels: int | None = None, revision: str | None = None,
-                 chat_template: str | None = None, **engine_opts: Any) -> None:
+    def __init__(
+        self,
+        artifact: Any,
+        base: str,
+        lora: LoraInfo | None,
+        *,
+        dtype: str | None = "auto",
+        device: str | None = None,
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+        system_prompt: str | None = None,
+        trust_remote_code: bool = False,
+        max_lora_rank: int | None = None,
+        max_loras: int | None = None,
+        max_images: int | None = None,
+        engine: VLLMEngine | None = None,
+        share: bool = True,
+        eos_from: str = "generation_config",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        revision: str | None = None,
+        chat_template: str | None = None,
+        **engine_opts: Any,
+    ) -> None:
         t0 = time.perf_counter()
         if eos_from not in ("generation_config", "tokenizer"):
-            raise BackendError(f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}")
-        pix = {k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+            raise BackendError(
+                f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}"
+            )
+        pix = {
+            k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+        }
         # engine options, translated by _engine_opts (so prepare_engine(**same opts) finds this engine)
         engine_opts.update(pix, eos_from=eos_from)
         if revision:
@@ -641,7 +736,9 @@ class VLLMBackend:
         model = str(artifact.path) if self.kind == "full" else base
         eopts = dict(engine_opts, dtype=dtype, trust_remote_code=trust_remote_code or None)
         if engine is None:
-            engine = get_engine(model, **eopts) if share else VLLMEngine(model=model, opts=_engine_opts(eopts))
+            engine = (
+                get_engine(model, **eopts) if share else VLLMEngine(model=model, opts=_engine_opts(eopts))
+            )
         elif self.kind == "full" and engine.model != model:
             raise BackendError(f"engine serves {engine.model}, not the full artifact {model}")
         self.engine = engine
@@ -667,11 +764,16 @@ class VLLMBackend:
             artifact_kind=self.kind,
             dtype=str(engine.llm.llm_engine.model_config.dtype).replace("torch.", ""),
             device="cpu" if _on_cpu() else "cuda",
-            extra={"load_seconds": round(time.perf_counter() - t0, 3),
-                   "engine_start_seconds": round(engine.start_seconds, 3),
-                   "engine_starts": engine.starts, "engine_users": engine.users,
-                   "lora_rank": lora.rank if lora else None, "max_lora_rank": engine.lora_rank or None,
-                   "tower_lora": bool(lora and lora.tower), "max_model_len": self.max_model_len},
+            extra={
+                "load_seconds": round(time.perf_counter() - t0, 3),
+                "engine_start_seconds": round(engine.start_seconds, 3),
+                "engine_starts": engine.starts,
+                "engine_users": engine.users,
+                "lora_rank": lora.rank if lora else None,
+                "max_lora_rank": engine.lora_rank or None,
+                "tower_lora": bool(lora and lora.tower),
+                "max_model_len": self.max_model_len,
+            },
         )
 
     # -- helpers -----------------------------------------------------------
@@ -724,19 +826,29 @@ class VLLMBackend:
                 inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=add)["input_ids"]})
             else:
                 inputs.append({"prompt": text})
-            kw: dict[str, Any] = {"max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
-                                  "stop": [s for s in r.until if s] or None}
+            kw: dict[str, Any] = {
+                "max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
+                "stop": [s for s in r.until if s] or None,
+            }
             if r.greedy:
                 kw["temperature"] = 0.0
             else:
-                kw.update(temperature=float(r.temperature), top_p=float(r.top_p) if r.top_p is not None else 1.0)
+                kw.update(
+                    temperature=float(r.temperature), top_p=float(r.top_p) if r.top_p is not None else 1.0
+                )
             params.append(SamplingParams(**kw))
         outs = self._run(inputs, params)
         # Decode the token ids as the hf backend does: vLLM's incremental detokenizer
         # holds back incomplete UTF-8 (byte-level vocabularies), batch_decode does not.
-        return [cut_at_stop(self.tokenizer.decode(list(o.outputs[0].token_ids), skip_special_tokens=True,
-                                                  clean_up_tokenization_spaces=False), r.until)
-                for o, r in zip(outs, requests)]
+        return [
+            cut_at_stop(
+                self.tokenizer.decode(
+                    list(o.outputs[0].token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+                ),
+                r.until,
+            )
+            for o, r in zip(outs, requests)
+        ]
 
     # -- loglikelihood -----------------------------------------------------
     def _prefix_id(self) -> int:
@@ -755,7 +867,7 @@ class VLLMBackend:
             plp = o.prompt_logprobs
             n = min(n, len(ids) - 1)
             ll, greedy = 0.0, True
-            for d, t in zip(plp[len(ids) - n:], ids[len(ids) - n:]):
+            for d, t in zip(plp[len(ids) - n :], ids[len(ids) - n :]):
                 lp = d[t]
                 ll += float(lp.logprob)
                 greedy = greedy and lp.rank == 1

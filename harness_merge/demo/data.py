@@ -55,7 +55,9 @@ TASKS: dict[str, TaskDef] = {
     "caption": TaskDef(
         "caption",
         "Describe the image.",
-        tuple(f"{c} {s}" for c in COLOURS for s in SHAPES) + ("one shape",) + tuple(f"{n} shapes" for n in COUNTS[1:]),
+        tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+        + ("one shape",)
+        + tuple(f"{n} shapes" for n in COUNTS[1:]),
     ),
 }
 DEMO_TASKS = ("colour", "shape", "count")
@@ -125,7 +127,9 @@ def make_rows(task: str, n: int, seed: int = 0) -> list[dict]:
                 img = draw_many(rng, COUNTS.index(first) + 1)
         else:
             img = draw_many(rng, COUNTS.index(label) + 1)
-        rows.append({"question_id": f"{task}-{seed}-{i:04d}", "question": t.question, "answer": label, "image": img})
+        rows.append(
+            {"question_id": f"{task}-{seed}-{i:04d}", "question": t.question, "answer": label, "image": img}
+        )
     return rows
 
 

@@ -49,11 +49,21 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="harness-merge demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
     p.add_argument("--method", default="copa", help="merge method (default copa)")
-    p.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
-                   help="method parameter (repeatable; default for copa: scaling=1, see DEMO_PARAMS)")
-    p.add_argument("--tasks", default=None,
-                   help="lmms-eval tasks (default: the demo tasks and pope_local; merge_six_local adds all six)")
-    p.add_argument("--adapter-tasks", default=",".join(DEMO_TASKS), help="one adapter per task (default all three)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="method parameter (repeatable; default for copa: scaling=1, see DEMO_PARAMS)",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="lmms-eval tasks (default: the demo tasks and pope_local; merge_six_local adds all six)",
+    )
+    p.add_argument(
+        "--adapter-tasks", default=",".join(DEMO_TASKS), help="one adapter per task (default all three)"
+    )
     p.add_argument("--tasks-dir", type=Path, default=DEFAULT_TASKS_DIR, help="lmms-eval --include_path")
     p.add_argument("--steps", type=int, default=200, help="LoRA training steps per adapter")
     p.add_argument("--pretrain-steps", type=int, default=200, help="base pre-training steps")
@@ -73,8 +83,10 @@ def build(out: Path, adapter_tasks, *, steps: int, pretrain_steps: int, seed: in
         t = time.time()
         raw = tiny.build_tiny_qwen2vl(out / "raw_base", seed=seed)
         train.pretrain_base(raw, base, steps=pretrain_steps, seed=seed)
-        _log(f"base: tiny Qwen2-VL pre-trained {pretrain_steps} steps on captions + a few task rows "
-             f"({time.time() - t:.0f}s) -> {base}")
+        _log(
+            f"base: tiny Qwen2-VL pre-trained {pretrain_steps} steps on captions + a few task rows "
+            f"({time.time() - t:.0f}s) -> {base}"
+        )
     adapters = {}
     for task in adapter_tasks:
         ad = out / "adapters" / task
@@ -86,8 +98,9 @@ def build(out: Path, adapter_tasks, *, steps: int, pretrain_steps: int, seed: in
     return base, adapters
 
 
-def run_lmms_eval(base: Path, adapters, method: str, params: dict, tasks: str, tasks_dir: Path, out: Path,
-                  cache_dir: Path) -> dict:
+def run_lmms_eval(
+    base: Path, adapters, method: str, params: dict, tasks: str, tasks_dir: Path, out: Path, cache_dir: Path
+) -> dict:
     """The real lmms-eval CLI on model ``merged``; returns its results JSON.
     ``method="none"`` (no adapters) evaluates the base alone."""
     margs = f"pretrained={base},method={method},cache_dir={cache_dir},prompt_profile={DEMO_PROFILE}"
@@ -95,10 +108,30 @@ def run_lmms_eval(base: Path, adapters, method: str, params: dict, tasks: str, t
         margs += ",adapters=[" + ",".join(str(a) for a in adapters) + "]"
     if params:
         margs += ",params={" + ",".join(f"{k}={v}" for k, v in params.items()) + "}"
-    cmd = [sys.executable, "-m", "harness_merge.harness.lmms_cli", "--model", "merged", "--model_args", margs,
-           "--tasks", tasks, "--include_path", str(tasks_dir), "--output_path", str(out), "--batch_size", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness_merge.harness.lmms_cli",
+        "--model",
+        "merged",
+        "--model_args",
+        margs,
+        "--tasks",
+        tasks,
+        "--include_path",
+        str(tasks_dir),
+        "--output_path",
+        str(out),
+        "--batch_size",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     _log("$ lmms_eval " + " ".join(cmd[3:]))
     t = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -116,8 +149,11 @@ def run_lmms_eval(base: Path, adapters, method: str, params: dict, tasks: str, t
 def _lmms_scores(results: dict) -> dict[str, dict[str, float]]:
     scores = {}
     for task, res in results.get("results", {}).items():
-        scores[task] = {k.split(",")[0]: v for k, v in res.items()
-                        if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k}
+        scores[task] = {
+            k.split(",")[0]: v
+            for k, v in res.items()
+            if isinstance(v, (int, float)) and not k.startswith("alias") and "stderr" not in k
+        }
     return scores
 
 
@@ -128,8 +164,11 @@ def _table(rows: list[tuple[str, dict[str, float]]], tasks) -> str:
         vals = [acc.get(t) for t in tasks]
         known = [v for v in vals if v is not None]
         mean = sum(known) / len(known) if known else float("nan")
-        lines.append(f"{name:28s}" + "".join(f"{v:9.2f}" if v is not None else f"{'-':>9s}" for v in vals)
-                     + f"{mean:9.2f}")
+        lines.append(
+            f"{name:28s}"
+            + "".join(f"{v:9.2f}" if v is not None else f"{'-':>9s}" for v in vals)
+            + f"{mean:9.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -144,20 +183,41 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     adapter_tasks = [t for t in args.adapter_tasks.split(",") if t]
-    base, adapters = build(out, adapter_tasks, steps=args.steps, pretrain_steps=args.pretrain_steps,
-                           seed=args.seed, rebuild=args.rebuild)
+    base, adapters = build(
+        out,
+        adapter_tasks,
+        steps=args.steps,
+        pretrain_steps=args.pretrain_steps,
+        seed=args.seed,
+        rebuild=args.rebuild,
+    )
 
     given = args.param if args.param is not None else DEMO_PARAMS.get(args.method, [])
     params = dict(kv.split("=", 1) for kv in given)
     cache_dir = out / "cache"
     t = time.time()
-    art = merge(MergeSpec(adapters=tuple(str(a) for a in adapters.values()), method=args.method, params=params,
-                          base=str(base)), out=out / "merged", cache_dir=cache_dir, progress=False)
-    _log(f"merged {len(adapters)} adapters with {args.method} {params or ''} ({time.time() - t:.1f}s): "
-         f"{art.kind} -> {art.path}")
+    art = merge(
+        MergeSpec(
+            adapters=tuple(str(a) for a in adapters.values()),
+            method=args.method,
+            params=params,
+            base=str(base),
+        ),
+        out=out / "merged",
+        cache_dir=cache_dir,
+        progress=False,
+    )
+    _log(
+        f"merged {len(adapters)} adapters with {args.method} {params or ''} ({time.time() - t:.1f}s): "
+        f"{art.kind} -> {art.path}"
+    )
 
-    summary: dict = {"artifact": str(art.path), "method": args.method, "params": params,
-                      "prompt_profile": DEMO_PROFILE}
+    summary: dict = {
+        "artifact": str(art.path),
+        "method": args.method,
+        "params": params,
+        "prompt_profile": DEMO_PROFILE,
+    }
     rows: list[tuple[str, dict[str, float]]] = []
     lmms = None
     if not args.skip_lmms_eval:
@@ -167,18 +227,25 @@ def main(argv=None) -> int:
         plan.append((f"merged {args.method}", "merged", list(adapters.values()), args.method, params))
         summary["lmms_eval_rows"] = {}
         for label, folder, ads, method, prm in plan:
-            res = run_lmms_eval(base, ads, method, prm, tasks, args.tasks_dir, out / "lmms_eval" / folder,
-                                cache_dir)
+            res = run_lmms_eval(
+                base, ads, method, prm, tasks, args.tasks_dir, out / "lmms_eval" / folder, cache_dir
+            )
             scores = _lmms_scores(res)
             summary["lmms_eval_rows"][label] = scores
-            rows.append((label, {t: scores[f"demo_{t}"]["exact_match"] for t in adapter_tasks
-                                 if f"demo_{t}" in scores}))
+            rows.append(
+                (
+                    label,
+                    {t: scores[f"demo_{t}"]["exact_match"] for t in adapter_tasks if f"demo_{t}" in scores},
+                )
+            )
         lmms = summary["lmms_eval_rows"][f"merged {args.method}"]
         summary["lmms_eval"] = lmms
 
     if rows:
         print()
-        print("Exact-match accuracy on the demo tasks (24 rows each; every row by lmms-eval, model 'merged'):")
+        print(
+            "Exact-match accuracy on the demo tasks (24 rows each; every row by lmms-eval, model 'merged'):"
+        )
         print(_table(rows, adapter_tasks))
     if lmms:
         print(f"\nlmms-eval results of the merge (model 'merged', method {args.method}):")

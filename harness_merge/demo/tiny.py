@@ -207,7 +207,11 @@ def load_processor(path):
             raise
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
-    pp = json.loads(Path(path, "processor_config.json").read_text()) if Path(path, "processor_config.json").exists() else {}
+    pp = (
+        json.loads(Path(path, "processor_config.json").read_text())
+        if Path(path, "processor_config.json").exists()
+        else {}
+    )
     ip_cfg = dict(pp.get("image_processor") or {})
     if not ip_cfg and Path(path, "preprocessor_config.json").exists():
         ip_cfg = json.loads(Path(path, "preprocessor_config.json").read_text())
@@ -327,9 +331,7 @@ def build_llava_processor(tok=None):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     tok = tok or build_tokenizer()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
@@ -337,9 +339,7 @@ def build_llava_processor(tok=None):
         vision_feature_select_strategy="default",
         image_token="<|image_pad|>",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE.replace(
-            "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"
-        ),
+        chat_template=CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
     )
 
 
@@ -415,12 +415,21 @@ def random_lora(
     """
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                     use_rslora=use_rslora, init_lora_weights=True)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=use_rslora,
+        init_lora_weights=True,
+    )
     return _write_random_adapter(base_dir, out_dir, cfg, seed=seed, std=std)
 
 
-def _write_random_adapter(base_dir, out_dir, cfg, *, seed: int, std: float, magnitude_std: float = 0.0) -> Path:
+def _write_random_adapter(
+    base_dir, out_dir, cfg, *, seed: int, std: float, magnitude_std: float = 0.0
+) -> Path:
     """PEFT's adapter ``cfg`` on ``base_dir`` with seeded random A and B (and, for
     DoRA, magnitude vectors scaled by ``1 + magnitude_std * noise``), saved by PEFT."""
     import torch
@@ -458,8 +467,15 @@ def random_dora(
     that dropped or recomputed the magnitudes changes the outputs."""
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                     use_dora=True, init_lora_weights=True)
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        use_dora=True,
+        init_lora_weights=True,
+    )
     return _write_random_adapter(base_dir, out_dir, cfg, seed=seed, std=std, magnitude_std=magnitude_std)
 
 
@@ -497,28 +513,47 @@ def save_llava_repo_lora(
             continue
         if name.rsplit(".", 1)[-1] not in targets:
             continue
-        orig = "model." + name[len(lm_prefix):]
+        orig = "model." + name[len(lm_prefix) :]
         d_out, d_in = mod.weight.shape
-        sd[f"base_model.model.{orig}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std / d_in ** 0.5
-        sd[f"base_model.model.{orig}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std / rank ** 0.5
+        sd[f"base_model.model.{orig}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * std / d_in**0.5
+        sd[f"base_model.model.{orig}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * std / rank**0.5
     torch.save(sd, out / "adapter_model.bin")
-    LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.05, bias="none",
-               task_type="CAUSAL_LM", base_model_name_or_path="lmsys/vicuna-7b-v1.5").save_pretrained(str(out))
+    LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.05,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="lmsys/vicuna-7b-v1.5",
+    ).save_pretrained(str(out))
     proj = model.model.multi_modal_projector
     non_lora = {}
     for idx, lin in (("0", proj.linear_1), ("2", proj.linear_2)):
         for p in ("weight", "bias"):
             t = getattr(lin, p).detach()
             non_lora[f"base_model.model.model.mm_projector.{idx}.{p}"] = t + projector_std * torch.randn(
-                t.shape, generator=g)
+                t.shape, generator=g
+            )
     torch.save(non_lora, out / "non_lora_trainables.bin")
     cfg = model.config
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "hidden_size": cfg.text_config.hidden_size, "mm_hidden_size": cfg.vision_config.hidden_size,
-        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False, "image_aspect_ratio": "pad", "tune_mm_mlp_adapter": False,
-    }, indent=2))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlavaLlamaForCausalLM"],
+                "model_type": "llava_llama",
+                "hidden_size": cfg.text_config.hidden_size,
+                "mm_hidden_size": cfg.vision_config.hidden_size,
+                "mm_projector_type": "mlp2x_gelu",
+                "mm_vision_select_layer": -2,
+                "mm_use_im_start_end": False,
+                "mm_use_im_patch_token": False,
+                "image_aspect_ratio": "pad",
+                "tune_mm_mlp_adapter": False,
+            },
+            indent=2,
+        )
+    )
     return out
 
 
@@ -539,21 +574,36 @@ def build_internvl_tokenizer():
     for t in SPECIAL_TOKENS + INTERNVL_TOKENS:
         vocab[t] = len(vocab)
     tok = Qwen2Tokenizer(
-        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         padding_side="left",
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
     )
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
-                                                          for t in SPECIAL_TOKENS + INTERNVL_TOKENS]})
+    tok.add_special_tokens(
+        {
+            "additional_special_tokens": [
+                AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + INTERNVL_TOKENS
+            ]
+        }
+    )
     tok.chat_template = INTERNVL_CHAT_TEMPLATE
     tok.model_max_length = 4096
     tok.padding_side = "left"
     return tok
 
 
-INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>").replace(
-    "<|vision_start|><|video_pad|><|vision_end|>", "<video>")
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>"
+).replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>")
 
 
 def tiny_internvl_config(tok=None):
@@ -561,17 +611,35 @@ def tiny_internvl_config(tok=None):
 
     tok = tok or build_internvl_tokenizer()
     ids = _ids(tok)
-    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=[28, 28], patch_size=[14, 14])
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=[28, 28],
+        patch_size=[14, 14],
+    )
     text = Qwen2Config(
-        vocab_size=_vocab_size(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        vocab_size=_vocab_size(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
     )
-    return InternVLConfig(vision_config=vision, text_config=text,
-                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                          image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=True)
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=1,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
 
 
 def build_internvl_processor(tok=None):
@@ -583,12 +651,17 @@ def build_internvl_processor(tok=None):
     tok = tok or build_internvl_tokenizer()
 
     class InternVLImageOnlyProcessor(InternVLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw):
-            InternVLProcessor.__init__(self, image_processor, tokenizer, None, image_seq_length, chat_template, **kw)
+        def __init__(
+            self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kw
+        ):
+            InternVLProcessor.__init__(
+                self, image_processor, tokenizer, None, image_seq_length, chat_template, **kw
+            )
 
     ip = GotOcr2ImageProcessorPil(size={"height": 28, "width": 28}, crop_to_patches=False, max_patches=2)
-    return InternVLImageOnlyProcessor(image_processor=ip, tokenizer=tok, image_seq_length=1,
-                                      chat_template=INTERNVL_CHAT_TEMPLATE)
+    return InternVLImageOnlyProcessor(
+        image_processor=ip, tokenizer=tok, image_seq_length=1, chat_template=INTERNVL_CHAT_TEMPLATE
+    )
 
 
 def build_tiny_internvl(out_dir, seed: int = 0) -> Path:
@@ -655,7 +728,9 @@ def _share_llm(model_dir, base_llm_dir, seed: int, rel_std: float) -> None:
         for b, k in mp.items():
             if k in sd:
                 t = base.get(b).float()
-                sd[k] = (t + rel_std * (float(t.std()) or 1.0) * torch.randn(t.shape, generator=g)).to(sd[k].dtype)
+                sd[k] = (t + rel_std * (float(t.std()) or 1.0) * torch.randn(t.shape, generator=g)).to(
+                    sd[k].dtype
+                )
         save_file(sd, str(Path(model_dir) / fn), metadata={"format": "pt"})
 
 
@@ -671,10 +746,19 @@ def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
 
     tok = build_tokenizer()
     _seed(seed)
-    ac = Qwen2AudioEncoderConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-                                 d_model=32, max_source_positions=50)
-    cfg = Qwen2AudioConfig(audio_config=ac, text_config=tiny_text_config(tok).to_dict(),
-                           audio_token_index=tok.convert_tokens_to_ids("<|video_pad|>"))
+    ac = Qwen2AudioEncoderConfig(
+        num_mel_bins=16,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        max_source_positions=50,
+    )
+    cfg = Qwen2AudioConfig(
+        audio_config=ac,
+        text_config=tiny_text_config(tok).to_dict(),
+        audio_token_index=tok.convert_tokens_to_ids("<|video_pad|>"),
+    )
     model = Qwen2AudioForConditionalGeneration(cfg)
     model.generation_config = _generation_config(tok)
     return save_model(model, tok, out_dir)
@@ -685,8 +769,10 @@ def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: fl
     encoder and connector and a language model fine-tuned (seeded noise) from
     the text LLM at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
     root = Path(root)
-    out = {"vision": build_tiny_llava(root / "vision", seed=seed + 1),
-           "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2)}
+    out = {
+        "vision": build_tiny_llava(root / "vision", seed=seed + 1),
+        "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2),
+    }
     for i, d in enumerate(out.values()):
         _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
     return out

@@ -47,7 +47,9 @@ def encode(processor, rows: list[dict]) -> list[Encoded]:
     end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
     for r in rows:
-        enc = processor(text=[chat_text(processor, ddata.prompt(r))], images=[r["image"]], return_tensors="pt")
+        enc = processor(
+            text=[chat_text(processor, ddata.prompt(r))], images=[r["image"]], return_tensors="pt"
+        )
         p = enc["input_ids"][0]
         a = torch.tensor(tok(r["answer"], add_special_tokens=False)["input_ids"] + [end])
         ids = torch.cat([p, a])
@@ -78,7 +80,9 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def fit(model, examples: list[Encoded], pad_id: int, *, steps: int, lr: float, batch_size: int = 16, seed: int = 0):
+def fit(
+    model, examples: list[Encoded], pad_id: int, *, steps: int, lr: float, batch_size: int = 16, seed: int = 0
+):
     """AdamW on the trainable parameters, cosine-free constant LR; returns the loss history."""
     rnd = random.Random(seed)
     torch.manual_seed(seed)
@@ -103,7 +107,9 @@ def fit(model, examples: list[Encoded], pad_id: int, *, steps: int, lr: float, b
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, rows: list[dict], *, max_new_tokens: int = 6, batch_size: int = 32) -> list[str]:
+def greedy_answers(
+    model, processor, rows: list[dict], *, max_new_tokens: int = 6, batch_size: int = 32
+) -> list[str]:
     """Greedy answers for ``rows`` (left-padded batches), special tokens removed."""
     model.eval()
     tok = processor.tokenizer

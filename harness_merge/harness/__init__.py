@@ -7,6 +7,7 @@ adapters share :func:`load_merged` (merge through ``harness_merge.api.merge``,
 then load a backend) and :func:`report_failure` (make an error visible even
 where the harness swallows it).
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,10 +45,12 @@ def merge_progress() -> bool:
         return forced == "1"
     verbosity = os.environ.get("VERBOSITY")
     if verbosity:
-        return logging.getLevelName(verbosity.upper()) in (logging.DEBUG, logging.INFO) or verbosity.upper() == "TRACE"
+        return (
+            logging.getLevelName(verbosity.upper()) in (logging.DEBUG, logging.INFO)
+            or verbosity.upper() == "TRACE"
+        )
     lm_eval = logging.getLogger("lm_eval")
     return lm_eval.level == logging.NOTSET or lm_eval.level <= logging.INFO
-
 
 
 def run_id(hargs, manifest: dict | None) -> str:
@@ -133,29 +136,40 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
         _say(f"serving the base model {hargs.pretrained} alone (method=none) with backend={hargs.backend}")
         art, m = None, {"method": "none", "adapters": []}
     else:
-        _say(f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
-             f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}")
+        _say(
+            f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
+            f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}"
+        )
         try:
             from ..backends.hf import check_lora_fits
 
-            check_lora_fits(spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False)))
+            check_lora_fits(
+                spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False))
+            )
         except ImportError:  # transformers missing: the merge layer's own checks still run
             pass
         spec = _dora_for_backend(spec, hargs.backend)
         art = merge(spec, cache_dir=hargs.cache_dir, progress=merge_progress())
         m = art.manifest
         hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
-        _say(f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
-             f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}")
+        _say(
+            f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
+            f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}"
+        )
     t_merge = time.perf_counter() - t0
     t1 = time.perf_counter()
     opts = rank_device({**(extra_opts or {}), **hargs.backend_opts}, hargs.backend)
     backend = load_backend(hargs.backend, art, hargs.pretrained, **opts)
     t_load = time.perf_counter() - t1
     info = getattr(backend, "info", None)
-    _say(f"backend {hargs.backend} loaded in {t_load:.2f}s"
-         + (f" ({info.model_class}, {info.dtype}, {info.device}{', LoRA folded' if info.folded else ''})"
-            if info is not None else ""))
+    _say(
+        f"backend {hargs.backend} loaded in {t_load:.2f}s"
+        + (
+            f" ({info.model_class}, {info.dtype}, {info.device}{', LoRA folded' if info.folded else ''})"
+            if info is not None
+            else ""
+        )
+    )
     record = {
         "model_name": run_id(hargs, m if art is not None else None),
         "base": hargs.pretrained,
@@ -222,5 +236,14 @@ def install_identity_hook(tracker_cls, get_name) -> None:
     tracker_cls.log_experiment_args = log_experiment_args
 
 
-__all__ = ["FAILURES", "Loaded", "dist_env", "install_identity_hook", "load_merged", "merge_progress",
-           "rank_device", "report_failure", "run_id"]
+__all__ = [
+    "FAILURES",
+    "Loaded",
+    "dist_env",
+    "install_identity_hook",
+    "load_merged",
+    "merge_progress",
+    "rank_device",
+    "report_failure",
+    "run_id",
+]

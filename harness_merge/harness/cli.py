@@ -3,6 +3,7 @@
 Thin: parses arguments, calls the API, prints. Errors of the user's input
 (``MergeError``) print one clear line and exit 2; nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def cmd_merge(args) -> int:
     adapters = args.adapters or recipe.adapters
     out = args.out or recipe.out
     if not adapters:
-        raise MergeError("no adapters: pass --adapters DIR [DIR ...] or a recipe with 'adapters:' (or mergekit's 'models:')")
+        raise MergeError(
+            "no adapters: pass --adapters DIR [DIR ...] or a recipe with 'adapters:' (or mergekit's 'models:')"
+        )
     if not method:
         raise MergeError("no method: pass --method NAME (see `harness-merge methods`)")
     if not out:
@@ -46,13 +49,22 @@ def cmd_merge(args) -> int:
     for note in [*recipe.notes, *notes]:
         print(f"note: {note}", file=sys.stderr)
     spec = MergeSpec(
-        adapters=tuple(adapters), method=method, params=params,
-        base=args.base or recipe.base, format=args.format or recipe.format or "auto",
+        adapters=tuple(adapters),
+        method=method,
+        params=params,
+        base=args.base or recipe.base,
+        format=args.format or recipe.format or "auto",
         rank=args.rank if args.rank is not None else recipe.rank,
         dtype=args.dtype or recipe.dtype,
     )
-    art = merge(spec, out=out, cache_dir=args.cache_dir, use_cache=not args.no_cache, progress=not args.quiet,
-                force=args.force)
+    art = merge(
+        spec,
+        out=out,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        progress=not args.quiet,
+        force=args.force,
+    )
     res = art.manifest.get("result", {})
     print(f"wrote {art.kind} artifact to {art.path}" + (" (cache hit)" if art.cache_hit else ""))
     details = [f"method={art.manifest['method']}", f"modules={res.get('modules')}"]
@@ -71,11 +83,15 @@ def cmd_methods(args) -> int:
     for name in methods.available():
         spec = methods.get(name)
         print(f"{name:10s} {spec.summary}")
-        print(f"{'':10s} inputs: {', '.join(sorted(spec.inputs))}; min adapters: {spec.min_inputs}; {spec.reference_url}")
+        print(
+            f"{'':10s} inputs: {', '.join(sorted(spec.inputs))}; min adapters: {spec.min_inputs}; {spec.reference_url}"
+        )
         hints = typing.get_type_hints(spec.params_cls)
         ps = []
         for f in dataclasses.fields(spec.params_cls):
-            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            choices = (
+                typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            )
             ps.append(f"{f.name}={f.default!r}" + (f" ({'|'.join(map(str, choices))})" if choices else ""))
         print(f"{'':10s} params: {', '.join(ps)}")
         note = spec.params_cls.listing_note()
@@ -94,17 +110,29 @@ DELEGATES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness-merge", description="Merge fine-tuned adapters and evaluate the merge.")
+    p = argparse.ArgumentParser(
+        prog="harness-merge", description="Merge fine-tuned adapters and evaluate the merge."
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     m = sub.add_parser("merge", help="merge adapters/checkpoints and write the artifact")
-    m.add_argument("recipe", nargs="?", help="YAML recipe: ours (method, adapters, parameters, base, out, format, "
-                   "rank) or mergekit's (merge_method, models, base_model, parameters)")
-    m.add_argument("--adapters", nargs="+", metavar="DIR", help="PEFT LoRA folders or hub ids, or full checkpoints")
+    m.add_argument(
+        "recipe",
+        nargs="?",
+        help="YAML recipe: ours (method, adapters, parameters, base, out, format, "
+        "rank) or mergekit's (merge_method, models, base_model, parameters)",
+    )
+    m.add_argument(
+        "--adapters", nargs="+", metavar="DIR", help="PEFT LoRA folders or hub ids, or full checkpoints"
+    )
     m.add_argument("--method", help="merge method (see `harness-merge methods`)")
-    m.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="method parameter (repeatable); mergekit's density, lambda, weight are translated")
+    m.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method parameter (repeatable); mergekit's density, lambda, weight are translated",
+    )
     m.add_argument("--out", help="output folder")
     m.add_argument("--base", help="base model (needed for --format full and for full checkpoints)")
     m.add_argument("--format", choices=["auto", "lora", "full"])
@@ -113,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", help="merge cache (default $HARNESS_MERGE_CACHE or ~/.cache/harness_merge)")
     m.add_argument("--no-cache", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    m.add_argument("--force", action="store_true",
-                   help="run a merge the cost pre-check refuses (estimated beyond $HARNESS_MERGE_MAX_SECONDS)")
+    m.add_argument(
+        "--force",
+        action="store_true",
+        help="run a merge the cost pre-check refuses (estimated beyond $HARNESS_MERGE_MAX_SECONDS)",
+    )
     m.set_defaults(func=cmd_merge)
 
     ms = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
@@ -135,7 +166,9 @@ def main(argv=None) -> int:
         except (MergeError, OSError) as e:
             return _fail(e)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (MergeError, OSError) as e:

@@ -16,6 +16,7 @@ applied on top. ``<image>`` is the llava-hf processor's image token (another
 processor's token is used when it names one). Pure request translation: no
 model, no harness import; a profile registry can wrap these functions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,9 +47,13 @@ class ConvTemplate:
 
 VICUNA_V1 = ConvTemplate(
     name="vicuna_v1",
-    system=("A chat between a curious human and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the human's questions."),
-    roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>",
+    system=(
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
+    roles=("USER", "ASSISTANT"),
+    sep=" ",
+    sep2="</s>",
     reproduces="haotian-liu/LLaVA llava/conversation.py conv_vicuna_v1 (--conv-mode vicuna_v1)",
 )
 CONV_TEMPLATES: dict[str, ConvTemplate] = {VICUNA_V1.name: VICUNA_V1}
@@ -72,20 +77,24 @@ def image_token_of(processor: Any) -> str:
     return tok if isinstance(tok, str) and tok else "<image>"
 
 
-def gen_request(tmpl: ConvTemplate, ctx: str, params: dict, images: Sequence[Any],
-                image_token: str = "<image>") -> GenRequest:
+def gen_request(
+    tmpl: ConvTemplate, ctx: str, params: dict, images: Sequence[Any], image_token: str = "<image>"
+) -> GenRequest:
     """``params``: the generation settings (until, max_new_tokens, ...)."""
     return GenRequest(prompt=tmpl.prompt(ctx, len(images), image_token), images=tuple(images), **params)
 
 
-def ll_request(tmpl: ConvTemplate, ctx: str, target: str, images: Sequence[Any],
-               image_token: str = "<image>") -> LLRequest:
+def ll_request(
+    tmpl: ConvTemplate, ctx: str, target: str, images: Sequence[Any], image_token: str = "<image>"
+) -> LLRequest:
     """The continuation scored after ``ASSISTANT:`` (LLaVA appends the answer
     after a space: ``ASSISTANT: {answer}``)."""
     cont = str(target)
     if cont and not cont.startswith(" "):
         cont = " " + cont
-    return LLRequest(continuation=cont, context=tmpl.prompt(ctx, len(images), image_token), images=tuple(images))
+    return LLRequest(
+        continuation=cont, context=tmpl.prompt(ctx, len(images), image_token), images=tuple(images)
+    )
 
 
 __all__ = [

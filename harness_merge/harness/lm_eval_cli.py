@@ -4,6 +4,7 @@ lm-eval 0.4.13 finds models only in its registry, filled by imports; this
 wrapper imports :mod:`harness_merge.harness.lm_eval_model` first and exits
 non-zero (with a summary on stderr) when the model reported a failure.
 """
+
 from __future__ import annotations
 
 import sys

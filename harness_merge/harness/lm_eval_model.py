@@ -23,6 +23,7 @@ continuation are encoded as ``LM._encode_pair`` does (trailing whitespace
 moved into the continuation, the whole string encoded and split), see
 ``harness_merge.backends.base.encode_pair``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -100,11 +101,15 @@ class MergedLM(LM):
             return None
         return chat_template if isinstance(chat_template, str) and "{" in chat_template else tok.chat_template
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         tok = getattr(self.backend, "tokenizer", None)
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError(f"--apply_chat_template: the base {self.hargs.pretrained} has no chat template")
-        return tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     # -- requests ------------------------------------------------------------
     def _run(self, name: str, fn, reqs):
@@ -138,8 +143,16 @@ class MergedLM(LM):
             temperature = float(gk.get("temperature", 0.0) or 0.0)
             do_sample = bool(gk.get("do_sample", False)) and temperature > 0
             mnt = gk.get("max_gen_toks", gk.get("max_new_tokens"))
-            reqs.append(GenRequest(prompt=ctx, until=tuple(until), max_new_tokens=int(mnt) if mnt else None,
-                                   temperature=temperature, do_sample=do_sample, top_p=gk.get("top_p")))
+            reqs.append(
+                GenRequest(
+                    prompt=ctx,
+                    until=tuple(until),
+                    max_new_tokens=int(mnt) if mnt else None,
+                    temperature=temperature,
+                    do_sample=do_sample,
+                    top_p=gk.get("top_p"),
+                )
+            )
         out = self._run("generate_until", self.backend.generate, reqs)
         for r, o in zip(requests, out):
             self.cache_hook.add_partial("generate_until", r.args, o)

@@ -6,6 +6,7 @@ it and exits 0; our model records its failures (see
 ``harness_merge.harness.FAILURES``), and this wrapper turns them into exit
 status 1 with a summary on stderr.
 """
+
 from __future__ import annotations
 
 import sys

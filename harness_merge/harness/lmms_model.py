@@ -16,6 +16,7 @@ log-likelihood request; the doc is ``self.task_dict[task][split][doc_id]``.
 What was merged (method, params, adapter hashes, artifact, cache hit) is
 logged to stderr and stored under ``config.merge`` in the results JSON.
 """
+
 from __future__ import annotations
 
 import functools
@@ -117,8 +118,9 @@ def _model_type(hargs) -> str | None:
         from transformers import AutoConfig
 
         hub = {k: hargs.backend_opts[k] for k in ("revision", "subfolder") if hargs.backend_opts.get(k)}
-        cfg = AutoConfig.from_pretrained(hargs.pretrained,
-                                         trust_remote_code=bool(hargs.backend_opts.get("trust_remote_code")), **hub)
+        cfg = AutoConfig.from_pretrained(
+            hargs.pretrained, trust_remote_code=bool(hargs.backend_opts.get("trust_remote_code")), **hub
+        )
         return getattr(cfg, "model_type", None)
     except Exception:  # noqa: BLE001 - the backend reports an unloadable base with its own error
         return None
@@ -128,8 +130,13 @@ def profile_of(hargs) -> P.PromptProfile:
     """The prompt profile of parsed model_args (``prompt_profile=`` or the base's
     model_type), with the user's system_prompt / pixel bounds applied."""
     bo = hargs.backend_opts
-    return P.get_profile(hargs.prompt_profile, _model_type(hargs), system_prompt=bo.get("system_prompt"),
-                         min_pixels=bo.get("min_pixels"), max_pixels=bo.get("max_pixels"))
+    return P.get_profile(
+        hargs.prompt_profile,
+        _model_type(hargs),
+        system_prompt=bo.get("system_prompt"),
+        min_pixels=bo.get("min_pixels"),
+        max_pixels=bo.get("max_pixels"),
+    )
 
 
 def serving_opts(hargs) -> dict:
@@ -157,7 +164,9 @@ class MergedLMM(lmms):
         if "system_prompt" in hargs.backend_opts:
             from dataclasses import replace
 
-            hargs = replace(hargs, backend_opts={k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"})
+            hargs = replace(
+                hargs, backend_opts={k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"}
+            )
         loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
         self.backend = loaded.backend
         self.artifact = loaded.artifact
@@ -168,11 +177,12 @@ class MergedLMM(lmms):
         _install_results_hook()
         from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
 
-        install_identity_hook(GeneralConfigTracker,
-                              lambda: (_ACTIVE_RECORD or {}).get("model_name"))
+        install_identity_hook(GeneralConfigTracker, lambda: (_ACTIVE_RECORD or {}).get("model_name"))
         self._batch_size = int(self.hargs.backend_opts.get("batch_size", 1))
         self._device = getattr(getattr(self.backend, "info", None), "device", "cpu")
-        self.conv = conv_templates.get_template(self.hargs.conv_template) if self.hargs.conv_template else None
+        self.conv = (
+            conv_templates.get_template(self.hargs.conv_template) if self.hargs.conv_template else None
+        )
         self._image_token = conv_templates.image_token_of(getattr(self.backend, "processor", None))
         if self.conv is not None:
             self.merge_record["conv_template"] = self.conv.name
@@ -229,14 +239,26 @@ class MergedLMM(lmms):
         such a context is then sent as is (no second template)."""
         tok = getattr(self.backend, "tokenizer", None)
         if tok is None or not self.chat_template:
-            raise BackendError(f"--apply_chat_template: the base {self.hargs.pretrained} has no chat template")
+            raise BackendError(
+                f"--apply_chat_template: the base {self.hargs.pretrained} has no chat template"
+            )
         self._templated = True
-        hist = [{**m, "content": m["content"] if isinstance(m.get("content"), str)
-                 else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text")}
-                for m in chat_history]
+        hist = [
+            {
+                **m,
+                "content": m["content"]
+                if isinstance(m.get("content"), str)
+                else "".join(c.get("text", "") for c in m["content"] if c.get("type") == "text"),
+            }
+            for m in chat_history
+        ]
         if tok.chat_template != self.chat_template:
-            return tok.apply_chat_template(hist, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=self.chat_template)
+            return tok.apply_chat_template(
+                hist,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template,
+            )
         return tok.apply_chat_template(hist, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _record_first(self, req) -> None:
@@ -280,8 +302,11 @@ class MergedLMM(lmms):
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args[:6]
             images = self._visuals(doc_to_visual, doc_id, task, split)
             if self.conv is not None:  # an original-repo conversation template decides over the profile
-                reqs.append(conv_templates.gen_request(self.conv, ctx, P.gen_params(self.profile, gen_kwargs), images,
-                                                       self._image_token))
+                reqs.append(
+                    conv_templates.gen_request(
+                        self.conv, ctx, P.gen_params(self.profile, gen_kwargs), images, self._image_token
+                    )
+                )
             elif self._templated_ctx(task, len(images)):
                 reqs.append(GenRequest(prompt=ctx, **P.gen_params(self.profile, gen_kwargs)))
             else:

@@ -32,6 +32,7 @@ Unknown keys are an error that lists the valid ones. Values from the harness
 may be strings (our own splitting) or already typed (lmms-eval / lm-eval guess
 types); both are accepted.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -40,11 +41,32 @@ from typing import Any, Mapping
 
 from ..errors import MergeError, MethodParamError
 
-BACKEND_KEYS = ("backend", "dtype", "device", "batch_size", "max_new_tokens", "system_prompt", "fold",
-                "trust_remote_code", "prompt_profile", "max_pixels", "min_pixels", "device_map",
-                "attn_implementation", "revision", "subfolder", "chat_template")
-VLLM_KEYS = ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
-             "enforce_eager", "max_lora_rank")
+BACKEND_KEYS = (
+    "backend",
+    "dtype",
+    "device",
+    "batch_size",
+    "max_new_tokens",
+    "system_prompt",
+    "fold",
+    "trust_remote_code",
+    "prompt_profile",
+    "max_pixels",
+    "min_pixels",
+    "device_map",
+    "attn_implementation",
+    "revision",
+    "subfolder",
+    "chat_template",
+)
+VLLM_KEYS = (
+    "tensor_parallel_size",
+    "data_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "enforce_eager",
+    "max_lora_rank",
+)
 # keys of backend=hf only
 HF_ONLY_KEYS = ("fold", "device_map", "attn_implementation", "subfolder")
 MERGE_KEYS = ("pretrained", "adapters", "method", "params", "format", "rank", "cache_dir")
@@ -53,7 +75,9 @@ MERGE_KEYS = ("pretrained", "adapters", "method", "params", "format", "rank", "c
 # means the serving / artifact key.
 # request rendering done by the harness model itself (see .conv_templates)
 PROMPT_KEYS = ("conv_template",)
-RESERVED_KEYS = frozenset(BACKEND_KEYS) | frozenset(VLLM_KEYS) | frozenset(MERGE_KEYS) | frozenset(PROMPT_KEYS)
+RESERVED_KEYS = (
+    frozenset(BACKEND_KEYS) | frozenset(VLLM_KEYS) | frozenset(MERGE_KEYS) | frozenset(PROMPT_KEYS)
+)
 # keys the harnesses add on their own (CLI --batch_size / --device / --max_batch_size)
 IGNORED_KEYS = ("max_batch_size",)
 _BOOL_TRUE = ("1", "true", "yes", "on")
@@ -93,8 +117,14 @@ class HarnessArgs:
 
         if self.method == NO_MERGE:
             return None
-        return MergeSpec(adapters=self.adapters, method=self.method, params=dict(self.params),
-                         base=self.pretrained, format=self.format, rank=self.rank)
+        return MergeSpec(
+            adapters=self.adapters,
+            method=self.method,
+            params=dict(self.params),
+            base=self.pretrained,
+            format=self.format,
+            rank=self.rank,
+        )
 
 
 def split_arg_string(s: str) -> dict[str, str]:
@@ -263,7 +293,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     if spec is None and adapters:
         raise ModelArgsError(f"model_args: method={NO_MERGE} serves the base model alone; drop adapters=...")
     if spec is not None and not adapters:
-        raise ModelArgsError("model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b")
+        raise ModelArgsError(
+            "model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b"
+        )
 
     params = parse_params(raw.pop("params", None))
     if spec is None and params:
@@ -279,7 +311,11 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         if k in params:
             raise ModelArgsError(f"model_args: {k} is given twice (flat and inside params={{...}}); keep one")
         params[k] = raw.pop(k)
-    if "weights" in params and not isinstance(params["weights"], (list, tuple)) and params["weights"] is not None:
+    if (
+        "weights" in params
+        and not isinstance(params["weights"], (list, tuple))
+        and params["weights"] is not None
+    ):
         params["weights"] = ",".join(parse_list(params["weights"]))
 
     fmt = str(raw.pop("format", "auto")).strip().lower()
@@ -317,7 +353,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         if k in raw:
             opts[k] = _to_int(k, raw.pop(k), minimum=1)
     if "min_pixels" in opts and "max_pixels" in opts and opts["min_pixels"] > opts["max_pixels"]:
-        raise ModelArgsError(f"model_args: min_pixels={opts['min_pixels']} is above max_pixels={opts['max_pixels']}")
+        raise ModelArgsError(
+            f"model_args: min_pixels={opts['min_pixels']} is above max_pixels={opts['max_pixels']}"
+        )
     for k in ("device_map", "attn_implementation", "revision", "subfolder", "chat_template"):
         if k in raw:
             v = str(raw.pop(k)).strip()
@@ -331,8 +369,9 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         if profile == "auto":
             profile = None
         elif profile not in PROFILES:
-            raise ModelArgsError(f"model_args: prompt_profile must be one of {', '.join(PROFILES)} or auto, "
-                                 f"got {profile!r}")
+            raise ModelArgsError(
+                f"model_args: prompt_profile must be one of {', '.join(PROFILES)} or auto, got {profile!r}"
+            )
     vllm_given = [k for k in VLLM_KEYS if k in raw]
     if vllm_given and backend != "vllm":
         raise ModelArgsError(
@@ -349,17 +388,34 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         if k in raw:
             opts[k] = _to_int(k, raw.pop(k), minimum=1)
     if "gpu_memory_utilization" in raw:
-        opts["gpu_memory_utilization"] = _to_float("gpu_memory_utilization", raw.pop("gpu_memory_utilization"))
+        opts["gpu_memory_utilization"] = _to_float(
+            "gpu_memory_utilization", raw.pop("gpu_memory_utilization")
+        )
     if "enforce_eager" in raw:
         opts["enforce_eager"] = _to_bool("enforce_eager", raw.pop("enforce_eager"))
     assert not raw, raw  # every valid key is consumed above
 
     return HarnessArgs(
-        pretrained=str(pretrained), adapters=adapters, method=spec.name if spec else NO_MERGE, params=params, format=fmt,
-        rank=rank, cache_dir=str(cache_dir) if cache_dir else None, backend=backend, backend_opts=opts,
-        prompt_profile=profile, conv_template=conv_template,
+        pretrained=str(pretrained),
+        adapters=adapters,
+        method=spec.name if spec else NO_MERGE,
+        params=params,
+        format=fmt,
+        rank=rank,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        backend=backend,
+        backend_opts=opts,
+        prompt_profile=profile,
+        conv_template=conv_template,
     )
 
 
-__all__ = ["HarnessArgs", "ModelArgsError", "RESERVED_KEYS", "parse_list", "parse_model_args", "parse_params",
-           "split_arg_string"]
+__all__ = [
+    "HarnessArgs",
+    "ModelArgsError",
+    "RESERVED_KEYS",
+    "parse_list",
+    "parse_model_args",
+    "parse_params",
+    "split_arg_string",
+]

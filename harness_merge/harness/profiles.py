@@ -31,6 +31,7 @@ The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
 
 Pure request translation: no model, no harness import.
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,18 +49,18 @@ QWEN2_VL_SYSTEM = "You are a helpful assistant."
 @dataclass(frozen=True)
 class PromptProfile:
     name: str
-    reproduces: str                          # the harness model class this profile renders as
+    reproduces: str  # the harness model class this profile renders as
     system_prompt: str | None = None
-    strip_context: bool = True               # ctx.strip() after removing "<image>"
-    layout: str = "items"                    # "items": image items then text; "image_tokens": "<image>\n" + text
-    jpeg_quality: int | None = None          # re-encode every image as JPEG of this quality
-    qwen_resize: bool = False                # qwen_vl_utils.fetch_image resize (multiples of 28)
+    strip_context: bool = True  # ctx.strip() after removing "<image>"
+    layout: str = "items"  # "items": image items then text; "image_tokens": "<image>\n" + text
+    jpeg_quality: int | None = None  # re-encode every image as JPEG of this quality
+    qwen_resize: bool = False  # qwen_vl_utils.fetch_image resize (multiples of 28)
     min_pixels: int | None = None
     max_pixels: int | None = None
     default_max_new_tokens: int | None = None
-    apply_until: bool = True                 # cut answers at the task's stop strings
+    apply_until: bool = True  # cut answers at the task's stop strings
     strip_answer: bool = False
-    eos_from: str = "generation_config"      # "generation_config" | "tokenizer"
+    eos_from: str = "generation_config"  # "generation_config" | "tokenizer"
 
     def backend_opts(self) -> dict[str, Any]:
         """What the backend must know to render and decode as the harness class does."""
@@ -71,20 +72,40 @@ class PromptProfile:
         return opts
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "reproduces": self.reproduces, "system_prompt": self.system_prompt,
-                "min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "jpeg_quality": self.jpeg_quality,
-                "eos_from": self.eos_from}
+        return {
+            "name": self.name,
+            "reproduces": self.reproduces,
+            "system_prompt": self.system_prompt,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "jpeg_quality": self.jpeg_quality,
+            "eos_from": self.eos_from,
+        }
 
 
 PROFILES: dict[str, PromptProfile] = {
     "qwen2_vl": PromptProfile(
-        name="qwen2_vl", reproduces="lmms-eval qwen2_vl (lmms_eval/models/simple/qwen2_vl.py)",
-        system_prompt=QWEN2_VL_SYSTEM, strip_context=False, jpeg_quality=85, qwen_resize=True,
-        min_pixels=3136, max_pixels=602112, default_max_new_tokens=128, strip_answer=True, eos_from="tokenizer"),
+        name="qwen2_vl",
+        reproduces="lmms-eval qwen2_vl (lmms_eval/models/simple/qwen2_vl.py)",
+        system_prompt=QWEN2_VL_SYSTEM,
+        strip_context=False,
+        jpeg_quality=85,
+        qwen_resize=True,
+        min_pixels=3136,
+        max_pixels=602112,
+        default_max_new_tokens=128,
+        strip_answer=True,
+        eos_from="tokenizer",
+    ),
     "llava_hf": PromptProfile(
-        name="llava_hf", reproduces="lmms-eval llava_hf (lmms_eval/models/simple/llava_hf.py), generate_until",
-        strip_context=False, layout="image_tokens", default_max_new_tokens=1024, apply_until=False,
-        eos_from="tokenizer"),
+        name="llava_hf",
+        reproduces="lmms-eval llava_hf (lmms_eval/models/simple/llava_hf.py), generate_until",
+        strip_context=False,
+        layout="image_tokens",
+        default_max_new_tokens=1024,
+        apply_until=False,
+        eos_from="tokenizer",
+    ),
     "vllm": PromptProfile(name="vllm", reproduces="lmms-eval vllm (lmms_eval/models/simple/vllm.py)"),
     "plain": PromptProfile(name="plain", reproduces="none: the base's chat template, images first"),
 }
@@ -95,8 +116,14 @@ class ProfileError(MergeError):
     """An unknown profile, or one whose image pipeline cannot run here."""
 
 
-def get_profile(name: str | None, model_type: str | None = None, *, system_prompt: str | None = None,
-                min_pixels: int | None = None, max_pixels: int | None = None) -> PromptProfile:
+def get_profile(
+    name: str | None,
+    model_type: str | None = None,
+    *,
+    system_prompt: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> PromptProfile:
     """The profile ``name`` (or the default for ``model_type`` when None), with
     the user's overrides applied."""
     if name is None or name == "auto":
@@ -121,16 +148,19 @@ def _jpeg(im, quality: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def qwen_smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
-                      max_pixels: int = 602112) -> tuple[int, int]:
+def qwen_smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 602112
+) -> tuple[int, int]:
     """``(height, width)`` the way ``qwen_vl_utils`` sizes an image: each side
     rounded to a multiple of ``factor`` (at least ``factor``); when the area
     leaves ``[min_pixels, max_pixels]``, both sides scaled by
     ``sqrt(area / bound)`` and floored (too big) or ceiled (too small) to the
     factor. Aspect ratios above 200 are refused, as there."""
     if max(height, width) / min(height, width) > 200:
-        raise ProfileError(f"image aspect ratio {max(height, width) / min(height, width):.0f} is above 200, "
-                           f"which lmms-eval's qwen2_vl class (qwen_vl_utils) refuses")
+        raise ProfileError(
+            f"image aspect ratio {max(height, width) / min(height, width):.0f} is above 200, "
+            f"which lmms-eval's qwen2_vl class (qwen_vl_utils) refuses"
+        )
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -171,7 +201,9 @@ def prepare_images(profile: PromptProfile, images: Sequence[Any]) -> list:
     return out
 
 
-def messages(profile: PromptProfile, ctx: str, n_images: int, image_token: str = "<image>") -> tuple[dict, ...]:
+def messages(
+    profile: PromptProfile, ctx: str, n_images: int, image_token: str = "<image>"
+) -> tuple[dict, ...]:
     """The chat messages of one request. ``image_token``: the processor's image
     placeholder for the ``image_tokens`` layout (``<image>`` for llava-hf models,
     as lmms-eval writes it; another model's own token replaces it)."""
@@ -202,27 +234,53 @@ def gen_params(profile: PromptProfile, gen_kwargs: dict | None) -> dict:
     temperature = float(gk.get("temperature", 0.0) or 0.0)
     do_sample = bool(gk.get("do_sample", temperature > 0))
     mnt = gk.get("max_new_tokens") or profile.default_max_new_tokens
-    return dict(until=tuple(until) if profile.apply_until else (), max_new_tokens=int(mnt) if mnt else None,
-                temperature=temperature, do_sample=do_sample and temperature > 0, top_p=gk.get("top_p"))
+    return dict(
+        until=tuple(until) if profile.apply_until else (),
+        max_new_tokens=int(mnt) if mnt else None,
+        temperature=temperature,
+        do_sample=do_sample and temperature > 0,
+        top_p=gk.get("top_p"),
+    )
 
 
-def gen_request(profile: PromptProfile, ctx: str, gen_kwargs: dict | None, images: Sequence[Any],
-                image_token: str = "<image>") -> GenRequest:
+def gen_request(
+    profile: PromptProfile,
+    ctx: str,
+    gen_kwargs: dict | None,
+    images: Sequence[Any],
+    image_token: str = "<image>",
+) -> GenRequest:
     ims = prepare_images(profile, images)
-    return GenRequest(messages=messages(profile, ctx, len(ims), image_token), images=tuple(ims),
-                      **gen_params(profile, gen_kwargs))
+    return GenRequest(
+        messages=messages(profile, ctx, len(ims), image_token),
+        images=tuple(ims),
+        **gen_params(profile, gen_kwargs),
+    )
 
 
-def ll_request(profile: PromptProfile, ctx: str, target: str, images: Sequence[Any],
-               image_token: str = "<image>") -> LLRequest:
+def ll_request(
+    profile: PromptProfile, ctx: str, target: str, images: Sequence[Any], image_token: str = "<image>"
+) -> LLRequest:
     ims = prepare_images(profile, images)
-    return LLRequest(continuation=str(target), messages=messages(profile, ctx, len(ims), image_token),
-                     images=tuple(ims))
+    return LLRequest(
+        continuation=str(target), messages=messages(profile, ctx, len(ims), image_token), images=tuple(ims)
+    )
 
 
 def finish(profile: PromptProfile, answer: str) -> str:
     return answer.strip() if profile.strip_answer else answer
 
 
-__all__ = ["PROFILES", "ProfileError", "PromptProfile", "finish", "gen_params", "gen_request", "get_profile",
-           "ll_request", "messages", "prepare_images", "qwen_smart_resize"]
+__all__ = [
+    "PROFILES",
+    "ProfileError",
+    "PromptProfile",
+    "finish",
+    "gen_params",
+    "gen_request",
+    "get_profile",
+    "ll_request",
+    "messages",
+    "prepare_images",
+    "qwen_smart_resize",
+]

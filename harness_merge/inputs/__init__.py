@@ -6,6 +6,7 @@ checkpoints in the original LLaVA repo's layout, ``CheckpointSet`` for full fine
 module names and shapes *without reading tensors*, and yields one
 ``ModuleInputs`` per module on demand.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -42,13 +43,23 @@ def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
         raise InputError(f"cannot merge LoRA adapters with full checkpoints in one run: {mixed}")
     if kinds[0] == "lora":
         dora = [is_dora_dir(d) for d in dirs]
-        _refuse_mixed(refs, dora, "DoRA", "LoRA",
-                      "cannot merge DoRA adapters with plain LoRA adapters in one run (a LoRA adapter has no "
-                      "magnitude vector to merge)")
+        _refuse_mixed(
+            refs,
+            dora,
+            "DoRA",
+            "LoRA",
+            "cannot merge DoRA adapters with plain LoRA adapters in one run (a LoRA adapter has no "
+            "magnitude vector to merge)",
+        )
         llava = [is_llava_repo_dir(d) for d in dirs]
-        _refuse_mixed(refs, llava, "LLaVA-repo", "PEFT",
-                      "cannot merge LLaVA-repo checkpoints (adapter + non_lora_trainables.bin) with plain PEFT "
-                      "adapters in one run (the projector would be averaged over only some inputs)")
+        _refuse_mixed(
+            refs,
+            llava,
+            "LLaVA-repo",
+            "PEFT",
+            "cannot merge LLaVA-repo checkpoints (adapter + non_lora_trainables.bin) with plain PEFT "
+            "adapters in one run (the projector would be averaged over only some inputs)",
+        )
         if all(llava):
             if any(dora):
                 raise InputError(f"{refs[0]}: DoRA in the LLaVA-repo layout is not supported")

@@ -4,6 +4,7 @@ Checkpoints are safetensors model folders (single file or sharded with
 ``model.safetensors.index.json``). Tensors are read one name at a time from
 memory-mapped files, so memory holds about N+1 copies of one tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,7 @@ _EMBEDDING_LIKE = re.compile(
 
 def is_checkpoint_dir(d: Path) -> bool:
     d = Path(d)
-    return (d / "config.json").is_file() and (
-        (d / INDEX).is_file() or any(d.glob("*.safetensors"))
-    )
+    return (d / "config.json").is_file() and ((d / INDEX).is_file() or any(d.glob("*.safetensors")))
 
 
 class Checkpoint:
@@ -96,7 +95,7 @@ class CheckpointSet:
             missing = sorted(names - set(ck.where))
             extra = sorted(set(ck.where) - names)
             if missing or extra:
-                eg = (f"lacks {missing[0]}" if missing else f"has {extra[0]} which the base lacks")
+                eg = f"lacks {missing[0]}" if missing else f"has {extra[0]} which the base lacks"
                 raise InputError(
                     f"{ck.ref}: tensors differ from the base {base_ref} ({len(missing)} missing, "
                     f"{len(extra)} extra; e.g. it {eg}): not the same architecture?"
@@ -115,7 +114,8 @@ class CheckpointSet:
         if mixed:
             log.warning(
                 "checkpoint dtypes differ from the base's (%s): task vectors are computed in float32 and "
-                "full-weight outputs keep the base's dtype per tensor", "; ".join(f"{r}: {d}" for r, d in mixed.items()),
+                "full-weight outputs keep the base's dtype per tensor",
+                "; ".join(f"{r}: {d}" for r, d in mixed.items()),
             )
 
     @property

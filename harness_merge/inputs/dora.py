@@ -11,6 +11,7 @@ output feature, PEFT's ``d_out``) and the norm of each output row (PEFT's
 module adds the magnitude vectors. How a merge combines them is
 :mod:`harness_merge.merge_dora`'s business.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ class DoRAAdapter(LoRAAdapter):
             )
         extra = sorted(set(self._mag_keys) - set(self.modules))
         if extra:
-            raise InputError(f"{self.weights_file}: magnitude vector for {extra[0]}, which has no lora_A/lora_B")
+            raise InputError(
+                f"{self.weights_file}: magnitude vector for {extra[0]}, which has no lora_A/lora_B"
+            )
         for m, key in self._mag_keys.items():
             shape = self._file.shape(key)
             if shape != (self.modules[m].d_out,):
@@ -67,7 +70,9 @@ class DoRAAdapter(LoRAAdapter):
         return False
 
     def read_magnitude(self, module: str) -> torch.Tensor:
-        return checked_float(self._file.get(self._mag_keys[module]), f"{self.weights_file} [{module}] magnitude")
+        return checked_float(
+            self._file.get(self._mag_keys[module]), f"{self.weights_file} [{module}] magnitude"
+        )
 
 
 class DoRASet(LoRASet):

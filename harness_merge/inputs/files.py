@@ -1,5 +1,6 @@
 """File access shared by the input readers: resolve a folder or hub id, open
 tensors lazily (safetensors or torch .bin), check values."""
+
 from __future__ import annotations
 
 import os

@@ -1,10 +1,13 @@
 """Does a set of LoRA modules fit a loaded base model? (names and shapes)"""
+
 from __future__ import annotations
 
 from ..errors import InputError
 
 
-def check_lora_fits_model(model, shapes: dict[str, tuple[int, int]], *, base_ref: str, adapter_ref: str) -> None:
+def check_lora_fits_model(
+    model, shapes: dict[str, tuple[int, int]], *, base_ref: str, adapter_ref: str
+) -> None:
     """Every adapter module must exist in ``model`` as a layer with a 2-D weight
     of shape ``(d_out, d_in)``; the error says which module and what the base has."""
     named = dict(model.named_modules())

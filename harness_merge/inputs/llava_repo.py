@@ -15,6 +15,7 @@ nothing is dropped silently. ``non_lora_trainables.bin`` is read with
 normalised as LLaVA's own loader does (strip ``base_model.``, then ``model.``
 when keys start with ``model.model.``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,7 +50,7 @@ def to_llava_hf(name: str, where: str) -> str:
     probe = name if name.endswith(".") else name + "."
     for old, new in KEY_MAP:
         if probe.startswith(old):
-            return (new + probe[len(old):])[:-1]
+            return (new + probe[len(old) :])[:-1]
     raise InputError(
         f"{where}: {name!r} has no llava-hf counterpart (known LLaVA prefixes: "
         f"{', '.join(o for o, _ in KEY_MAP)}); refusing to drop it"
@@ -119,5 +120,12 @@ class LlavaRepoSet(LoRASet):
         return tuple(a.read_non_lora(name) for a in self.adapters)
 
 
-__all__ = ["KEY_MAP", "NON_LORA", "LlavaRepoAdapter", "LlavaRepoSet", "is_llava_repo_dir", "normalise_non_lora_keys",
-           "to_llava_hf"]
+__all__ = [
+    "KEY_MAP",
+    "NON_LORA",
+    "LlavaRepoAdapter",
+    "LlavaRepoSet",
+    "is_llava_repo_dir",
+    "normalise_non_lora_keys",
+    "to_llava_hf",
+]

@@ -6,6 +6,7 @@ PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` resolved by PEFT's own
 matcher. The rank is read from the tensor shapes. Nothing is loaded until
 ``read(module)``; safetensors files are memory-mapped.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ class LoRAAdapter:
                 f"non-linear in A/B, so LoRA merge formulas would be silently wrong - refused"
             )
         if c.get("lora_bias"):
-            raise InputError(f"{cfg_path}: lora_bias=true is not supported (the bias update would be dropped)")
+            raise InputError(
+                f"{cfg_path}: lora_bias=true is not supported (the bias update would be dropped)"
+            )
         if c.get("modules_to_save"):
             raise InputError(
                 f"{cfg_path}: modules_to_save={c['modules_to_save']} (full trained modules) is not "
@@ -118,7 +121,9 @@ class LoRAAdapter:
         for m in sorted(a_keys):
             sa, sb = self._file.shape(a_keys[m]), self._file.shape(b_keys[m])
             if len(sa) != 2 or len(sb) != 2:
-                raise InputError(f"{self.weights_file}: module {m}: only Linear LoRA is supported, got A{sa} B{sb}")
+                raise InputError(
+                    f"{self.weights_file}: module {m}: only Linear LoRA is supported, got A{sa} B{sb}"
+                )
             if sa[0] != sb[1]:
                 raise InputError(f"{self.weights_file}: module {m}: rank mismatch A{sa} vs B{sb}")
             out[m] = ModuleShape(d_out=sb[0], d_in=sa[1], rank=sa[0])
@@ -141,7 +146,11 @@ class LoRAAdapter:
         for m, s in self.modules.items():
             want = self.config_rank(m)
             if want != s.rank:
-                src = "rank_pattern" if (self.config.get("rank_pattern") or {}) and want != int(self.config["r"]) else "r"
+                src = (
+                    "rank_pattern"
+                    if (self.config.get("rank_pattern") or {}) and want != int(self.config["r"])
+                    else "r"
+                )
                 raise InputError(
                     f"{cfg_path}: module {m}: {src} = {want} in the config, but its tensors in "
                     f"{self.weights_file.name} have rank {s.rank}; PEFT refuses this adapter - fix "
@@ -155,7 +164,7 @@ class LoRAAdapter:
     @staticmethod
     def _module_of(key: str, marker: str) -> str:
         m = key.split(marker)[0]
-        return m[len(_PREFIX):] if m.startswith(_PREFIX) else m
+        return m[len(_PREFIX) :] if m.startswith(_PREFIX) else m
 
     def scale(self, module: str) -> float:
         """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) with the per-module patterns."""
@@ -249,7 +258,8 @@ class LoRASet:
             return next(iter(every))
         log.warning(
             "the adapters mix dtypes (%s): writing float32, which holds each of them exactly; pass "
-            "--dtype (dtype=...) to choose another", ", ".join(f"{r}: {'/'.join(sorted(d))}" for r, d in per.items()),
+            "--dtype (dtype=...) to choose another",
+            ", ".join(f"{r}: {'/'.join(sorted(d))}" for r, d in per.items()),
         )
         return "float32"
 

@@ -31,13 +31,21 @@ def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> st
     for c in cells:
         if c.get("value") is None:
             continue
-        metric = {"type": c["metric"].split(",")[0], "name": c["metric"], "value": round(float(c["value"]), 4)}
+        metric = {
+            "type": c["metric"].split(",")[0],
+            "name": c["metric"],
+            "value": round(float(c["value"]), 4),
+        }
         if c.get("stderr") is not None:
             metric["stderr"] = round(float(c["stderr"]), 4)
-        results.append({"task": {"type": "lmms-eval", "name": c["task"]},
-                        "dataset": {"type": c["task"], "name": c["task"], "split": "test"},
-                        "metrics": [metric],
-                        "source": {"name": "harness-merge leaderboard (lmms-eval)", "url": "local"}})
+        results.append(
+            {
+                "task": {"type": "lmms-eval", "name": c["task"]},
+                "dataset": {"type": c["task"], "name": c["task"], "split": "test"},
+                "metrics": [metric],
+                "source": {"name": "harness-merge leaderboard (lmms-eval)", "url": "local"},
+            }
+        )
     front = {
         "base_model": str(grid.written.get("base", grid.base)),
         "library_name": "peft" if art.get("kind") == "lora" else "transformers",
@@ -45,37 +53,68 @@ def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> st
         "model-index": [{"name": f"{grid.name}: {row.label}", "results": results}],
     }
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-        f"# {row.label}", "",
-        (f"A merge of {len(adapters)} adapter(s) onto `{front['base_model']}` by **{row.method}**, "
-         f"written by harness-merge {m.get('harness_merge_version', '?')} (leaderboard grid `{grid.name}`)."), "",
-        "## Inputs", "",
-        f"- base: `{front['base_model']}`" + (f" (sha256 `{(m.get('base') or {}).get('sha256')}`)"
-                                              if (m.get("base") or {}).get("sha256") else ""),
-        "", "| adapter | path | sha256 |", "|---|---|---|",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {row.label}",
+        "",
+        (
+            f"A merge of {len(adapters)} adapter(s) onto `{front['base_model']}` by **{row.method}**, "
+            f"written by harness-merge {m.get('harness_merge_version', '?')} (leaderboard grid `{grid.name}`)."
+        ),
+        "",
+        "## Inputs",
+        "",
+        f"- base: `{front['base_model']}`"
+        + (
+            f" (sha256 `{(m.get('base') or {}).get('sha256')}`)"
+            if (m.get("base") or {}).get("sha256")
+            else ""
+        ),
+        "",
+        "| adapter | path | sha256 |",
+        "|---|---|---|",
     ]
     for a in adapters:
         ref = str(a.get("ref"))
-        lines.append(f"| {names.get(ref, os.path.basename(ref.rstrip('/')))} | `{ref}` | `{a.get('sha256') or '-'}` |")
+        lines.append(
+            f"| {names.get(ref, os.path.basename(ref.rstrip('/')))} | `{ref}` | `{a.get('sha256') or '-'}` |"
+        )
     params = m.get("params", row.params)
     lines += [
-        "", "## Method", "",
-        f"- method: `{m.get('method', row.method)}`" + (f" ({m['reference_url']})" if m.get("reference_url") else ""),
+        "",
+        "## Method",
+        "",
+        f"- method: `{m.get('method', row.method)}`"
+        + (f" ({m['reference_url']})" if m.get("reference_url") else ""),
         f"- parameters (every field, defaults included): `{json.dumps(params, sort_keys=True)}`",
         f"- parameters set in the grid: `{json.dumps(row.params, sort_keys=True)}`",
         f"- artifact: {art.get('kind', '?')} at `{art.get('path', '?')}` (merge cache)",
         f"- code version: `{m.get('code_version', '?')}`",
-        "", "## Scores", "",
-        "| task | metric | value | stderr | n |", "|---|---|---|---|---|",
+        "",
+        "## Scores",
+        "",
+        "| task | metric | value | stderr | n |",
+        "|---|---|---|---|---|",
     ]
     for c in cells:
-        lines.append(f"| {c['task']} | {c['metric']} | {_fmt(c.get('value'))} | {_fmt(c.get('stderr'))} | "
-                     f"{c.get('n') if c.get('n') is not None else '-'} |")
+        lines.append(
+            f"| {c['task']} | {c['metric']} | {_fmt(c.get('value'))} | {_fmt(c.get('stderr'))} | "
+            f"{c.get('n') if c.get('n') is not None else '-'} |"
+        )
     lines += [
-        "", "stderr: the standard error of the mean over the task's docs (lmms-eval's).", "",
-        "## Reproduce", "",
-        "From the folder the grid was run in (the merge is rebuilt, or found in the cache, on load):", "",
-        "```", command, "```", "",
+        "",
+        "stderr: the standard error of the mean over the task's docs (lmms-eval's).",
+        "",
+        "## Reproduce",
+        "",
+        "From the folder the grid was run in (the merge is rebuilt, or found in the cache, on load):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
     ]
     return "\n".join(lines)
 

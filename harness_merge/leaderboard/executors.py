@@ -15,6 +15,7 @@ On a cluster every node needs this package, the harnesses and the models at
 the same paths (or hub ids); the merge cache is per node unless
 ``HARNESS_MERGE_CACHE`` points at shared storage.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,22 @@ from ..errors import MergeError
 EXECUTORS = ("serial", "ray")
 LOCAL_START_ATTEMPTS = 3
 #: Environment passed to Ray workers (the merge cache, offline switches, threads, verbosity).
-_ENV_PREFIXES = ("HARNESS_MERGE_", "HF_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                 "TOKENIZERS_PARALLELISM", "VERBOSITY", "LMMS_EVAL", "VLLM_")
+_ENV_PREFIXES = (
+    "HARNESS_MERGE_",
+    "HF_",
+    "TRANSFORMERS_",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+    "VERBOSITY",
+    "LMMS_EVAL",
+    "VLLM_",
+)
 
 
 @dataclass
 class RowResult:
-    row: object          # runner.Row
+    row: object  # runner.Row
     tasks: list[str]
     per_task: dict
     record: dict
@@ -57,7 +67,9 @@ def evaluate_one(row, grid, tasks: list[str], task_manager, worker: str = "local
     except Exception as e:
         per_task, record, lmms, error = {}, {}, None, f"{type(e).__name__}: {e}"
         print(f"[leaderboard] {row.label} failed: {error}", file=sys.stderr, flush=True)
-    return RowResult(row, list(tasks), per_task, record, error, round(time.perf_counter() - t0, 2), worker, lmms)
+    return RowResult(
+        row, list(tasks), per_task, record, error, round(time.perf_counter() - t0, 2), worker, lmms
+    )
 
 
 class SerialExecutor:
@@ -103,8 +115,12 @@ class RayExecutor:
 
     def _init(self, ray):
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-        kw = {"ignore_reinit_error": True, "include_dashboard": False, "logging_level": "WARNING",
-              "runtime_env": {"env_vars": env}}
+        kw = {
+            "ignore_reinit_error": True,
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "runtime_env": {"env_vars": env},
+        }
         if self.address:
             kw["address"] = self.address
             try:
@@ -125,7 +141,9 @@ class RayExecutor:
                         f"raylet.err. On a loaded machine, start one with `ray start --head` and pass "
                         f"--address"
                     ) from None
-                print(f"[leaderboard] ray: local start attempt {attempt} timed out; retrying", file=sys.stderr)
+                print(
+                    f"[leaderboard] ray: local start attempt {attempt} timed out; retrying", file=sys.stderr
+                )
         return None
 
     def run(self, grid, pending: list[tuple], task_manager=None) -> Iterator[RowResult]:
@@ -143,14 +161,21 @@ class RayExecutor:
         fit = int(total.get("GPU", 0) // gpus) if gpus else int(total.get("CPU", 1) // max(cpus, 1e-9))
         n = min(len(pending), self.requested or max(1, fit))
         if self.requested and self.requested > fit:
-            print(f"[leaderboard] ray: {self.requested} workers asked, the cluster fits {fit} with "
-                  f"num_cpus={cpus:g}, num_gpus={gpus:g}; the rest wait for resources", file=sys.stderr)
+            print(
+                f"[leaderboard] ray: {self.requested} workers asked, the cluster fits {fit} with "
+                f"num_cpus={cpus:g}, num_gpus={gpus:g}; the rest wait for resources",
+                file=sys.stderr,
+            )
         self.workers = n
         vllm_rows = [r for r, _ in pending] if grid.backend == "vllm" else None
         Worker = ray.remote(num_cpus=cpus, num_gpus=gpus)(_RowWorker)
         actors = [Worker.remote(grid, vllm_rows) for _ in range(n)]
-        print(f"[leaderboard] ray: {n} worker(s) (num_cpus={cpus:g}, num_gpus={gpus:g} each) on "
-              f"{'cluster ' + self.address if self.address else 'a local Ray'}", file=sys.stderr, flush=True)
+        print(
+            f"[leaderboard] ray: {n} worker(s) (num_cpus={cpus:g}, num_gpus={gpus:g} each) on "
+            f"{'cluster ' + self.address if self.address else 'a local Ray'}",
+            file=sys.stderr,
+            flush=True,
+        )
         queue = list(pending)
         inflight = {}
         try:
@@ -165,7 +190,9 @@ class RayExecutor:
                 try:
                     result = ray.get(ref)
                 except Exception as e:  # the worker died (OOM, node lost): the row fails, the grid goes on
-                    result = RowResult(row, list(tasks), {}, {}, f"ray worker failed: {type(e).__name__}: {e}", 0.0)
+                    result = RowResult(
+                        row, list(tasks), {}, {}, f"ray worker failed: {type(e).__name__}: {e}", 0.0
+                    )
                     print(f"[leaderboard] {row.label} failed: {result.error}", file=sys.stderr, flush=True)
                     actor = Worker.remote(grid, vllm_rows)
                 if queue:

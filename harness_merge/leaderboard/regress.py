@@ -199,13 +199,19 @@ def _number(value: Any) -> float | None:
 def _samples(raw: Any, where: str) -> Samples | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("doc_id"), list) or not isinstance(raw.get("score"), list):
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("doc_id"), list)
+        or not isinstance(raw.get("score"), list)
+    ):
         raise RegressError(f"{where}.samples must be an object with lists 'doc_id' and 'score'")
     ids, scores = raw["doc_id"], raw["score"]
     answers = raw.get("answer") or [None] * len(ids)
     if not (len(ids) == len(scores) == len(answers)):
-        raise RegressError(f"{where}.samples: doc_id, score and answer differ in length "
-                           f"({len(ids)}, {len(scores)}, {len(answers)})")
+        raise RegressError(
+            f"{where}.samples: doc_id, score and answer differ in length "
+            f"({len(ids)}, {len(scores)}, {len(answers)})"
+        )
     if len(set(map(str, ids))) != len(ids):
         raise RegressError(f"{where}.samples: repeated doc_id")
     out = {}
@@ -224,11 +230,15 @@ def parse_results(data: Any, name: str = "results") -> ResultsFile:
     """Validate a decoded results file; raises :class:`RegressError` naming what is wrong."""
     where = f"{name}:"
     if not isinstance(data, dict):
-        raise RegressError(f"{where} expected a JSON object with 'grid' and 'cells', got {type(data).__name__}")
+        raise RegressError(
+            f"{where} expected a JSON object with 'grid' and 'cells', got {type(data).__name__}"
+        )
     version = data.get("schema_version", 1)
     if version not in READABLE_VERSIONS:
-        raise RegressError(f"{where} schema_version {version!r} is not supported (this gate reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade harness-merge to read newer files)")
+        raise RegressError(
+            f"{where} schema_version {version!r} is not supported (this gate reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade harness-merge to read newer files)"
+        )
     grid, cells = data.get("grid"), data.get("cells")
     if not isinstance(grid, dict) or not grid.get("grid_id"):
         raise RegressError(f"{where} 'grid' must be an object with a non-empty 'grid_id'")
@@ -264,7 +274,9 @@ def parse_results(data: Any, name: str = "results") -> ResultsFile:
             samples=_samples(c.get("samples"), f"{where} cells[{i}]") if value is not None else None,
         )
         if cell.key in out:
-            raise RegressError(f"{where} two cells for (method {cell.label!r}, task {cell.task!r}, metric {cell.metric!r})")
+            raise RegressError(
+                f"{where} two cells for (method {cell.label!r}, task {cell.task!r}, metric {cell.metric!r})"
+            )
         out[cell.key] = cell
     return ResultsFile(name=name, grid=grid, cells=out, version=int(version))
 
@@ -332,21 +344,46 @@ class Report:
     def format(self, show_all: bool = False) -> str:
         """A readable table: failing cells, new, improvements, changed answers (and
         unchanged cells with ``show_all``), then a summary line."""
-        order = ["drop", "missing", "untested", "new", "improved", "changed"] + (["within"] if show_all else [])
+        order = ["drop", "missing", "untested", "new", "improved", "changed"] + (
+            ["within"] if show_all else []
+        )
         shown = [r for s in order for r in self.of(s)]
-        header = ("status", "method", "task", "metric", "baseline", "new", "delta", "95% CI", "p", "n", "changed",
-                  "test")
+        header = (
+            "status",
+            "method",
+            "task",
+            "metric",
+            "baseline",
+            "new",
+            "delta",
+            "95% CI",
+            "p",
+            "n",
+            "changed",
+            "test",
+        )
         lines = [header] + [
-            (r.status.upper(), *r.key, _fmt(r.baseline), _fmt(r.value), _fmt(r.delta, signed=True),
-             "-" if r.ci is None else f"[{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]", _fmt_p(r.p),
-             "-" if r.n is None else str(r.n), "-" if r.changed is None else str(r.changed),
-             (r.test or "-") + (f" ({r.note})" if r.note else ""))
+            (
+                r.status.upper(),
+                *r.key,
+                _fmt(r.baseline),
+                _fmt(r.value),
+                _fmt(r.delta, signed=True),
+                "-" if r.ci is None else f"[{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]",
+                _fmt_p(r.p),
+                "-" if r.n is None else str(r.n),
+                "-" if r.changed is None else str(r.changed),
+                (r.test or "-") + (f" ({r.note})" if r.note else ""),
+            )
             for r in shown
         ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         right = {4, 5, 6, 7, 8, 9, 10}
         text = [
-            "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
+            "  ".join(
+                cell.rjust(w) if i in right else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths))
+            ).rstrip()
             for line in lines
         ]
         if len(lines) > 1:
@@ -354,8 +391,11 @@ class Report:
         else:
             text = []
         c = {s: len(self.of(s)) for s in STATUSES}
-        how = ("Holm-adjusted over the cells (family-wise)" if self.correction == "holm"
-               else "per cell, not corrected for the number of cells")
+        how = (
+            "Holm-adjusted over the cells (family-wise)"
+            if self.correction == "holm"
+            else "per cell, not corrected for the number of cells"
+        )
         summary = (
             f"{'PASS' if self.ok else 'FAIL'}: {c['drop']} significant drop(s), {c['missing']} missing, "
             f"{c['untested']} untested, {c['new']} new, {c['improved']} improved, {c['changed']} with changed answers "
@@ -394,7 +434,10 @@ def check_same_grid(baseline: ResultsFile, results: ResultsFile) -> None:
     reasons = []
     if baseline.grid_id != results.grid_id:
         reasons.append(f"grid_id differs (baseline {baseline.grid_id}, results {results.grid_id})")
-    for what, a, b in (("methods", baseline.labels, results.labels), ("tasks", baseline.tasks, results.tasks)):
+    for what, a, b in (
+        ("methods", baseline.labels, results.labels),
+        ("tasks", baseline.tasks, results.tasks),
+    ):
         if a != b:
             parts = []
             if a - b:
@@ -404,7 +447,8 @@ def check_same_grid(baseline: ResultsFile, results: ResultsFile) -> None:
             reasons.append(f"{what} differ ({'; '.join(parts)})")
     if reasons:
         raise GridMismatchError(
-            f"{results.name} is not a run of the grid in {baseline.name}: " + "; ".join(reasons)
+            f"{results.name} is not a run of the grid in {baseline.name}: "
+            + "; ".join(reasons)
             + ". Compare runs of the same grid, or store a new baseline for this grid."
         )
 
@@ -415,15 +459,24 @@ def _paired(b: Cell, n: Cell, n_boot: int, seed: int):
         side = "baseline" if b.samples is None else "results"
         return None, f"no per-sample scores in the {side}"
     if set(b.samples.score) != set(n.samples.score):
-        return None, (f"the runs scored different docs ({len(b.samples.score)} vs {len(n.samples.score)}, "
-                      f"{len(set(b.samples.score) ^ set(n.samples.score))} not in both)")
+        return None, (
+            f"the runs scored different docs ({len(b.samples.score)} vs {len(n.samples.score)}, "
+            f"{len(set(b.samples.score) ^ set(n.samples.score))} not in both)"
+        )
     ids = sorted(b.samples.score, key=lambda s: (len(s), s))
     bs = [b.samples.score[i] for i in ids]
     ns = [n.samples.score[i] for i in ids]
     t = stats.paired_test(bs, ns, higher_is_better=b.higher_is_better, n_boot=n_boot, seed=seed)
-    changed = sum(1 for i in ids if b.samples.score[i] != n.samples.score[i]
-                  or (b.samples.answer[i] is not None and n.samples.answer[i] is not None
-                      and b.samples.answer[i] != n.samples.answer[i]))
+    changed = sum(
+        1
+        for i in ids
+        if b.samples.score[i] != n.samples.score[i]
+        or (
+            b.samples.answer[i] is not None
+            and n.samples.answer[i] is not None
+            and b.samples.answer[i] != n.samples.answer[i]
+        )
+    )
     return t, changed
 
 
@@ -491,13 +544,22 @@ def compare(
             continue
         tol = _per_task(key[1], tolerance, "tolerance", None)
         if tol is None:
-            fixed[key] = Row("untested", key, b.value, n.value, delta, n=n.n,
-                             note=f"{extra}; pass --tolerance to compare values")
+            fixed[key] = Row(
+                "untested",
+                key,
+                b.value,
+                n.value,
+                delta,
+                n=n.n,
+                note=f"{extra}; pass --tolerance to compare values",
+            )
             continue
         tol_abs = tol / 100.0 * abs(b.value) if relative else tol
         eps = 1e-9 * max(1.0, abs(b.value))  # float noise is never a drop
         status = "drop" if delta < -(tol_abs + eps) else "improved" if delta > tol_abs + eps else "within"
-        fixed[key] = Row(status, key, b.value, n.value, delta, tolerance=tol_abs, test="value", n=n.n, note=extra)
+        fixed[key] = Row(
+            status, key, b.value, n.value, delta, tolerance=tol_abs, test="value", n=n.n, note=extra
+        )
 
     p_drop = [t.p_drop for *_, t, _ in tested]
     p_gain = [t.p_gain for *_, t, _ in tested]
@@ -512,8 +574,18 @@ def compare(
             status, p = "improved", pg
         else:
             status, p = ("changed" if changed else "within"), pd
-        fixed[key] = Row(status, key, b.value, n.value, delta, ci=(t.ci_low, t.ci_high), p=p, test=t.test, n=t.n,
-                         changed=changed)
+        fixed[key] = Row(
+            status,
+            key,
+            b.value,
+            n.value,
+            delta,
+            ci=(t.ci_low, t.ci_high),
+            p=p,
+            test=t.test,
+            n=t.n,
+            changed=changed,
+        )
     report.rows = [fixed[k] for k in sorted(fixed)]
     return report
 
@@ -540,21 +612,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline", required=True, help="stored results JSON")
     p.add_argument("--results", required=True, help="new results JSON")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"significance level of a drop (default {DEFAULT_ALPHA})")
-    p.add_argument("--correction", choices=CORRECTIONS, default="holm",
-                   help="holm (default): alpha holds for all cells together (Holm step-down); none: alpha per cell")
-    p.add_argument("--min-effect", type=float, default=0.0,
-                   help="a significant drop fails only when larger than this, in metric units (default 0)")
-    p.add_argument("--min-effect-for", type=_task_value, action="append", default=[], metavar="TASK=X",
-                   help="minimum effect for one task (repeatable)")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="compare cells WITHOUT per-sample scores (schema 1 files, groups) by value: allowed drop "
-                        "in metric units, or percent with --relative (default: such cells fail as untested)")
-    p.add_argument("--tolerance-for", type=_task_value, action="append", default=[], metavar="TASK=X",
-                   help="tolerance for one task (repeatable)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"significance level of a drop (default {DEFAULT_ALPHA})",
+    )
+    p.add_argument(
+        "--correction",
+        choices=CORRECTIONS,
+        default="holm",
+        help="holm (default): alpha holds for all cells together (Holm step-down); none: alpha per cell",
+    )
+    p.add_argument(
+        "--min-effect",
+        type=float,
+        default=0.0,
+        help="a significant drop fails only when larger than this, in metric units (default 0)",
+    )
+    p.add_argument(
+        "--min-effect-for",
+        type=_task_value,
+        action="append",
+        default=[],
+        metavar="TASK=X",
+        help="minimum effect for one task (repeatable)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="compare cells WITHOUT per-sample scores (schema 1 files, groups) by value: allowed drop "
+        "in metric units, or percent with --relative (default: such cells fail as untested)",
+    )
+    p.add_argument(
+        "--tolerance-for",
+        type=_task_value,
+        action="append",
+        default=[],
+        metavar="TASK=X",
+        help="tolerance for one task (repeatable)",
+    )
     p.add_argument("--relative", action="store_true", help="tolerances are percent of the baseline value")
-    p.add_argument("--n-boot", type=int, default=N_BOOT, help=f"paired bootstrap resamples (default {N_BOOT})")
+    p.add_argument(
+        "--n-boot", type=int, default=N_BOOT, help=f"paired bootstrap resamples (default {N_BOOT})"
+    )
     p.add_argument("--show-all", action="store_true", help="also list unchanged cells")
     return p
 
@@ -569,8 +671,16 @@ def main(argv: list[str] | None = None) -> int:
     min_effect = {"*": args.min_effect, **dict(args.min_effect_for)}
     try:
         baseline, results = load_results(args.baseline), load_results(args.results)
-        report = compare(baseline, results, tolerance, relative=args.relative, alpha=args.alpha,
-                         correction=args.correction, min_effect=min_effect, n_boot=args.n_boot)
+        report = compare(
+            baseline,
+            results,
+            tolerance,
+            relative=args.relative,
+            alpha=args.alpha,
+            correction=args.correction,
+            min_effect=min_effect,
+            n_boot=args.n_boot,
+        )
     except GridMismatchError as e:
         print(f"harness-merge regress: refused: {e}", file=sys.stderr)
         return 2
@@ -580,8 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline {args.baseline} vs results {args.results} (grid {baseline.grid_id})")
     for f in (baseline, results):
         if f.version < SCHEMA_VERSION:
-            print(f"note: {f.name} is a schema_version {f.version} file (no per-sample scores): its cells are "
-                  f"compared by value with --tolerance, or reported untested", file=sys.stderr)
+            print(
+                f"note: {f.name} is a schema_version {f.version} file (no per-sample scores): its cells are "
+                f"compared by value with --tolerance, or reported untested",
+                file=sys.stderr,
+            )
     print(report.format(show_all=args.show_all))
     return report.exit_code
 

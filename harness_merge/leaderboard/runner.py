@@ -46,6 +46,7 @@ What ``OUT`` holds::
                                   # sha256, method, params, scores +- stderr, the lmms_eval
                                   # command that reproduces the row)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,24 @@ from . import card as cards
 from . import stats
 from .regress import SCHEMA_VERSION, answer_hash, grid_id
 
-GRID_KEYS = {"name", "base", "adapters", "methods", "tasks", "groups", "include_path", "references",
-             "backend", "limit", "batch_size", "model_args", "metric", "out", "resources", "experts"}
+GRID_KEYS = {
+    "name",
+    "base",
+    "adapters",
+    "methods",
+    "tasks",
+    "groups",
+    "include_path",
+    "references",
+    "backend",
+    "limit",
+    "batch_size",
+    "model_args",
+    "metric",
+    "out",
+    "resources",
+    "experts",
+}
 ROWS_DIR = "rows"
 
 
@@ -90,8 +107,12 @@ class Row:
     adapters: tuple[str, ...] = ()
 
     def model_kwargs(self, grid: "Grid") -> dict:
-        kw = {"pretrained": grid.base, "backend": grid.backend, "batch_size": grid.batch_size,
-              **grid.model_args}
+        kw = {
+            "pretrained": grid.base,
+            "backend": grid.backend,
+            "batch_size": grid.batch_size,
+            **grid.model_args,
+        }
         if self.kind == "base":
             kw.update(adapters=[], method="none")
         else:
@@ -124,17 +145,26 @@ class Grid:
         the grid file writes them (not resolved on this machine, so a baseline
         from another checkout compares), no versions."""
         body = {
-            "name": self.name, "base": self.written.get("base", self.base),
-            "adapters": self.written.get("adapters", self.adapters), "tasks": self.tasks,
-            "methods": [{"label": r.label, "method": r.method, "params": r.params, "kind": r.kind} for r in self.rows],
-            "groups": self.groups, "backend": self.backend, "limit": self.limit, "model_args": self.model_args,
+            "name": self.name,
+            "base": self.written.get("base", self.base),
+            "adapters": self.written.get("adapters", self.adapters),
+            "tasks": self.tasks,
+            "methods": [
+                {"label": r.label, "method": r.method, "params": r.params, "kind": r.kind} for r in self.rows
+            ],
+            "groups": self.groups,
+            "backend": self.backend,
+            "limit": self.limit,
+            "model_args": self.model_args,
             "metric": self.metric,
         }
         return {**body, "grid_id": grid_id(body)}
 
 
 def _label(method: str, params: dict) -> str:
-    return method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    return (
+        method if not params else f"{method}(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+    )
 
 
 def _expand(method: str, params: dict) -> list[dict]:
@@ -158,7 +188,9 @@ def _str_list(path: Path, key: str, value: Any) -> list[str]:
         return []
     if isinstance(value, (str, Path)):
         return [str(value)]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+    if isinstance(value, list) and all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value
+    ):
         return [str(v) for v in value]
     raise GridError(f"{path}: '{key}' must be a string or a list of strings, got {value!r}")
 
@@ -207,7 +239,15 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         rows.append(Row(label="base (zero-shot)", kind="base", method="none"))
     if refs.get("adapters", True):
         for name, p in adapters.items():
-            rows.append(Row(label=f"adapter:{name}", kind="adapter", method="ta", params={"scaling": 1.0}, adapters=(p,)))
+            rows.append(
+                Row(
+                    label=f"adapter:{name}",
+                    kind="adapter",
+                    method="ta",
+                    params={"scaling": 1.0},
+                    adapters=(p,),
+                )
+            )
     entries = data["methods"]
     if isinstance(entries, (str, dict)):
         entries = [entries]
@@ -217,7 +257,9 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         if isinstance(entry, str):
             entry = {"method": entry}
         if not isinstance(entry, dict) or "method" not in entry:
-            raise GridError(f"{path}: a methods entry must be a name or {{method: NAME, params: {{...}}}}, got {entry!r}")
+            raise GridError(
+                f"{path}: a methods entry must be a name or {{method: NAME, params: {{...}}}}, got {entry!r}"
+            )
         bad = set(entry) - {"method", "params", "label"}
         if bad:
             raise GridError(f"{path}: methods entry {entry['method']!r}: unknown key(s) {sorted(bad)}")
@@ -226,8 +268,18 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         combos = _expand(spec.name, entry.get("params") or {})
         for params in combos:
             spec.make_params(params).check_inputs(len(adapters))  # unknown / out-of-range -> error now
-            label = entry.get("label") if len(combos) == 1 and entry.get("label") else _label(spec.name, params)
-            rows.append(Row(label=str(label), kind="merge", method=spec.name, params=params, adapters=tuple(adapters.values())))
+            label = (
+                entry.get("label") if len(combos) == 1 and entry.get("label") else _label(spec.name, params)
+            )
+            rows.append(
+                Row(
+                    label=str(label),
+                    kind="merge",
+                    method=spec.name,
+                    params=params,
+                    adapters=tuple(adapters.values()),
+                )
+            )
     labels = [r.label for r in rows]
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
@@ -260,10 +312,19 @@ def load_grid(path: str | Path, *, check_tasks: bool = True) -> Grid:
         if not refs.get("adapters", True):
             raise GridError(f"{path}: experts needs the adapters' own rows (references: {{adapters: true}})")
     return Grid(
-        name=str(data.get("name") or path.stem), base=_resolve(data["base"], root), adapters=adapters, rows=rows,
-        tasks=tasks, groups=groups, include_path=include, backend=backend, limit=data.get("limit"),
-        batch_size=int(data.get("batch_size", 1)), model_args=dict(data.get("model_args") or {}),
-        metric=data.get("metric"), out=_resolve(data["out"], root) if data.get("out") else None,
+        name=str(data.get("name") or path.stem),
+        base=_resolve(data["base"], root),
+        adapters=adapters,
+        rows=rows,
+        tasks=tasks,
+        groups=groups,
+        include_path=include,
+        backend=backend,
+        limit=data.get("limit"),
+        batch_size=int(data.get("batch_size", 1)),
+        model_args=dict(data.get("model_args") or {}),
+        metric=data.get("metric"),
+        out=_resolve(data["out"], root) if data.get("out") else None,
         written={"base": str(data["base"]), "adapters": {str(k): str(v) for k, v in ads.items()}},
         resources=resources,
         experts=experts,
@@ -282,7 +343,9 @@ def check_task_names(tasks: list[str], include_path: list[str]) -> None:
     if missing:
         hints = {t: difflib.get_close_matches(t, known, n=3) for t in missing}
         detail = "; ".join(f"{t} (did you mean: {', '.join(h)}?)" if h else t for t, h in hints.items())
-        raise GridError(f"unknown task(s): {detail}. {len(known)} tasks are known with include_path={include_path}")
+        raise GridError(
+            f"unknown task(s): {detail}. {len(known)} tasks are known with include_path={include_path}"
+        )
 
 
 # --------------------------------------------------------------------------- running
@@ -358,8 +421,15 @@ def evaluate_row(row: Row, grid: Grid, tasks: list[str], task_manager) -> tuple[
 
     lm = make_model(row, grid)
     try:
-        res = simple_evaluate(model=lm, tasks=tasks, limit=grid.limit, task_manager=task_manager,
-                              log_samples=True, batch_size=grid.batch_size, verbosity="ERROR")
+        res = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=grid.limit,
+            task_manager=task_manager,
+            log_samples=True,
+            batch_size=grid.batch_size,
+            verbosity="ERROR",
+        )
     finally:
         record = getattr(lm, "merge_record", {}) or {}
         del lm
@@ -378,6 +448,7 @@ def row_slug(label: str) -> str:
 
 def model_args_string(kwargs: dict) -> str:
     """``merged`` model_args as lmms_eval's CLI takes them (lists in brackets)."""
+
     def fmt(v):
         if isinstance(v, (list, tuple)):
             return "[" + ",".join(fmt(x) for x in v) + "]"
@@ -393,8 +464,17 @@ def reproduce_command(row: Row, grid: Grid, tasks: list[str]) -> str:
     import shlex
 
     kw = {k: v for k, v in row.model_kwargs(grid).items() if k != "batch_size"}
-    parts = ["lmms_eval", "--model", "merged", "--model_args", shlex.quote(model_args_string(kw)),
-             "--tasks", ",".join(tasks), "--batch_size", str(grid.batch_size)]
+    parts = [
+        "lmms_eval",
+        "--model",
+        "merged",
+        "--model_args",
+        shlex.quote(model_args_string(kw)),
+        "--tasks",
+        ",".join(tasks),
+        "--batch_size",
+        str(grid.batch_size),
+    ]
     if grid.include_path:
         parts += ["--include_path", shlex.quote(",".join(grid.include_path))]
     if grid.limit is not None:
@@ -417,8 +497,12 @@ def save_lmms_output(res: dict, row: Row, grid: Grid, folder: Path) -> tuple[Pat
     samples = res.pop("samples", None) or {}
     tracker = EvaluationTracker(output_path=str(folder))
     tracker.general_config_tracker.log_experiment_args(
-        model_source="merged", model_args=model_args_string(row.model_kwargs(grid)), system_instruction=None,
-        chat_template=None, fewshot_as_multiturn=False)
+        model_source="merged",
+        model_args=model_args_string(row.model_kwargs(grid)),
+        system_instruction=None,
+        chat_template=None,
+        fewshot_as_multiturn=False,
+    )
     tracker.general_config_tracker.model_name_sanitized = "."  # files straight into the row's folder
     date = time.strftime("%Y%m%dT%H%M%S") + f"_{time.time_ns() % 10**6:06d}"
     tracker.save_results_aggregated(results=res, samples=samples, datetime_str=date)
@@ -485,8 +569,11 @@ def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
     # the options model 'merged' will load with (its prompt profile's included), so it finds this engine
     opts = serving_opts(parse_model_args(rows[0].model_kwargs(grid)))
     prepare_engine(grid.base, loras, **opts)
-    print(f"[leaderboard] vllm: one engine for the base and {len(loras)} LoRA row(s); "
-          f"{len(full)} full-weight row(s) get their own", file=sys.stderr)
+    print(
+        f"[leaderboard] vllm: one engine for the base and {len(loras)} LoRA row(s); "
+        f"{len(full)} full-weight row(s) get their own",
+        file=sys.stderr,
+    )
     return [r for r in rows if r.label not in full] + [r for r in rows if r.label in full]
 
 
@@ -509,8 +596,11 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
             old = json.loads(results_path.read_text())
         except (OSError, ValueError) as e:
             bak = results_path.with_suffix(".json.bak")
-            way = (f"copy the previous version back (cp {bak} {results_path}) to resume from it, or "
-                   if bak.is_file() else "")
+            way = (
+                f"copy the previous version back (cp {bak} {results_path}) to resume from it, or "
+                if bak.is_file()
+                else ""
+            )
             raise GridError(
                 f"{results_path}: cannot resume, the file is damaged (truncated?): {e}; {way}"
                 f"rerun with --fresh to start over"
@@ -536,8 +626,11 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
         todo = {r.label: ts for r, ts in todo_rows}
         todo_rows = [(r, todo[r.label]) for r in order]
     pending = [(r, ts) for r, ts in todo_rows if ts]
-    print(f"[leaderboard] {grid.name}: {len(grid.rows)} rows x {len(grid.tasks)} tasks; "
-          f"{len(grid.rows) - n_todo} rows already done; {n_todo} to run ({executor.name})", file=sys.stderr)
+    print(
+        f"[leaderboard] {grid.name}: {len(grid.rows)} rows x {len(grid.tasks)} tasks; "
+        f"{len(grid.rows) - n_todo} rows already done; {n_todo} to run ({executor.name})",
+        file=sys.stderr,
+    )
     tm = _task_manager(grid.include_path) if serial else None
     t_start = time.perf_counter()
 
@@ -554,10 +647,15 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
         raw_samples = raw.get("samples") or {}
         agg, sample_files = save_lmms_output(raw, row, grid, folder) if raw else (None, {})
         manifest = {
-            "kind": row.kind, "adapters": list(row.adapters), "versions": _versions(),
-            "merge": record.get("manifest"), "cache_hit": record.get("cache_hit"),
-            "artifact": record.get("artifact"), "command": reproduce_command(row, grid, todo),
-            "seconds": res.seconds, "error": res.error,
+            "kind": row.kind,
+            "adapters": list(row.adapters),
+            "versions": _versions(),
+            "merge": record.get("manifest"),
+            "cache_hit": record.get("cache_hit"),
+            "artifact": record.get("artifact"),
+            "command": reproduce_command(row, grid, todo),
+            "seconds": res.seconds,
+            "error": res.error,
         }
         new_cells = []
         for t in todo:
@@ -567,26 +665,46 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
             samples = per_sample(raw_samples.get(t) or [], metric) if value is not None else None
             if samples is not None and t in sample_files:
                 samples["file"] = str(sample_files[t].relative_to(out))
-            c = {"method": row.method, "label": row.label, "params": row.params, "task": t, "metric": metric,
-                 "value": value, "stderr": _stderr(per_task[t], metric, samples) if value is not None else None,
-                 "n": len(samples["score"]) if samples else _n_docs(raw, t),
-                 "higher_is_better": _higher_is_better(raw, t, metric),
-                 "samples": samples, "lmms_results": str(agg.relative_to(out)) if agg else None,
-                 "manifest": manifest}
+            c = {
+                "method": row.method,
+                "label": row.label,
+                "params": row.params,
+                "task": t,
+                "metric": metric,
+                "value": value,
+                "stderr": _stderr(per_task[t], metric, samples) if value is not None else None,
+                "n": len(samples["score"]) if samples else _n_docs(raw, t),
+                "higher_is_better": _higher_is_better(raw, t, metric),
+                "samples": samples,
+                "lmms_results": str(agg.relative_to(out)) if agg else None,
+                "manifest": manifest,
+            }
             new_cells.append(c)
         cells += new_cells
         if row.kind == "merge" and record:  # the card covers every task of the row, earlier runs' too
             mine = [c for c in cells if c["label"] == row.label]
-            card = cards.write_card(folder / "README.md", row=row, grid=grid, cells=mine, record=record,
-                                    command=reproduce_command(row, grid, [c["task"] for c in mine]))
+            card = cards.write_card(
+                folder / "README.md",
+                row=row,
+                grid=grid,
+                cells=mine,
+                record=record,
+                command=reproduce_command(row, grid, [c["task"] for c in mine]),
+            )
             for c in mine:
                 c["card"] = str(card.relative_to(out))
-        _atomic_write(results_path, json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
-                      backup=True)
+        _atomic_write(
+            results_path,
+            json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
+            backup=True,
+        )
         where = "" if serial else f" on {res.worker}"
-        print(f"[leaderboard] done {k}/{n_todo}: {row.label} in {fmt_seconds(res.seconds)}{where}"
-              f"{' (FAILED)' if res.error else ''}; {eta_line(k, n_todo, time.perf_counter() - t_start)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[leaderboard] done {k}/{n_todo}: {row.label} in {fmt_seconds(res.seconds)}{where}"
+            f"{' (FAILED)' if res.error else ''}; {eta_line(k, n_todo, time.perf_counter() - t_start)}",
+            file=sys.stderr,
+            flush=True,
+        )
     # Grid order, whatever order the rows finished in (parallel executors, vLLM's row order).
     row_pos = {r.label: i for i, r in enumerate(grid.rows)}
     task_pos = {t: i for i, t in enumerate(grid.tasks)}
@@ -663,36 +781,68 @@ def _fmt_se(entry) -> str:
 
 
 def _md(header, rows) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join([r[0], *map(_fmt_se, r[1:])]) + " |" for r in rows])
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join([r[0], *map(_fmt_se, r[1:])]) + " |" for r in rows
+    ]
 
 
 def write_reports(data: dict, grid: Grid, out: Path) -> None:
     header, rows = table(data, grid)
     n_ref = sum(1 for r in grid.rows if r.kind != "merge")
-    md = [f"# {grid.name}", "", ("value ± stderr (standard error of the mean over the task's docs; averages: "
-                                 "sqrt(sum se²)/k)"), "", *_md(header, rows)]
+    md = [
+        f"# {grid.name}",
+        "",
+        ("value ± stderr (standard error of the mean over the task's docs; averages: sqrt(sum se²)/k)"),
+        "",
+        *_md(header, rows),
+    ]
     norm = normalised(data, grid) if grid.experts else None
     if norm and norm[1]:
-        md += ["", "## Normalised accuracy (%)", "",
-               "merged score / the expert's own score on its task x 100 (experts: "
-               + ", ".join(f"{t}: {a}" for t, a in grid.experts.items()) + "); ± first-order stderr", "",
-               *_md(*norm)]
+        md += [
+            "",
+            "## Normalised accuracy (%)",
+            "",
+            "merged score / the expert's own score on its task x 100 (experts: "
+            + ", ".join(f"{t}: {a}" for t, a in grid.experts.items())
+            + "); ± first-order stderr",
+            "",
+            *_md(*norm),
+        ]
     _atomic_write(out / "results.md", "\n".join(md) + "\n")
     with open(out / "results.csv.tmp", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*header, *(f"{h}_stderr" for h in header[1:])])
-        w.writerows([[r[0], *("" if v is None else round(v, 4) for v, _ in r[1:]),
-                      *("" if s is None else round(s, 4) for _, s in r[1:])] for r in rows])
+        w.writerows(
+            [
+                [
+                    r[0],
+                    *("" if v is None else round(v, 4) for v, _ in r[1:]),
+                    *("" if s is None else round(s, 4) for _, s in r[1:]),
+                ]
+                for r in rows
+            ]
+        )
     os.replace(out / "results.csv.tmp", out / "results.csv")
     try:
-        plot(header, rows, out / "results.png", title=grid.name, n_reference=n_ref,
-             best=best_cells(data, grid, header, rows, n_ref), normalised=norm)
+        plot(
+            header,
+            rows,
+            out / "results.png",
+            title=grid.name,
+            n_reference=n_ref,
+            best=best_cells(data, grid, header, rows, n_ref),
+            normalised=norm,
+        )
     except ModuleNotFoundError as e:  # the table files are written; say what the plot needs
-        print(f"[leaderboard] no results.png: {e.name} is not installed (pip install matplotlib)", file=sys.stderr)
+        print(
+            f"[leaderboard] no results.png: {e.name} is not installed (pip install matplotlib)",
+            file=sys.stderr,
+        )
 
 
-def best_cells(data: dict, grid: Grid, header, rows, n_reference: int, alpha: float = 0.05) -> set[tuple[int, int]]:
+def best_cells(
+    data: dict, grid: Grid, header, rows, n_reference: int, alpha: float = 0.05
+) -> set[tuple[int, int]]:
     """(row, column) of each column's best merge, only where it is better than the runner-up
     beyond the noise: on a task column, the paired test of the two rows' per-sample scores
     (exact McNemar / paired bootstrap, one-sided p < alpha); on an average column, a z-test
@@ -721,8 +871,16 @@ def best_cells(data: dict, grid: Grid, header, rows, n_reference: int, alpha: fl
     return out
 
 
-def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_reference: int = 0,
-         best: set | None = None, normalised=None) -> None:
+def plot(
+    header: list[str],
+    rows: list[list[Any]],
+    path: Path,
+    *,
+    title: str,
+    n_reference: int = 0,
+    best: set | None = None,
+    normalised=None,
+) -> None:
     """A heatmap (rows = methods, columns = tasks and averages) with value and stderr
     written in each cell and a labelled colour bar. Reference rows (zero-shot base,
     single adapters) come first, below them a white line. A merge is outlined in red
@@ -741,8 +899,9 @@ def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_
     width = 1.25 * len(header) + 2.5
     height = 0.5 * len(rows) + 1.8
     if has_norm:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(width + 5.5, height),
-                                      gridspec_kw={"width_ratios": [width, 5.0]})
+        fig, (ax, ax2) = plt.subplots(
+            1, 2, figsize=(width + 5.5, height), gridspec_kw={"width_ratios": [width, 5.0]}
+        )
     else:
         fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(vals, cmap="viridis", aspect="auto")
@@ -753,17 +912,29 @@ def plot(header: list[str], rows: list[list[Any]], path: Path, *, title: str, n_
     for i in range(vals.shape[0]):
         for j in range(vals.shape[1]):
             v = vals[i, j]
-            text = "-" if np.isnan(v) else f"{v:.1f}" + (f"\n±{ses[i][j]:.1f}" if ses[i][j] is not None else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="black" if not np.isnan(v) and v > mid else "white")
+            text = (
+                "-" if np.isnan(v) else f"{v:.1f}" + (f"\n±{ses[i][j]:.1f}" if ses[i][j] is not None else "")
+            )
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if not np.isnan(v) and v > mid else "white",
+            )
     for i, j in sorted(best or ()):
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     n_tasks = len(header) - 1 - sum(1 for h in header if h.startswith("avg"))
     ax.axvline(n_tasks - 0.5, color="white", lw=3)
     if 0 < n_reference < len(rows):
         ax.axhline(n_reference - 0.5, color="white", lw=3)
-    ax.set_title(f"{title}: value ± stderr\n(red: best merge of the column, beyond the noise "
-                 f"vs the runner-up; above the line: references)", fontsize=9)
+    ax.set_title(
+        f"{title}: value ± stderr\n(red: best merge of the column, beyond the noise "
+        f"vs the runner-up; above the line: references)",
+        fontsize=9,
+    )
     cb = fig.colorbar(im, ax=ax, fraction=0.03)
     cb.set_label("score (the metric's own units)")
     if has_norm:
@@ -790,10 +961,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default: the grid's 'out', else ./leaderboard/<name>)")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     ap.add_argument("--limit", type=float, help="override the grid's limit (docs per task)")
-    ap.add_argument("--executor", choices=EXECUTORS, default="serial",
-                    help="serial: rows one after another here; ray: rows as Ray tasks (grid 'resources' per row)")
-    ap.add_argument("--address", help="with --executor ray: an existing Ray cluster (default: start a local Ray)")
-    ap.add_argument("--workers", type=int, help="with --executor ray: workers (default: as many as the resources fit)")
+    ap.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="serial",
+        help="serial: rows one after another here; ray: rows as Ray tasks (grid 'resources' per row)",
+    )
+    ap.add_argument(
+        "--address", help="with --executor ray: an existing Ray cluster (default: start a local Ray)"
+    )
+    ap.add_argument(
+        "--workers", type=int, help="with --executor ray: workers (default: as many as the resources fit)"
+    )
     args = ap.parse_args(argv)
     executor = make_executor(args.executor, address=args.address, workers=args.workers)
     grid = load_grid(args.grid)

@@ -72,31 +72,44 @@ def bootstrap_ci(d: np.ndarray, *, n_boot: int, seed: int, level: float) -> tupl
     step = max(1, 2_000_000 // n)  # bound the (rows, n) index block
     for s in range(0, n_boot, step):
         idx = rng.integers(0, n, size=(min(step, n_boot - s), n))
-        means[s:s + idx.shape[0]] = d[idx].mean(axis=1)
-        centred[s:s + idx.shape[0]] = dc[idx].mean(axis=1)
+        means[s : s + idx.shape[0]] = d[idx].mean(axis=1)
+        centred[s : s + idx.shape[0]] = dc[idx].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi), centred
 
 
-def mcnemar_exact(baseline, new, *, higher_is_better: bool = True, n_boot: int = 2000, seed: int = 0,
-                  level: float = 0.95) -> PairedTest:
+def mcnemar_exact(
+    baseline, new, *, higher_is_better: bool = True, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> PairedTest:
     """Exact McNemar test of paired two-valued scores (see the module docstring);
     the CI of the mean difference is the paired bootstrap's."""
     d = _as_pairs(baseline, new, higher_is_better)
     values = np.unique(np.concatenate([np.asarray(baseline, float), np.asarray(new, float)]))
     if values.size > 2:
-        raise ValueError(f"mcnemar_exact needs scores with at most two values, got {values.size} distinct ones")
+        raise ValueError(
+            f"mcnemar_exact needs scores with at most two values, got {values.size} distinct ones"
+        )
     worse, better = int((d < 0).sum()), int((d > 0).sum())
     if worse + better == 0:
         return PairedTest("none", d.size, 0.0, 0.0, 0.0, 1.0, 1.0, 0, 0)
     lo, hi, _ = bootstrap_ci(d, n_boot=n_boot, seed=seed, level=level)
     n_disc = worse + better
-    return PairedTest("mcnemar", d.size, float(d.mean()), lo, hi, binom_tail(worse, n_disc),
-                      binom_tail(better, n_disc), worse, better)
+    return PairedTest(
+        "mcnemar",
+        d.size,
+        float(d.mean()),
+        lo,
+        hi,
+        binom_tail(worse, n_disc),
+        binom_tail(better, n_disc),
+        worse,
+        better,
+    )
 
 
-def paired_bootstrap(baseline, new, *, higher_is_better: bool = True, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> PairedTest:
+def paired_bootstrap(
+    baseline, new, *, higher_is_better: bool = True, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> PairedTest:
     """Paired bootstrap test of the mean difference (see the module docstring)."""
     d = _as_pairs(baseline, new, higher_is_better)
     worse, better = int((d < 0).sum()), int((d > 0).sum())

@@ -6,6 +6,7 @@ LowRank | Dense``: no files, no network, no global state. Register it with
 several names with different parameter classes (``ties``, ``dare``,
 ``dare_ties`` share one function).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -100,8 +101,16 @@ def register(
         if params.method == "?":
             raise RuntimeError(f"{params.__name__} must set the ClassVar 'method'")
         _REGISTRY[name] = MethodSpec(
-            name, fn, params, summary, reference_url, frozenset(inputs), min_inputs, lowrank_on_lora,
-            elementwise, model_passes,
+            name,
+            fn,
+            params,
+            summary,
+            reference_url,
+            frozenset(inputs),
+            min_inputs,
+            lowrank_on_lora,
+            elementwise,
+            model_passes,
         )
         return fn
 

@@ -121,14 +121,10 @@ def factor_cores(
     return Frame(shape, qb, qa), cores
 
 
-def module_cores(
-    inputs: ModuleInputs, *, factor: bool | None = None
-) -> tuple[Frame, list[torch.Tensor]]:
+def module_cores(inputs: ModuleInputs, *, factor: bool | None = None) -> tuple[Frame, list[torch.Tensor]]:
     """Cores of a module's inputs: factor space for LoRA (unless ``factor`` is
     False), the dense deltas themselves (identity frame) otherwise."""
-    use_factor = (
-        inputs.kind == "lora" if factor is None else (factor and inputs.kind == "lora")
-    )
+    use_factor = inputs.kind == "lora" if factor is None else (factor and inputs.kind == "lora")
     if use_factor:
         return factor_cores(inputs.lora)
     deltas = [d.to(DENSE_DTYPE) for d in inputs.deltas()]
@@ -140,9 +136,7 @@ def lift(frame: Frame, core: torch.Tensor, info: dict | None = None) -> MergeRes
     rank of the core, at least 1), ``Dense`` on the identity frame. float32."""
     info = dict(info or {})
     if not frame.is_factor:
-        return Dense(
-            core.to(torch.float32).contiguous(), info={**info, "path": "dense"}
-        )
+        return Dense(core.to(torch.float32).contiguous(), info={**info, "path": "dense"})
     u, s, vh = svd(core)
     k = max(1, numerical_rank(s, frame.shape))
     B = frame.QB @ (u[:, :k] * s[:k])
@@ -154,9 +148,7 @@ def lift(frame: Frame, core: torch.Tensor, info: dict | None = None) -> MergeRes
     )
 
 
-def weighted(
-    cores: list[torch.Tensor], weights: Sequence[float] | None
-) -> list[torch.Tensor]:
+def weighted(cores: list[torch.Tensor], weights: Sequence[float] | None) -> list[torch.Tensor]:
     """``w_i * C_i`` (unchanged when ``weights`` is None)."""
     if weights is None:
         return list(cores)

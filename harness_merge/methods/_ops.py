@@ -1,4 +1,5 @@
 """Shared primitives of the sparsification methods (pure tensor functions)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -119,8 +120,6 @@ def elect_sign(stacked: torch.Tensor, method: str = "total", zero: str = "positi
     return torch.where(sign == 0, torch.sign(sign.sum()), sign)
 
 
-
-
 def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest ``|x|`` over the whole tensor (1-based,
     ``1 <= k <= numel``), exactly (the value a sort or ``kthvalue`` gives), as
@@ -150,7 +149,9 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(np.array([value], dtype=np.int32).view(np.float32)).reshape(())
 
 
-def magnitude_mask_released(x: torch.Tensor, keep: float, *, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+def magnitude_mask_released(
+    x: torch.Tensor, keep: float, *, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
     """The mask of :func:`magnitude_mask` with ``rule="released"`` (the same
     mask), its threshold by :func:`kth_largest_magnitude`. ``magnitude``:
     ``x.abs()`` when the caller has it already."""

@@ -9,6 +9,7 @@ the same answer as ``torch.sort(all_values)[rank]``.
 
 Pure tensor functions; the merge driver streams the chunks.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Strings from the edges (CLI ``--param k=v``, harness ``model_args``, YAML) are
 converted once, here, by ``from_strings`` according to the field's type.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,9 +123,7 @@ def _convert(method: str, key: str, raw: Any, tp: Any) -> Any:
         return _convert(method, key, raw, non_none[0])
     if origin is Literal:
         if raw not in args:
-            raise MethodParamError(
-                f"{method}: {key} must be one of {', '.join(map(str, args))}, got {raw!r}"
-            )
+            raise MethodParamError(f"{method}: {key} must be one of {', '.join(map(str, args))}, got {raw!r}")
         return raw
     if origin is tuple:
         if isinstance(raw, str):

@@ -2,6 +2,7 @@
 normalisation (Zeng et al.; ICML text "CoPA-Merging", NeurIPS
 text "RobustMerge"). Works on LoRA factors only; the result stays low-rank.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ def cross_task_normalise(scales: list[torch.Tensor]) -> list[torch.Tensor]:
     min_inputs=2,
     lowrank_on_lora=True,
 )
-def copa(inputs: ModuleInputs, params: CopaParams, *, generator: torch.Generator | None = None) -> MergeResult:
+def copa(
+    inputs: ModuleInputs, params: CopaParams, *, generator: torch.Generator | None = None
+) -> MergeResult:
     """CoPA-Merging / RobustMerge on one module of N LoRA adapters.
 
     1. ``A~_n = M_A(k) * A_n``, ``B~_n = M_B(k) * B_n`` (magnitude, whole matrix,

@@ -4,6 +4,7 @@ On LoRA inputs both are exact in factor form: ``sum_n c_n B_n A_n`` equals the
 product of the concatenations ``[c_1 B_1, ..., c_N B_N] @ [A_1; ...; A_N]``
 (rank ``sum_n r_n``), so no dense delta is ever formed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -65,14 +65,10 @@ def _minmax_rows(x: torch.Tensor) -> torch.Tensor:
     lo = x.min(dim=1, keepdim=True).values
     hi = x.max(dim=1, keepdim=True).values
     span = hi - lo
-    return torch.where(
-        span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0
-    )
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
 
 
-def pcb_balance(
-    tv: torch.Tensor, prune_rate: float, clamp_ratio: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pcb_balance(tv: torch.Tensor, prune_rate: float, clamp_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of PCB on an ``(N, D)`` stack of flattened task vectors.
 
     Returns ``(clamped, score)``: the outlier-clamped task vectors and the
@@ -85,18 +81,12 @@ def pcb_balance(
         hi = _sorted_at(mag, int(d * (1 - clamp_ratio)) - 1)
         mag = torch.minimum(torch.maximum(mag, lo), hi)
     clamped = torch.sign(tv) * mag
-    intra = torch.exp(
-        n * _minmax_rows(mag) ** 2
-    )  # softmax(N * Norm(tau_i^2)) up to a per-task constant
-    inter = torch.tanh(
-        tv * tv.sum(dim=0, keepdim=True)
-    )  # released code: tanh(tau_i * sum_j tau_j)
+    intra = torch.exp(n * _minmax_rows(mag) ** 2)  # softmax(N * Norm(tau_i^2)) up to a per-task constant
+    inter = torch.tanh(tv * tv.sum(dim=0, keepdim=True))  # released code: tanh(tau_i * sum_j tau_j)
     beta = intra * inter
     if prune_rate > 0:
         thr = _sorted_at(beta, int(d * prune_rate))
-        beta = torch.maximum(
-            beta, thr
-        )  # everything below the (1-r) quantile -> 0 after Norm
+        beta = torch.maximum(beta, thr)  # everything below the (1-r) quantile -> 0 after Norm
     score = _minmax_rows(beta)
     return clamped, score
 
@@ -184,10 +174,14 @@ def _merge_model_scope(inputs: ModuleInputs, params: PCBParams, stats: dict) -> 
     clamped, beta = _terms(tv, stats["lo"], stats["hi"])
     thr, top = stats["thr"].unsqueeze(1), stats["bmax"].unsqueeze(1)
     span = top - thr
-    score = torch.where(span > 0, (torch.maximum(beta, thr) - thr) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    score = torch.where(
+        span > 0, (torch.maximum(beta, thr) - thr) / torch.where(span > 0, span, torch.ones_like(span)), 0.0
+    )
     w = torch.tensor(params.weight_list(inputs.n), dtype=torch.float32).unsqueeze(1)
     merged = (w * clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
-    return Dense((merged * params.scaling).reshape(inputs.shape).contiguous(), info={"method": "pcb", "scope": "model"})
+    return Dense(
+        (merged * params.scaling).reshape(inputs.shape).contiguous(), info={"method": "pcb", "scope": "model"}
+    )
 
 
 @register(
@@ -242,6 +236,4 @@ def pcb(
     clamped, score = pcb_balance(tv, params.prune_rate, params.clamp_ratio)
     w = torch.tensor(params.weight_list(inputs.n), dtype=torch.float32).unsqueeze(1)
     merged = (w * clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
-    return Dense(
-        (merged * params.scaling).reshape(shape).contiguous(), info={"method": "pcb"}
-    )
+    return Dense((merged * params.scaling).reshape(shape).contiguous(), info={"method": "pcb"})

@@ -3,6 +3,7 @@
 All three work on the dense per-module deltas ``delta_n = scale_n B_n A_n``
 (materialised for one module at a time), never on A and B separately.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,7 +77,12 @@ class DareTiesParams(DareParams):
 
 
 def _sparsified(
-    inputs: ModuleInputs, params: MethodParams, sparsify, *, elect: bool, sign_method: str = "total",
+    inputs: ModuleInputs,
+    params: MethodParams,
+    sparsify,
+    *,
+    elect: bool,
+    sign_method: str = "total",
     zero_sign: str = "positive",
 ) -> MergeResult:
     """Sparsify each delta, then a weighted sum or TIES's elect + disjoint mean.
@@ -114,7 +120,9 @@ def _sparsified(
     min_inputs=2,
     elementwise=True,
 )
-def ties(inputs: ModuleInputs, params: TiesParams, *, generator: torch.Generator | None = None) -> MergeResult:
+def ties(
+    inputs: ModuleInputs, params: TiesParams, *, generator: torch.Generator | None = None
+) -> MergeResult:
     """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv 2306.01708).
 
     ``t_n = trim(delta_n)`` (keep the top ``1 - prune_rate`` by magnitude, per
@@ -128,7 +136,8 @@ def ties(inputs: ModuleInputs, params: TiesParams, *, generator: torch.Generator
     ``keep_rule=released`` keeps every tie (MLLMerging's ``ties_merging``).
     """
     return _sparsified(
-        inputs, params,
+        inputs,
+        params,
         lambda d: prune_magnitude(d, params.prune_rate, rule=params.keep_rule, generator=generator),
         elect=True,
         sign_method=params.majority_sign,
@@ -151,7 +160,9 @@ def dare(inputs: ModuleInputs, params: DareParams, *, generator: torch.Generator
     (seed, module name), drawn for the inputs in order, so a merge is reproducible.
     """
     return _sparsified(
-        inputs, params, lambda d: prune_random(d, params.drop_rate, generator, rescale=params.rescale),
+        inputs,
+        params,
+        lambda d: prune_random(d, params.drop_rate, generator, rescale=params.rescale),
         elect=False,
     )
 
@@ -188,5 +199,10 @@ def dare_ties(inputs: ModuleInputs, params: DareTiesParams, *, generator: torch.
         return t
 
     return _sparsified(
-        inputs, params, sparsify, elect=True, sign_method=params.majority_sign, zero_sign=params.zero_sign,
+        inputs,
+        params,
+        sparsify,
+        elect=True,
+        sign_method=params.majority_sign,
+        zero_sign=params.zero_sign,
     )

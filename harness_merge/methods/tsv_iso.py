@@ -56,9 +56,11 @@ def _svd_note(method: str, spectrum: str, kind: str, shapes, svds_per_module) ->
 
     secs = flops / (0.5 * _matmul_rate("cpu"))
     hint = " spectrum=numerical_rank works in factor space on LoRA (seconds)" if kind == "lora" else ""
-    return (f"{method}: {svds_per_module} dense SVD{'s' if svds_per_module > 1 else ''} per module on "
-            f"{len(mats)} matri{'ces' if len(mats) > 1 else 'x'}: "
-            f"~{flops / 1e12:.3g} TFLOP, roughly {_human(secs)} on this CPU.{hint}")
+    return (
+        f"{method}: {svds_per_module} dense SVD{'s' if svds_per_module > 1 else ''} per module on "
+        f"{len(mats)} matri{'ces' if len(mats) > 1 else 'x'}: "
+        f"~{flops / 1e12:.3g} TFLOP, roughly {_human(secs)} on this CPU.{hint}"
+    )
 
 
 # --------------------------------------------------------------------------- TSV
@@ -111,9 +113,7 @@ def _tsv_core(
     min_inputs=2,
     lowrank_on_lora=lambda p: p.spectrum == "numerical_rank",
 )
-def tsv(
-    inputs: ModuleInputs, params: TSVParams, *, generator: torch.Generator
-) -> MergeResult:
+def tsv(inputs: ModuleInputs, params: TSVParams, *, generator: torch.Generator) -> MergeResult:
     """TSV-Merge (Gargiulo et al., CVPR 2025).
 
     Formula: for each task ``tau_i = U_i S_i V_i^T`` keep the top
@@ -141,7 +141,9 @@ def tsv(
     params.check_inputs(inputs.n)
     frame, cores = _frame(inputs, params.spectrum)
     core = _tsv_core(
-        weighted(cores, params.weights), frame.shape, params.keep_fraction,
+        weighted(cores, params.weights),
+        frame.shape,
+        params.keep_fraction,
         cap=params.spectrum == "numerical_rank",
     )
     return lift(frame, core * params.scaling, {"method": "tsv"})
@@ -183,9 +185,7 @@ def _iso_c_core(cores: list[torch.Tensor], shape, full: bool = False) -> torch.T
     min_inputs=2,
     lowrank_on_lora=lambda p: p.spectrum == "numerical_rank",
 )
-def iso_c(
-    inputs: ModuleInputs, params: IsoCParams, *, generator: torch.Generator
-) -> MergeResult:
+def iso_c(inputs: ModuleInputs, params: IsoCParams, *, generator: torch.Generator) -> MergeResult:
     """Iso-C (Marczak et al., ICML 2025).
 
     Formula: ``T = sum_i w_i tau_i = U diag(s) V^T`` over all ``r = min(m, n)``
@@ -278,9 +278,7 @@ def _iso_cts_core(
     min_inputs=2,
     lowrank_on_lora=lambda p: p.spectrum == "numerical_rank",
 )
-def iso_cts(
-    inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Generator
-) -> MergeResult:
+def iso_cts(inputs: ModuleInputs, params: IsoCTSParams, *, generator: torch.Generator) -> MergeResult:
     """Iso-CTS (Marczak et al., ICML 2025).
 
     Formula: ``T = sum_i w_i tau_i = U diag(s) V^T`` with numerical rank ``r``;
@@ -305,7 +303,9 @@ def iso_cts(
     params.check_inputs(inputs.n)
     frame, cores = _frame(inputs, params.spectrum)
     core, info = _iso_cts_core(
-        weighted(cores, params.weights), frame.shape, params.common_fraction,
+        weighted(cores, params.weights),
+        frame.shape,
+        params.common_fraction,
         full=params.spectrum == "full",
     )
     return lift(frame, core * params.scaling, {"method": "iso_cts", **info})

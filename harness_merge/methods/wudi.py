@@ -54,9 +54,7 @@ class _WudiBase(MethodParams):
         if not 0.0 <= self.momentum < 1.0:
             self._bad("momentum", self.momentum, "must be in [0, 1)")
         if self.weights is not None and any(w < 0 for w in self.weights):
-            self._bad(
-                "weights", list(self.weights), "must be >= 0 (they weight loss terms)"
-            )
+            self._bad("weights", list(self.weights), "must be >= 0 (they weight loss terms)")
         if self.device == "cuda" and not torch.cuda.is_available():
             self._bad(
                 "device",
@@ -99,9 +97,11 @@ class _WudiBase(MethodParams):
         rate = _matmul_rate(self.device)
         secs = flops / rate
         where = "GPU" if self.device == "cuda" else "CPU"
-        hint = (
-            " device=cuda runs it on a GPU;" if self.device == "cpu" else ""
-        ) + (" space=factor is the cheap (not faithful) LoRA variant" if kind == "lora" and self.method == "wudi" else "")
+        hint = (" device=cuda runs it on a GPU;" if self.device == "cpu" else "") + (
+            " space=factor is the cheap (not faithful) LoRA variant"
+            if kind == "lora" and self.method == "wudi"
+            else ""
+        )
         return (
             f"{self.method}: {self.iterations} {self.resolved(kind)['optimizer']} steps on {len(mats)} dense "
             f"{'matrix' if len(mats) == 1 else 'matrices'}: ~{flops / 1e12:.3g} TFLOP, about {_human(secs)} on this {where} "
@@ -443,9 +443,7 @@ def _merge(inputs: ModuleInputs, params: _WudiBase, variant: str) -> MergeResult
     min_inputs=2,
     lowrank_on_lora=lambda p: not p.runs_dense("lora"),
 )
-def wudi(
-    inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator
-) -> MergeResult:
+def wudi(inputs: ModuleInputs, params: WudiParams, *, generator: torch.Generator) -> MergeResult:
     """WUDI merging (Cheng et al., ICML 2025, "Whoever started the interference
     should end it").
 
@@ -480,9 +478,7 @@ def wudi(
     min_inputs=2,
     lowrank_on_lora=lambda p: not p.runs_dense("lora"),
 )
-def wudi2(
-    inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator
-) -> MergeResult:
+def wudi2(inputs: ModuleInputs, params: Wudi2Params, *, generator: torch.Generator) -> MergeResult:
     """WUDI v2 (Wei et al. 2025, "Unifying MLLM capabilities and modalities via
     model merging", the second seed paper).
 

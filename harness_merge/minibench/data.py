@@ -46,8 +46,9 @@ TASKS: dict[str, TaskDef] = {
     "shape": TaskDef("shape", ddata.TASKS["shape"].question, SHAPES, True),
     "count": TaskDef("count", ddata.TASKS["count"].question, ddata.COUNTS, True),
     "size": TaskDef("size", "Big or small?", SIZES, True),
-    "colour_shape": TaskDef("colour_shape", "What colour and shape?",
-                            tuple(f"{c} {s}" for c in COLOURS for s in SHAPES), False),
+    "colour_shape": TaskDef(
+        "colour_shape", "What colour and shape?", tuple(f"{c} {s}" for c in COLOURS for s in SHAPES), False
+    ),
     "colour_alt": TaskDef("colour_alt", "Which colour is it?", COLOURS, False),
     "shape_alt": TaskDef("shape_alt", "Which shape is it?", SHAPES, False),
 }
@@ -96,7 +97,14 @@ def make_rows(task: str, n: int, seed: int = 0) -> list[dict]:
             img = ddata.draw_single(rng, COLOURS[int(rng.randint(len(COLOURS)))], label, size=44)
         else:  # pragma: no cover - every TaskDef is handled above
             raise AssertionError(task)
-        rows.append({"question_id": f"mb_{task}-{seed}-{i:04d}", "question": t.question, "answer": label, "image": img})
+        rows.append(
+            {
+                "question_id": f"mb_{task}-{seed}-{i:04d}",
+                "question": t.question,
+                "answer": label,
+                "image": img,
+            }
+        )
     return rows
 
 

@@ -69,16 +69,20 @@ def task_name(task: str) -> str:
 def task_yaml(task: str) -> str:
     t = mdata.TASKS[task]
     kind = "seen: an expert trains on it" if t.seen else "unseen: no expert trains on it"
-    return (f"# minibench task '{task}' ({kind}); question {t.question!r}.\n"
-            f"# Written by harness_merge.minibench.tasks.\n"
-            f"task: {task_name(task)}\ninclude: _mb_template_yaml\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {task_name(task)}.parquet\n")
+    return (
+        f"# minibench task '{task}' ({kind}); question {t.question!r}.\n"
+        f"# Written by harness_merge.minibench.tasks.\n"
+        f"task: {task_name(task)}\ninclude: _mb_template_yaml\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {task_name(task)}.parquet\n"
+    )
 
 
 def group_yaml(group: str, tasks) -> str:
     body = "".join(f"  - {task_name(t)}\n" for t in tasks)
-    return (f"group: {group}\ntask:\n{body}aggregate_metric_list:\n  - metric: score\n    aggregation: mean\n"
-            f"    weight_by_size: false\nmetadata:\n  version: 0.0\n")
+    return (
+        f"group: {group}\ntask:\n{body}aggregate_metric_list:\n  - metric: score\n    aggregation: mean\n"
+        f"    weight_by_size: false\nmetadata:\n  version: 0.0\n"
+    )
 
 
 def parquet_bytes(task: str, n: int = EVAL_DOCS) -> bytes:
@@ -86,17 +90,24 @@ def parquet_bytes(task: str, n: int = EVAL_DOCS) -> bytes:
     from datasets import Dataset, Features, Image, Value
 
     s = Value("string")
-    rows = [{**r, "image": mdata.ddata.to_hf_image(r["image"])} for r in mdata.make_rows(task, n, seed=EVAL_SEED)]
-    ds = Dataset.from_list(rows, features=Features({"question_id": s, "question": s, "answer": s, "image": Image()}))
+    rows = [
+        {**r, "image": mdata.ddata.to_hf_image(r["image"])} for r in mdata.make_rows(task, n, seed=EVAL_SEED)
+    ]
+    ds = Dataset.from_list(
+        rows, features=Features({"question_id": s, "question": s, "answer": s, "image": Image()})
+    )
     buf = io.BytesIO()
     pq.write_table(ds.data.table, buf, compression="zstd", write_statistics=False, store_schema=True)
     return buf.getvalue()
 
 
 def files() -> dict[str, bytes]:
-    out = {"_mb_template_yaml": TEMPLATE.encode(), "utils.py": UTILS.encode(),
-           "_mb_seen.yaml": group_yaml("mb_seen", mdata.SEEN).encode(),
-           "_mb_unseen.yaml": group_yaml("mb_unseen", mdata.UNSEEN).encode()}
+    out = {
+        "_mb_template_yaml": TEMPLATE.encode(),
+        "utils.py": UTILS.encode(),
+        "_mb_seen.yaml": group_yaml("mb_seen", mdata.SEEN).encode(),
+        "_mb_unseen.yaml": group_yaml("mb_unseen", mdata.UNSEEN).encode(),
+    }
     for task in mdata.TASKS:
         out[f"{task_name(task)}.yaml"] = task_yaml(task).encode()
         out[f"{task_name(task)}.parquet"] = parquet_bytes(task)
@@ -104,7 +115,9 @@ def files() -> dict[str, bytes]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m harness_merge.minibench.tasks", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m harness_merge.minibench.tasks", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--check", action="store_true", help="compare with the files on disk, write nothing")
     ap.add_argument("--out", type=Path, default=TASKS_DIR)
     args = ap.parse_args(argv)

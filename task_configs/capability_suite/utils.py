@@ -245,8 +245,6 @@ def parse_box(text: str) -> list[float] | None:
     return nums
 
 
-
-
 def rec_process_results(doc: dict, results: list[str]) -> dict:
     """Accuracy at IoU >= 0.5 against the image-normalised box (built-in ``refcoco_ACC@0.5``) x 100."""
     pred = parse_box(results[0])

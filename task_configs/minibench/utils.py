@@ -1,4 +1,5 @@
 """The minibench tasks (harness_merge.minibench.data): prompt and exact-match score 0-100."""
+
 from harness_merge.minibench.data import prompt, score
 
 

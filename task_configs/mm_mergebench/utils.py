@@ -333,8 +333,6 @@ def parse_box(text: str) -> list[float] | None:
     return [float(n) for n in nums[:4]] if len(nums) >= 4 else None
 
 
-
-
 def rec_process_results(doc: dict, results: list[str]) -> dict:
     pred = parse_box(results[0])
     iou = box_iou(pred, square_box(doc)) if pred is not None else 0.0

@@ -1,5 +1,6 @@
 """The merge cache: a hit does no merge work; a killed merge leaves no entry;
 two concurrent merges of one key produce one entry."""
+
 import signal
 import subprocess
 import sys
@@ -19,7 +20,11 @@ def test_second_merge_is_a_hit_and_does_no_work(adapters, cache_dir, monkeypatch
     second = merge(spec, cache_dir=cache_dir, progress=False)
     assert second.cache_hit and not first.cache_hit and calls == []
     assert second.path == first.path
-    third = merge(MergeSpec(adapters=spec.adapters, method="copa", params={"prune_rate": "0.5"}), cache_dir=cache_dir, progress=False)
+    third = merge(
+        MergeSpec(adapters=spec.adapters, method="copa", params={"prune_rate": "0.5"}),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     assert not third.cache_hit and calls == [1] and third.path != first.path
 
 
@@ -54,7 +59,9 @@ SLOW_MERGE = textwrap.dedent("""
 
 def test_killed_merge_leaves_no_cache_entry(adapters, cache_dir, tmp_path):
     marker = tmp_path / "started"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(marker), str(cache_dir), *map(str, adapters)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, str(marker), str(cache_dir), *map(str, adapters)]
+    )
     try:
         for _ in range(600):
             if marker.exists():
@@ -68,7 +75,9 @@ def test_killed_merge_leaves_no_cache_entry(adapters, cache_dir, tmp_path):
             proc.kill()
     merges = cache_dir / "merges"
     assert [p for p in merges.iterdir() if not p.name.startswith(".tmp-")] == []
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ta"), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ta"), cache_dir=cache_dir, progress=False
+    )
     assert not art.cache_hit and (art.path / "adapter_model.safetensors").is_file()
     assert [p.name for p in merges.iterdir()] == [art.path.name]  # the dead temp folder was cleaned
 
@@ -84,7 +93,14 @@ CONCURRENT = textwrap.dedent("""
 def test_concurrent_merges_share_one_entry(adapters, cache_dir):
     import json
 
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(cache_dir), *map(str, adapters)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(cache_dir), *map(str, adapters)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
     assert outs[0]["path"] == outs[1]["path"]
     assert sorted(o["hit"] for o in outs) == [False, True]

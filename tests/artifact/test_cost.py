@@ -1,6 +1,7 @@
 """Cost pre-check: a merge estimated beyond the limit is refused before any
 tensor is merged, with the alternatives, unless forced; the estimate counts
 flops from the shapes (written out here) and a measured rate."""
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,11 @@ def test_refused_unless_forced(adapters, monkeypatch, tmp_path):
     monkeypatch.setattr(cost, "_PESSIMISTIC_FLOPS", 1.0)  # no shortcut: always measure
     monkeypatch.setattr(cost, "_svd_rate", lambda: 1.0)  # 1 flop/s: the tiny merge is "hours"
     spec = MergeSpec(adapters=tuple(map(str, adapters)), method="ties")
-    with pytest.raises(CostError, match=r"ties: refusing to start an exact SVD of 6 .* estimated .* "
-                                         r"Alternatives: --base BASE.*--force"):
+    with pytest.raises(
+        CostError,
+        match=r"ties: refusing to start an exact SVD of 6 .* estimated .* "
+        r"Alternatives: --base BASE.*--force",
+    ):
         merge(spec, out=tmp_path / "o", cache_dir=tmp_path / "c")
     assert not (tmp_path / "o").exists()
     assert not list((tmp_path / "c").rglob("harness_merge.json"))  # nothing half-written
@@ -86,8 +90,17 @@ def test_measured_rates_are_positive():
 def test_cli_refuses_then_forces(adapters, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cost, "_PESSIMISTIC_FLOPS", 1.0)
     monkeypatch.setattr(cost, "_svd_rate", lambda: 1.0)
-    args = ["merge", "--adapters", *map(str, adapters), "--method", "ties", "--out", str(tmp_path / "o"),
-            "--cache-dir", str(tmp_path / "c")]
+    args = [
+        "merge",
+        "--adapters",
+        *map(str, adapters),
+        "--method",
+        "ties",
+        "--out",
+        str(tmp_path / "o"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "refusing to start" in err and "--force" in err and not (tmp_path / "o").exists()

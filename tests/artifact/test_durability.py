@@ -9,6 +9,7 @@ byte-identical artifacts and umask permissions.
 Kills run the merge in a forked child (the parent has torch loaded already, so
 a child costs no import); the child dies by SIGKILL at the write point.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,9 @@ from harness_merge.harness.cli import main as cli_main
 
 
 def spec(adapters, method="ta", **params):
-    return MergeSpec(adapters=tuple(map(str, adapters)), method=method, params={k: str(v) for k, v in params.items()})
+    return MergeSpec(
+        adapters=tuple(map(str, adapters)), method=method, params={k: str(v) for k, v in params.items()}
+    )
 
 
 def artifact_bytes(folder: Path) -> dict[str, bytes]:
@@ -214,7 +217,9 @@ def test_out_is_its_own_copy_with_umask_permissions(adapters, tmp_path):
     again = merge(spec(adapters), cache_dir=cache, out=tmp_path / "again", progress=False)
     assert again.cache_hit
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["target_modules"]
-    assert (entry / "adapter_config.json").read_bytes() == (tmp_path / "again" / "adapter_config.json").read_bytes()
+    assert (entry / "adapter_config.json").read_bytes() == (
+        tmp_path / "again" / "adapter_config.json"
+    ).read_bytes()
 
 
 def test_no_cache_out_follows_umask(adapters, tmp_path):
@@ -243,11 +248,14 @@ def _complete(out: Path, cache: Path) -> bool:
     return False
 
 
-@pytest.mark.parametrize("point,no_exchange,expect", [
-    ("publish.copied", False, "ta"),      # killed before the swap: the old artifact is intact
-    ("publish.swapped", False, "wa"),     # killed after the swap: the new one is complete
-    ("publish.moved_old", True, None),    # fallback without RENAME_EXCHANGE: gap, recovered next run
-])
+@pytest.mark.parametrize(
+    "point,no_exchange,expect",
+    [
+        ("publish.copied", False, "ta"),  # killed before the swap: the old artifact is intact
+        ("publish.swapped", False, "wa"),  # killed after the swap: the new one is complete
+        ("publish.moved_old", True, None),  # fallback without RENAME_EXCHANGE: gap, recovered next run
+    ],
+)
 def test_replacing_out_is_crash_safe(point, no_exchange, expect, adapters, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     merge(spec(adapters, "ta"), cache_dir=cache, out=out, progress=False)
@@ -268,7 +276,9 @@ def test_replacing_out_is_crash_safe(point, no_exchange, expect, adapters, tmp_p
 
 def test_killed_before_cache_rename_leaves_no_entry_and_next_miss_cleans(adapters, tmp_path):
     cache = tmp_path / "cache"
-    kind, _ = in_child(lambda: merge(spec(adapters, "ta"), cache_dir=cache, progress=False), {fsio.FAULT_ENV: "cache.built"})
+    kind, _ = in_child(
+        lambda: merge(spec(adapters, "ta"), cache_dir=cache, progress=False), {fsio.FAULT_ENV: "cache.built"}
+    )
     assert kind == "killed"
     names = [p.name for p in (cache / "merges").iterdir()]
     assert len(names) == 1 and names[0].startswith(".tmp-")
@@ -279,7 +289,10 @@ def test_killed_before_cache_rename_leaves_no_entry_and_next_miss_cleans(adapter
 
 def test_killed_no_cache_merge_leftover_is_cleaned_by_next_run(adapters, tmp_path):
     out = tmp_path / "out"
-    kind, _ = in_child(lambda: merge(spec(adapters), use_cache=False, out=out, progress=False), {fsio.FAULT_ENV: "build.written"})
+    kind, _ = in_child(
+        lambda: merge(spec(adapters), use_cache=False, out=out, progress=False),
+        {fsio.FAULT_ENV: "build.written"},
+    )
     assert kind == "killed" and not out.exists()
     assert [n for n in leftovers(tmp_path) if n.startswith(".hm-build-")]
     merge(spec(adapters), use_cache=False, out=out, progress=False)
@@ -361,8 +374,20 @@ DETERMINISM = textwrap.dedent("""
 def test_identical_merges_are_byte_identical_across_hash_seeds(adapters, tmp_path):
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        res = subprocess.run([sys.executable, "-c", DETERMINISM, str(tmp_path / f"c{seed}"), str(tmp_path / f"o{seed}"),
-                              *map(str, adapters)], env=env, capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                DETERMINISM,
+                str(tmp_path / f"c{seed}"),
+                str(tmp_path / f"o{seed}"),
+                *map(str, adapters),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr
     a, b = artifact_bytes(tmp_path / "o1"), artifact_bytes(tmp_path / "o2")
     assert a == b and "adapter_config.json" in a
@@ -391,8 +416,12 @@ def one_line_error(err: str) -> str:
 def test_cache_env_pointing_at_a_file(adapters, tmp_path, capsys, monkeypatch):
     f = tmp_path / "not_a_dir"
     f.write_text("x")
-    code, err = run_cli(["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "o"), "-q"],
-                        capsys, {"HARNESS_MERGE_CACHE": str(f)}, monkeypatch)
+    code, err = run_cli(
+        ["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "o"), "-q"],
+        capsys,
+        {"HARNESS_MERGE_CACHE": str(f)},
+        monkeypatch,
+    )
     line = one_line_error(err)
     assert code == 2 and str(f) in line and "HARNESS_MERGE_CACHE" in line and "is not a folder" in line
     assert not (tmp_path / "o").exists()
@@ -400,18 +429,36 @@ def test_cache_env_pointing_at_a_file(adapters, tmp_path, capsys, monkeypatch):
 
 def test_out_under_a_file(adapters, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
-    code, err = run_cli(["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "f" / "o"),
-                         "--cache-dir", str(tmp_path / "c"), "-q"], capsys)
+    code, err = run_cli(
+        [
+            "merge",
+            "--adapters",
+            *map(str, adapters),
+            "--method",
+            "ta",
+            "--out",
+            str(tmp_path / "f" / "o"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+        capsys,
+    )
     line = one_line_error(err)
     assert code == 2 and "publishing" in line and str(tmp_path / "f") in line
 
 
-@pytest.mark.parametrize("point,err_name,words", [
-    ("publish.copied:ENOSPC", "ENOSPC", "No space left on device"),
-    ("cache.built:EROFS", "EROFS", "Read-only file system"),
-    ("build.written:EACCES", "EACCES", "Permission denied"),
-])
-def test_injected_os_errors_are_one_line_and_leave_nothing(point, err_name, words, adapters, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "point,err_name,words",
+    [
+        ("publish.copied:ENOSPC", "ENOSPC", "No space left on device"),
+        ("cache.built:EROFS", "EROFS", "Read-only file system"),
+        ("build.written:EACCES", "EACCES", "Permission denied"),
+    ],
+)
+def test_injected_os_errors_are_one_line_and_leave_nothing(
+    point, err_name, words, adapters, tmp_path, capsys, monkeypatch
+):
     """CPU twin of the tmpfs tests below: the seam raises the OSError."""
     args = ["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "o"), "-q"]
     args += ["--no-cache"] if point.startswith("build.") else ["--cache-dir", str(tmp_path / "c")]
@@ -429,11 +476,26 @@ def test_safetensors_disk_full_is_one_line(adapters, tmp_path, capsys, monkeypat
     from safetensors import SafetensorError
 
     def full(*a, **k):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr("harness_merge.artifact.writer.save_file", full)
-    code, err = run_cli(["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(tmp_path / "o"),
-                         "--cache-dir", str(tmp_path / "c"), "-q"], capsys)
+    code, err = run_cli(
+        [
+            "merge",
+            "--adapters",
+            *map(str, adapters),
+            "--method",
+            "ta",
+            "--out",
+            str(tmp_path / "o"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+        capsys,
+    )
     line = one_line_error(err)
     assert code == 2 and "No space left on device" in line and str(tmp_path / "c") in line
     assert list((tmp_path / "c" / "merges").iterdir()) == [] and not (tmp_path / "o").exists()
@@ -449,7 +511,9 @@ def tmpfs(tmp_path):
     def make(size: str) -> Path:
         d = tmp_path / f"mnt{len(mounts)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
         mounts.append(d)
@@ -472,8 +536,21 @@ def test_read_only_cache_serves_hits_and_refuses_misses_in_one_line(adapters, tm
     _remount_ro(mnt)
     hit = merge(spec(adapters, "ta"), cache_dir=cache, out=tmp_path / "o", progress=False)
     assert hit.cache_hit and _complete(tmp_path / "o", cache)
-    code, err = run_cli(["merge", "--adapters", *map(str, adapters), "--method", "wa", "--out", str(tmp_path / "o2"),
-                         "--cache-dir", str(cache), "-q"], capsys)
+    code, err = run_cli(
+        [
+            "merge",
+            "--adapters",
+            *map(str, adapters),
+            "--method",
+            "wa",
+            "--out",
+            str(tmp_path / "o2"),
+            "--cache-dir",
+            str(cache),
+            "-q",
+        ],
+        capsys,
+    )
     line = one_line_error(err)
     assert code == 2 and "Read-only file system" in line and str(cache) in line and "--no-cache" in line
     assert not (tmp_path / "o2").exists()
@@ -482,8 +559,21 @@ def test_read_only_cache_serves_hits_and_refuses_misses_in_one_line(adapters, tm
 def test_read_only_out_parent(adapters, tmp_path, tmpfs, capsys):
     mnt = tmpfs("1m")
     _remount_ro(mnt)
-    code, err = run_cli(["merge", "--adapters", *map(str, adapters), "--method", "ta", "--out", str(mnt / "o"),
-                         "--cache-dir", str(tmp_path / "c"), "-q"], capsys)
+    code, err = run_cli(
+        [
+            "merge",
+            "--adapters",
+            *map(str, adapters),
+            "--method",
+            "ta",
+            "--out",
+            str(mnt / "o"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "-q",
+        ],
+        capsys,
+    )
     assert code == 2 and "Read-only file system" in one_line_error(err)
 
 

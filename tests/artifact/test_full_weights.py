@@ -7,6 +7,7 @@ key layout that transformers 5 renames on load (``model.layers.*`` ->
 ``model.language_model.layers.*``; LLaVA's vision and text layers share the
 suffix ``layers.N.self_attn.q_proj``, so suffix matching would be ambiguous).
 """
+
 import json
 from pathlib import Path
 
@@ -66,8 +67,17 @@ def vlm_bases(tmp_path_factory):
     out = {}
     for name, build in (("qwen2vl", build_tiny_qwen2vl), ("llava", build_tiny_llava)):
         base = build(root / name)
-        ads = [random_lora(base, root / f"{name}_ad{i}", rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"),
-                           seed=i) for i in range(2)]
+        ads = [
+            random_lora(
+                base,
+                root / f"{name}_ad{i}",
+                rank=4,
+                alpha=8,
+                targets=("q_proj", "v_proj", "down_proj"),
+                seed=i,
+            )
+            for i in range(2)
+        ]
         out[name] = (base, ads)
     return out
 
@@ -75,8 +85,11 @@ def vlm_bases(tmp_path_factory):
 @pytest.mark.parametrize("family", ["qwen2vl", "llava"])
 def test_full_weights_in_the_checkpoints_own_layout_equal_the_formula(family, vlm_bases, tmp_path):
     base, ads = vlm_bases[family]
-    art = merge(MergeSpec(adapters=tuple(map(str, ads)), method="ta", base=str(base), format="full"),
-                cache_dir=tmp_path / "cache", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, ads)), method="ta", base=str(base), format="full"),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
     assert art.kind == "full" and art.manifest["result"]["streamed"]
     stored_base, stored_out = _stored(base), _stored(art.path)
     # Same tensor names as the base's files (not transformers' loaded names), same dtypes.
@@ -108,25 +121,41 @@ def test_sharded_base_gives_the_same_shards_and_an_index(vlm_bases, tmp_path):
             (sharded / p.name).write_bytes(p.read_bytes())
     base_index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(base_index.values())) > 2
-    art = merge(MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(sharded)),
-                use_cache=False, out=tmp_path / "out", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(sharded)),
+        use_cache=False,
+        out=tmp_path / "out",
+        progress=False,
+    )
     index = json.loads((art.path / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == base_index
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _stored(art.path).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in _stored(art.path).values()
+    )
     for fn in set(base_index.values()):
         with safe_open(str(sharded / fn), "pt") as a, safe_open(str(art.path / fn), "pt") as b:
             assert set(a.keys()) == set(b.keys())
     # Same weights as the unsharded base gives (the layout does not change the numbers).
-    art1 = merge(MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(base)),
-                 use_cache=False, out=tmp_path / "out1", progress=False)
+    art1 = merge(
+        MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(base)),
+        use_cache=False,
+        out=tmp_path / "out1",
+        progress=False,
+    )
     one, many = _stored(art1.path), _stored(art.path)
     assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
 
 
 def test_dtype_converts_floats_and_is_recorded_in_config(vlm_bases, tmp_path):
     base, ads = vlm_bases["qwen2vl"]
-    art = merge(MergeSpec(adapters=tuple(map(str, ads)), method="ta", base=str(base), format="full",
-                          dtype="bfloat16"), use_cache=False, out=tmp_path / "o", progress=False)
+    art = merge(
+        MergeSpec(
+            adapters=tuple(map(str, ads)), method="ta", base=str(base), format="full", dtype="bfloat16"
+        ),
+        use_cache=False,
+        out=tmp_path / "o",
+        progress=False,
+    )
     sd = _stored(art.path)
     assert {t.dtype for t in sd.values() if t.is_floating_point()} == {torch.bfloat16}
     ref = _stored(base)
@@ -138,7 +167,9 @@ def test_dtype_converts_floats_and_is_recorded_in_config(vlm_bases, tmp_path):
     merged = _load(art.path).state_dict()
     m = next(iter(oracle))
     want = _load(base).state_dict()[f"{m}.weight"].double() + oracle[m]
-    torch.testing.assert_close(merged[f"{m}.weight"].double(), want.to(torch.bfloat16).double(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        merged[f"{m}.weight"].double(), want.to(torch.bfloat16).double(), rtol=0, atol=0
+    )
 
 
 def test_base_without_the_modules_is_refused_before_writing(vlm_bases, tmp_path):
@@ -146,9 +177,15 @@ def test_base_without_the_modules_is_refused_before_writing(vlm_bases, tmp_path)
 
     _, ads = vlm_bases["qwen2vl"]
     other = build_tiny_text_lm(tmp_path / "text")
-    with pytest.raises(InputError, match=r"module model\.language_model\.layers\.0\..* does not exist in the base"):
-        merge(MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(other)),
-              cache_dir=tmp_path / "cache", out=tmp_path / "o", progress=False)
+    with pytest.raises(
+        InputError, match=r"module model\.language_model\.layers\.0\..* does not exist in the base"
+    ):
+        merge(
+            MergeSpec(adapters=tuple(map(str, ads)), method="ties", base=str(other)),
+            cache_dir=tmp_path / "cache",
+            out=tmp_path / "o",
+            progress=False,
+        )
     assert not (tmp_path / "o").exists()
     assert not list((tmp_path / "cache" / "merges").glob("*"))
 
@@ -164,7 +201,9 @@ def test_stream_writer_reads_back_in_safetensors(tmp_path):
         "f.bool": torch.tensor([True, False, True]),
     }
     path = tmp_path / "x.safetensors"
-    w = SafetensorsStreamWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata={"format": "pt"})
+    w = SafetensorsStreamWriter(
+        path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata={"format": "pt"}
+    )
     for k, t in tensors.items():
         w.write(k, t)
     w.close()
@@ -180,7 +219,9 @@ def test_stream_writer_reads_back_in_safetensors(tmp_path):
 
 
 def test_stream_writer_refuses_out_of_order_and_missing_tensors(tmp_path):
-    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", [("a", torch.float32, (2,)), ("b", torch.float32, (2,))])
+    w = SafetensorsStreamWriter(
+        tmp_path / "x.safetensors", [("a", torch.float32, (2,)), ("b", torch.float32, (2,))]
+    )
     with pytest.raises(RuntimeError, match="tensor b written out of order"):
         w.write("b", torch.zeros(2))
     w.write("a", torch.zeros(2))

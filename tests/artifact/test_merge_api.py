@@ -1,5 +1,6 @@
 """End to end through ``harness_merge.api.merge``: the written artifact reloads
 (PEFT / transformers) and equals the dense formula; full checkpoints; errors."""
+
 import json
 
 import pytest
@@ -37,7 +38,11 @@ def test_lora_artifact_reloads_in_peft_with_dense_outputs(tiny_base, adapters, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ta", params={"scaling": "0.5"}), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ta", params={"scaling": "0.5"}),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     assert art.kind == "lora" and not art.cache_hit
     cfg = json.loads((art.path / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 12  # 3 adapters x rank 4, scale folded into B
@@ -54,10 +59,14 @@ def test_copa_artifact_reloads_and_changes_outputs(tiny_base, adapters, cache_di
 
     from harness_merge import methods
 
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="copa"), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="copa"), cache_dir=cache_dir, progress=False
+    )
     inputs = open_inputs([str(a) for a in adapters])
     spec = methods.get("copa")
-    deltas = {m: spec.fn(inputs.read(m), spec.make_params({}), generator=None).delta() for m in inputs.module_names}
+    deltas = {
+        m: spec.fn(inputs.read(m), spec.make_params({}), generator=None).delta() for m in inputs.module_names
+    }
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), art.path)
     torch.testing.assert_close(logits(model), logits(base_plus(tiny_base, deltas)), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits(model), logits(AutoModelForCausalLM.from_pretrained(tiny_base)))
@@ -68,11 +77,17 @@ def test_dense_method_with_base_writes_full_weights(tiny_base, adapters, cache_d
 
     from harness_merge import methods
 
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ties", base=str(tiny_base)), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ties", base=str(tiny_base)),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     assert art.kind == "full" and (art.path / "config.json").is_file()
     inputs = open_inputs([str(a) for a in adapters])
     spec = methods.get("ties")
-    deltas = {m: spec.fn(inputs.read(m), spec.make_params({}), generator=None).delta for m in inputs.module_names}
+    deltas = {
+        m: spec.fn(inputs.read(m), spec.make_params({}), generator=None).delta for m in inputs.module_names
+    }
     merged = AutoModelForCausalLM.from_pretrained(art.path)
     torch.testing.assert_close(logits(merged), logits(base_plus(tiny_base, deltas)), rtol=1e-4, atol=1e-4)
 
@@ -80,7 +95,9 @@ def test_dense_method_with_base_writes_full_weights(tiny_base, adapters, cache_d
 def test_dense_method_without_base_is_exact_svd_lora(tiny_base, adapters, cache_dir, caplog):
     from harness_merge import methods
 
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ties"), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ties"), cache_dir=cache_dir, progress=False
+    )
     assert art.kind == "lora"
     assert art.manifest["result"]["svd_rel_error"]["max"] < 1e-5
     sd = load_file(art.path / "adapter_model.safetensors")
@@ -90,20 +107,31 @@ def test_dense_method_without_base_is_exact_svd_lora(tiny_base, adapters, cache_
     expected = spec.fn(inputs.read(m), spec.make_params({}), generator=None).delta
     got = sd[f"base_model.model.{m}.lora_B.weight"] @ sd[f"base_model.model.{m}.lora_A.weight"]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    trunc = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ties", rank=2), cache_dir=cache_dir, progress=False)
+    trunc = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ties", rank=2),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     err = trunc.manifest["result"]["svd_rel_error"]
     assert json.loads((trunc.path / "adapter_config.json").read_text())["r"] == 2
     assert 0 < err["mean"] <= err["max"] < 1
 
 
 def test_lowrank_truncation_matches_dense_svd(tiny_base, adapters, cache_dir):
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ta", rank=3), cache_dir=cache_dir, progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ta", rank=3),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     sd = load_file(art.path / "adapter_model.safetensors")
     dense = dense_ta(adapters)
     for m, d in list(dense.items())[:3]:
         U, S, Vh = torch.linalg.svd(d.double())
         best = (U[:, :3] * S[:3]) @ Vh[:3]
-        got = sd[f"base_model.model.{m}.lora_B.weight"].double() @ sd[f"base_model.model.{m}.lora_A.weight"].double()
+        got = (
+            sd[f"base_model.model.{m}.lora_B.weight"].double()
+            @ sd[f"base_model.model.{m}.lora_A.weight"].double()
+        )
         torch.testing.assert_close(got, best, rtol=1e-4, atol=1e-5)
 
 
@@ -127,7 +155,11 @@ def _fake_checkpoints(tiny_base, adapters, root):
 
 def test_checkpoints_and_lora_give_the_same_merge(tiny_base, adapters, cache_dir, tmp_path):
     cks = _fake_checkpoints(tiny_base, adapters, tmp_path)
-    full = merge(MergeSpec(adapters=tuple(map(str, cks)), method="ta", params={"scaling": "0.7"}, base=str(tiny_base)), cache_dir=cache_dir, progress=False)
+    full = merge(
+        MergeSpec(adapters=tuple(map(str, cks)), method="ta", params={"scaling": "0.7"}, base=str(tiny_base)),
+        cache_dir=cache_dir,
+        progress=False,
+    )
     assert full.kind == "full" and full.manifest["inputs_kind"] == "dense"
     sd = load_file(full.path / "model.safetensors")
     sd0 = load_file(tiny_base / "model.safetensors")
@@ -167,7 +199,11 @@ def test_mixed_ranks_product_of_sums_refused(tiny_base, adapters, tmp_path, make
     r8 = make_adapter(tiny_base, tmp_path / "r8", r=8, seed=9)
     with pytest.raises(MethodParamError, match=r"adapters have ranks \[4, 8\]"):
         merge(MergeSpec(adapters=(str(adapters[0]), str(r8)), method="copa"), use_cache=False)
-    art = merge(MergeSpec(adapters=(str(adapters[0]), str(r8)), method="copa", params={"combine": "sum_of_products"}), use_cache=False, out=tmp_path / "o")
+    art = merge(
+        MergeSpec(adapters=(str(adapters[0]), str(r8)), method="copa", params={"combine": "sum_of_products"}),
+        use_cache=False,
+        out=tmp_path / "o",
+    )
     assert json.loads((art.path / "adapter_config.json").read_text())["r"] == 12
 
 
@@ -182,7 +218,9 @@ def test_heterogeneous_alpha_rank_rslora_ta(tiny_base, tmp_path, make_adapter, c
     ]
     art = merge(MergeSpec(adapters=tuple(map(str, ads)), method="ta"), cache_dir=cache_dir, progress=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), art.path)
-    torch.testing.assert_close(logits(model), logits(base_plus(tiny_base, dense_ta(ads))), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(model), logits(base_plus(tiny_base, dense_ta(ads))), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_out_dir_not_ours_is_refused_and_untouched(adapters, tmp_path):
@@ -196,8 +234,18 @@ def test_out_dir_not_ours_is_refused_and_untouched(adapters, tmp_path):
 
 def test_out_dir_of_ours_is_replaced(adapters, tmp_path, cache_dir):
     out = tmp_path / "o"
-    merge(MergeSpec(adapters=tuple(map(str, adapters)), method="ta"), out=out, cache_dir=cache_dir, progress=False)
-    a2 = merge(MergeSpec(adapters=tuple(map(str, adapters)), method="wa"), out=out, cache_dir=cache_dir, progress=False)
+    merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="ta"),
+        out=out,
+        cache_dir=cache_dir,
+        progress=False,
+    )
+    a2 = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method="wa"),
+        out=out,
+        cache_dir=cache_dir,
+        progress=False,
+    )
     assert json.loads((out / "harness_merge.json").read_text())["method"] == "wa" == a2.manifest["method"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
 
@@ -234,10 +282,24 @@ def test_every_method_same_merge_from_lora_and_from_checkpoints(method, tiny_bas
 
     params = SAME_ON_BOTH.get(method, {})
     cks = _fake_checkpoints(tiny_base, adapters, tmp_path)
-    from_lora = merge(MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params, base=str(tiny_base),
-                                format="full"), use_cache=False, out=tmp_path / "l", progress=False)
-    from_ck = merge(MergeSpec(adapters=tuple(map(str, cks)), method=method, params=params, base=str(tiny_base)),
-                    use_cache=False, out=tmp_path / "c", progress=False)
+    from_lora = merge(
+        MergeSpec(
+            adapters=tuple(map(str, adapters)),
+            method=method,
+            params=params,
+            base=str(tiny_base),
+            format="full",
+        ),
+        use_cache=False,
+        out=tmp_path / "l",
+        progress=False,
+    )
+    from_ck = merge(
+        MergeSpec(adapters=tuple(map(str, cks)), method=method, params=params, base=str(tiny_base)),
+        use_cache=False,
+        out=tmp_path / "c",
+        progress=False,
+    )
     a = AutoModelForCausalLM.from_pretrained(from_lora.path).state_dict()
     b = AutoModelForCausalLM.from_pretrained(from_ck.path).state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
@@ -257,12 +319,19 @@ def test_factor_space_methods_write_lora_that_peft_loads(method, tiny_base, adap
 
     # the factor-space variants (the defaults run on dense deltas, as the released codes)
     params = {"iterations": "20", "space": "factor"} if "wudi" in method else {"spectrum": "numerical_rank"}
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params),
-                use_cache=False, out=tmp_path / "o", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params),
+        use_cache=False,
+        out=tmp_path / "o",
+        progress=False,
+    )
     assert art.kind == "lora" and "svd_rel_error" not in art.manifest["result"]
     inputs = open_inputs([str(a) for a in adapters])
     spec = methods.get(method)
     p = spec.make_params(params)
-    deltas = {m: spec.fn(inputs.read(m), p, generator=methods.module_generator(0, m)).delta() for m in inputs.module_names}
+    deltas = {
+        m: spec.fn(inputs.read(m), p, generator=methods.module_generator(0, m)).delta()
+        for m in inputs.module_names
+    }
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), art.path)
     torch.testing.assert_close(logits(model), logits(base_plus(tiny_base, deltas)), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ transformers exactly). Tiny offline models from ``harness_merge.demo.tiny``;
 the LM head is re-initialised with std 0.5 so greedy top-1/top-2 margins are
 far above float32 noise (see notes/vllm_cpu.md).
 """
+
 from __future__ import annotations
 
 import os
@@ -93,16 +94,24 @@ def vl(work):
     from harness_merge.demo.tiny import random_lora
 
     base = build_qwen2vl(work / "qwen2vl")
-    ads = [random_lora(base, work / f"lm_lora{i}", rank=4, alpha=8, seed=i, std=2.0, targets=LM_TARGETS)
-           for i in (1, 2)]
+    ads = [
+        random_lora(base, work / f"lm_lora{i}", rank=4, alpha=8, seed=i, std=2.0, targets=LM_TARGETS)
+        for i in (1, 2)
+    ]
     tower = random_lora(base, work / "tower_lora", rank=8, alpha=16, seed=3, std=2.0, targets=TOWER_TARGETS)
     spec = {"adapters": tuple(str(a) for a in ads), "method": "copa", "base": str(base)}
     cache = work / "merge_cache"
     lora = merge(MergeSpec(**spec, format="lora"), cache_dir=cache, progress=False)
     full = merge(MergeSpec(**spec, format="full"), cache_dir=cache, progress=False)
     assert lora.kind == "lora" and full.kind == "full"
-    return {"base": str(base), "adapters": [Path(a) for a in ads], "tower": Path(tower), "lora": lora,
-            "full": full, "cache": cache}
+    return {
+        "base": str(base),
+        "adapters": [Path(a) for a in ads],
+        "tower": Path(tower),
+        "lora": lora,
+        "full": full,
+        "cache": cache,
+    }
 
 
 @pytest.fixture(scope="session")

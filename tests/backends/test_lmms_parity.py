@@ -13,6 +13,7 @@ torchvision imports (``.venv-vllm``, by ``scripts/test_vllm.sh``) and is skipped
 with the reason elsewhere. ``decord`` (video decoding) is replaced by an empty
 module when it is not installed: image requests never touch it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -57,12 +58,20 @@ def docs():
     from PIL import Image
 
     rng = np.random.default_rng(1)
-    ims = [Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (56, 56), (30, 30, 200)),
-           Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
-           Image.fromarray(rng.integers(0, 255, (84, 60, 3), dtype=np.uint8)),
-           Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8))]
-    qs = ["<image>\nIs the square red?", "What colour is it? ", "Describe the image.\n",
-          "<image> Count the dots.", "Is it blue?"]
+    ims = [
+        Image.new("RGB", (56, 56), (200, 30, 30)),
+        Image.new("RGB", (56, 56), (30, 30, 200)),
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (84, 60, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)),
+    ]
+    qs = [
+        "<image>\nIs the square red?",
+        "What colour is it? ",
+        "Describe the image.\n",
+        "<image> Count the dots.",
+        "Is it blue?",
+    ]
     return [{"image": im, "question": q} for im, q in zip(ims, qs)]
 
 
@@ -70,10 +79,22 @@ def _requests(docs):
     def doc_to_visual(doc):
         return [doc["image"]]
 
-    return [Instance(request_type="generate_until",
-                     arguments=(d["question"], {"max_new_tokens": 10, "until": ["\n\n"], "temperature": 0,
-                                                "do_sample": False}, doc_to_visual, i, TASK, SPLIT),
-                     idx=0, metadata={"task": TASK, "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(
+                d["question"],
+                {"max_new_tokens": 10, "until": ["\n\n"], "temperature": 0, "do_sample": False},
+                doc_to_visual,
+                i,
+                TASK,
+                SPLIT,
+            ),
+            idx=0,
+            metadata={"task": TASK, "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
 
 
 def _answers(model, docs):
@@ -157,14 +178,14 @@ metric_list:
 metadata:
   version: 0.0
 """
-_TASK_UTILS = '''
+_TASK_UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return doc["question"]
-'''
+"""
 
 
 @pytest.mark.slow
@@ -179,25 +200,60 @@ def test_cli_log_samples_qwen2_vl_vs_merged(base, docs, tmp_path):
 
     d = tmp_path / "tasks"
     d.mkdir()
-    rows = {"question": [x["question"] for x in docs], "answer": ["x"] * len(docs), "image": [x["image"] for x in docs]}
-    Dataset.from_dict(rows, features=Features({"question": Value("string"), "answer": Value("string"),
-                                               "image": Image()})).to_parquet(str(d / "parity.parquet"))
+    rows = {
+        "question": [x["question"] for x in docs],
+        "answer": ["x"] * len(docs),
+        "image": [x["image"] for x in docs],
+    }
+    Dataset.from_dict(
+        rows, features=Features({"question": Value("string"), "answer": Value("string"), "image": Image()})
+    ).to_parquet(str(d / "parity.parquet"))
     (d / "parity_utils.py").write_text(_TASK_UTILS)
     (d / "hm_parity_gen.yaml").write_text(_TASK_YAML)
     shim = tmp_path / "shim"
     (shim / "decord").mkdir(parents=True)
-    (shim / "decord" / "__init__.py").write_text('"""test shim: lmms-eval\'s qwen2_vl imports decord; images never use it"""\n')
-    env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hfd"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[2]),
-                                           os.environ.get("PYTHONPATH", "")]))
+    (shim / "decord" / "__init__.py").write_text(
+        '"""test shim: lmms-eval\'s qwen2_vl imports decord; images never use it"""\n'
+    )
+    env = dict(
+        os.environ,
+        HF_DATASETS_CACHE=str(tmp_path / "hfd"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(shim), str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     answers = {}
-    for model, margs in (("qwen2_vl", f"pretrained={base},device=cpu,device_map=cpu"),
-                         ("merged", f"pretrained={base},method=none,device=cpu")):
+    for model, margs in (
+        ("qwen2_vl", f"pretrained={base},device=cpu,device_map=cpu"),
+        ("merged", f"pretrained={base},method=none,device=cpu"),
+    ):
         out = tmp_path / model
-        p = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", margs,
-                            "--tasks", "hm_parity_gen", "--include_path", str(d), "--output_path", str(out),
-                            "--log_samples", "--batch_size", "1"], check=False, env=env, capture_output=True, text=True,
-                           timeout=900)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmms_eval",
+                "--model",
+                model,
+                "--model_args",
+                margs,
+                "--tasks",
+                "hm_parity_gen",
+                "--include_path",
+                str(d),
+                "--output_path",
+                str(out),
+                "--log_samples",
+                "--batch_size",
+                "1",
+            ],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         files = list(out.rglob("*samples_hm_parity_gen*.jsonl"))
         assert p.returncode == 0 and files, p.stderr[-5000:]
         samples = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]

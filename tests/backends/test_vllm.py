@@ -7,6 +7,7 @@ Qwen2-VL base, the merged LoRA, two adapters and a vision-tower adapter
 LLaVA and the text LM get one engine each; the lmms_eval CLI run is one
 subprocess.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ def msg(text: str, n_images: int = 1) -> tuple[dict, ...]:
 
 @pytest.fixture(scope="module")
 def reqs(images):
-    out = [GenRequest(messages=msg(q), images=(im,), max_new_tokens=MAX_NEW) for q, im in zip(QUESTIONS, images)]
-    out.append(GenRequest(messages=msg("Compare them.", 2), images=(images[0], images[2]), max_new_tokens=MAX_NEW))
+    out = [
+        GenRequest(messages=msg(q), images=(im,), max_new_tokens=MAX_NEW) for q, im in zip(QUESTIONS, images)
+    ]
+    out.append(
+        GenRequest(messages=msg("Compare them.", 2), images=(images[0], images[2]), max_new_tokens=MAX_NEW)
+    )
     return out
 
 
@@ -63,8 +68,12 @@ def ll_reqs(images):
 @pytest.fixture(scope="module")
 def shared(vl):
     """One engine for the whole Qwen2-VL set, declared up front."""
-    arts = {"merged": vl["lora"], "ad1": lora_art(vl["adapters"][0]), "ad2": lora_art(vl["adapters"][1]),
-            "tower": lora_art(vl["tower"])}
+    arts = {
+        "merged": vl["lora"],
+        "ad1": lora_art(vl["adapters"][0]),
+        "ad2": lora_art(vl["adapters"][1]),
+        "tower": lora_art(vl["tower"]),
+    }
     engine = hv.prepare_engine(vl["base"], list(arts.values()), max_images=2, **OPTS)
     backs = {k: load_backend("vllm", a, vl["base"], **OPTS) for k, a in arts.items()}
     backs["base"] = load_backend("vllm", None, vl["base"], **OPTS)
@@ -76,9 +85,11 @@ def shared(vl):
 
 @pytest.fixture(scope="module")
 def hf(vl):
-    out = {"merged": load_backend("hf", vl["lora"], vl["base"], **OPTS),
-           "base": load_backend("hf", None, vl["base"], **OPTS),
-           "tower": load_backend("hf", lora_art(vl["tower"]), vl["base"], **OPTS)}
+    out = {
+        "merged": load_backend("hf", vl["lora"], vl["base"], **OPTS),
+        "base": load_backend("hf", None, vl["base"], **OPTS),
+        "tower": load_backend("hf", lora_art(vl["tower"]), vl["base"], **OPTS),
+    }
     yield out
     for b in out.values():
         b.close()
@@ -88,8 +99,9 @@ def hf(vl):
 def gen(shared, hf, reqs):
     """Answers of every backend to ``reqs`` (each one generate call)."""
     _, backs = shared
-    return {("vllm", k): b.generate(reqs) for k, b in backs.items()} | \
-        {("hf", k): b.generate(reqs) for k, b in hf.items()}
+    return {("vllm", k): b.generate(reqs) for k, b in backs.items()} | {
+        ("hf", k): b.generate(reqs) for k, b in hf.items()
+    }
 
 
 def hf_tokens(b, reqs) -> list[list[int]]:
@@ -99,9 +111,14 @@ def hf_tokens(b, reqs) -> list[list[int]]:
     for r in reqs:
         enc = b._encode([b.render(r)], list(r.images), "left")
         with torch.inference_mode():
-            seq = b.model.generate(**enc, max_new_tokens=r.max_new_tokens, do_sample=False,
-                                   eos_token_id=b.eos_ids, pad_token_id=b.tokenizer.pad_token_id)
-        out.append(seq[0, enc["input_ids"].shape[1]:].tolist())
+            seq = b.model.generate(
+                **enc,
+                max_new_tokens=r.max_new_tokens,
+                do_sample=False,
+                eos_token_id=b.eos_ids,
+                pad_token_id=b.tokenizer.pad_token_id,
+            )
+        out.append(seq[0, enc["input_ids"].shape[1] :].tolist())
     return out
 
 
@@ -109,8 +126,12 @@ def vllm_tokens(b, reqs) -> list[list[int]]:
     from vllm import SamplingParams
 
     inputs = [{"prompt": b.render(r), "multi_modal_data": b._mm(r.images)} for r in reqs]
-    outs = b.llm.generate(inputs, SamplingParams(temperature=0.0, max_tokens=MAX_NEW),
-                          lora_request=b.lora_request, use_tqdm=False)
+    outs = b.llm.generate(
+        inputs,
+        SamplingParams(temperature=0.0, max_tokens=MAX_NEW),
+        lora_request=b.lora_request,
+        use_tqdm=False,
+    )
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -157,8 +178,12 @@ def test_loglikelihood_greedy_flag(shared, reqs):
     r = reqs[0]
     ans = b.generate([GenRequest(messages=r.messages, images=r.images, max_new_tokens=3)])[0]
     assert ans and ans.isascii()
-    res = b.loglikelihood([LLRequest(continuation=ans, messages=r.messages, images=r.images),
-                           LLRequest(continuation="", messages=r.messages, images=r.images)])
+    res = b.loglikelihood(
+        [
+            LLRequest(continuation=ans, messages=r.messages, images=r.images),
+            LLRequest(continuation="", messages=r.messages, images=r.images),
+        ]
+    )
     assert res[0][1] is True and res[0][0] <= 0
     assert res[1] == (0.0, True)
 
@@ -183,7 +208,9 @@ def test_until_max_new_tokens_temperature(shared, hf, gen, reqs):
         GenRequest(messages=r.messages, images=r.images, max_new_tokens=MAX_NEW, until=("not-in-it", stop)),
         GenRequest(messages=r.messages, images=r.images, max_new_tokens=MAX_NEW, until=("never-there",)),
         GenRequest(messages=r.messages, images=r.images, max_new_tokens=2),
-        GenRequest(messages=r.messages, images=r.images, max_new_tokens=MAX_NEW, temperature=1.0, do_sample=True),
+        GenRequest(
+            messages=r.messages, images=r.images, max_new_tokens=MAX_NEW, temperature=1.0, do_sample=True
+        ),
     ]
     v = backs["merged"].generate(batch)  # one generate call, one SamplingParams per request
     assert v[0] == v[1] == full[i][: full[i].index(stop)]
@@ -269,7 +296,16 @@ def test_rank_above_max_refused_before_engine_start(vl, work):
 
 
 def test_helpers():
-    assert [hv.engine_lora_rank(r) for r in (1, 2, 8, 9, 300, 320, 321, 512)] == [1, 8, 8, 16, 320, 320, 512, 512]
+    assert [hv.engine_lora_rank(r) for r in (1, 2, 8, 9, 300, 320, 321, 512)] == [
+        1,
+        8,
+        8,
+        16,
+        320,
+        320,
+        512,
+        512,
+    ]
     with pytest.raises(BackendError):
         hv.engine_lora_rank(513)
 
@@ -291,10 +327,19 @@ def test_llava(work, images):
     from harness_merge.demo.tiny import random_lora
 
     base = str(build_llava(work / "llava"))
-    ad = lora_art(random_lora(base, work / "llava_lora", rank=8, alpha=16, seed=7, std=2.0, targets=("q_proj", "v_proj")))
-    full = merge(MergeSpec(adapters=(str(ad.path),), method="ta", base=base, format="full"),
-                 cache_dir=work / "merge_cache", progress=False)
-    rq = [GenRequest(messages=msg(q), images=(im,), max_new_tokens=MAX_NEW) for q, im in zip(QUESTIONS, images)]
+    ad = lora_art(
+        random_lora(
+            base, work / "llava_lora", rank=8, alpha=16, seed=7, std=2.0, targets=("q_proj", "v_proj")
+        )
+    )
+    full = merge(
+        MergeSpec(adapters=(str(ad.path),), method="ta", base=base, format="full"),
+        cache_dir=work / "merge_cache",
+        progress=False,
+    )
+    rq = [
+        GenRequest(messages=msg(q), images=(im,), max_new_tokens=MAX_NEW) for q, im in zip(QUESTIONS, images)
+    ]
     llr = [LLRequest(continuation="yes", messages=msg(q), images=(im,)) for q, im in zip(QUESTIONS, images)]
     before = list(hv.engines())
     with pytest.raises(BackendError, match="cannot serve a LoRA artifact on a LLaVA base.*format=full"):
@@ -321,18 +366,24 @@ def test_text_lm_generate_loglikelihood_rolling(work):
     from harness_merge.demo.tiny import random_lora
 
     base = build_text_lm(work / "text_lm")
-    ad = lora_art(random_lora(base, work / "text_lora", rank=4, alpha=8, seed=8, std=2.0, targets=("q_proj", "v_proj")))
+    ad = lora_art(
+        random_lora(base, work / "text_lora", rank=4, alpha=8, seed=8, std=2.0, targets=("q_proj", "v_proj"))
+    )
     v = load_backend("vllm", ad, str(base), **OPTS)
     h = load_backend("hf", ad, str(base), **OPTS)
     try:
         assert v.supports_images is False
-        g = [GenRequest(prompt="Q: is the sky blue?\nA:", max_new_tokens=MAX_NEW),
-             GenRequest(messages=({"role": "user", "content": "hello there"},), max_new_tokens=MAX_NEW),
-             GenRequest(prompt="abc", max_new_tokens=4, until=("zz",))]
+        g = [
+            GenRequest(prompt="Q: is the sky blue?\nA:", max_new_tokens=MAX_NEW),
+            GenRequest(messages=({"role": "user", "content": "hello there"},), max_new_tokens=MAX_NEW),
+            GenRequest(prompt="abc", max_new_tokens=4, until=("zz",)),
+        ]
         assert v.generate(g) == h.generate(g)
-        ll = [LLRequest(context="Q: is fire cold?\nA:", continuation=" no"),
-              LLRequest(context="", continuation="hello"),
-              LLRequest(messages=({"role": "user", "content": "2+2?"},), continuation="4")]
+        ll = [
+            LLRequest(context="Q: is fire cold?\nA:", continuation=" no"),
+            LLRequest(context="", continuation="hello"),
+            LLRequest(messages=({"role": "user", "content": "2+2?"},), continuation="4"),
+        ]
         for (a, ga), (b, gb) in zip(v.loglikelihood(ll), h.loglikelihood(ll)):
             assert abs(a - b) < 1e-3 * max(1.0, abs(b)) and ga == gb
         texts = ["the quick brown fox jumps over the lazy dog", "x"]
@@ -367,7 +418,7 @@ metric_list:
 metadata:
   version: 0.0
 """
-_MC_UTILS = '''
+_MC_UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
@@ -378,7 +429,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def doc_to_target(doc):
     return 0 if doc["answer"] == "yes" else 1
-'''
+"""
 
 
 def _tasks_dir(work: Path) -> tuple[Path, list[str]]:
@@ -414,16 +465,38 @@ def test_lmms_eval_cli_backend_vllm(vl, work):
     exe = Path(sys.executable).parent / "lmms_eval"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness_merge.harness.lmms_cli"]
     ads = ",".join(str(a) for a in vl["adapters"])
-    model_args = (f"pretrained={vl['base']},adapters=[{ads}],method=copa,backend=vllm,dtype=float32,"
-                  f"max_model_len=1024,cache_dir={vl['cache']}")
+    model_args = (
+        f"pretrained={vl['base']},adapters=[{ads}],method=copa,backend=vllm,dtype=float32,"
+        f"max_model_len=1024,cache_dir={vl['cache']}"
+    )
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf_datasets"), PYTHONUNBUFFERED="1")
     # vLLM's default (multiprocess) engine, as users get it: EngineCore and Worker
     # processes re-import the main module (lmms_eval's, which is guarded)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    p = subprocess.run(cmd + ["--model", "merged", "--model_args", model_args, "--tasks", ",".join(tasks),
-                              "--include_path", str(tasks_dir), "--limit", "4", "--output_path", str(out),
-                              "--log_samples"],
-                       check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    p = subprocess.run(
+        cmd
+        + [
+            "--model",
+            "merged",
+            "--model_args",
+            model_args,
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(tasks_dir),
+            "--limit",
+            "4",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     explain = f"rc={p.returncode}\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
     assert p.returncode == 0, explain
     assert "harness-merge ERROR" not in p.stderr, explain
@@ -438,8 +511,12 @@ def test_lmms_eval_cli_backend_vllm(vl, work):
     assert merge["backend"] == "vllm" and merge["artifact"]["kind"] == "lora"
     assert merge["cache_hit"] is True  # the fixture made the same copa merge into this cache
     assert merge["manifest"]["method"] == "copa"
-    samples = [json.loads(line) for f in out.rglob("*samples_hm_vllm_mc*.jsonl") for line in f.read_text().splitlines()
-               if line.strip()]
+    samples = [
+        json.loads(line)
+        for f in out.rglob("*samples_hm_vllm_mc*.jsonl")
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
     assert len(samples) == 4
     for s in samples:
         lls = [float(x[0]) for x in s["filtered_resps"]]
@@ -448,12 +525,12 @@ def test_lmms_eval_cli_backend_vllm(vl, work):
 
 _TEXT_TASKS = {
     "hm_vt_gen": 'output_type: generate_until\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
-                 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
-                 'metric_list:\n  - metric: exact_match\n',
+    'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
+    "metric_list:\n  - metric: exact_match\n",
     "hm_vt_mc": 'output_type: multiple_choice\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: ["yes", "no"]\n'
-                'doc_to_target: "{{0 if answer == \'yes\' else 1}}"\nmetric_list:\n  - metric: acc\n',
+    "doc_to_target: \"{{0 if answer == 'yes' else 1}}\"\nmetric_list:\n  - metric: acc\n",
     "hm_vt_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{question}} {{answer}}"\n'
-                 'metric_list:\n  - metric: word_perplexity\n',
+    "metric_list:\n  - metric: word_perplexity\n",
 }
 
 
@@ -464,22 +541,43 @@ def test_lm_eval_cli_backend_vllm(work):
 
     base = work / "text_lm_cli"
     build_text_lm(base)
-    ad = random_lora(base, work / "text_lora_cli", rank=4, alpha=8, seed=9, std=2.0, targets=("q_proj", "v_proj"))
+    ad = random_lora(
+        base, work / "text_lora_cli", rank=4, alpha=8, seed=9, std=2.0, targets=("q_proj", "v_proj")
+    )
     d = work / "lm_tasks"
     d.mkdir(exist_ok=True)
     qa = [("is the sky blue", "yes"), ("is fire cold", "no"), ("is water wet", "yes"), ("can fish fly", "no")]
     (d / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
     for name, body in _TEXT_TASKS.items():
-        (d / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                                        f"    test: {d / 'qa.jsonl'}\ntest_split: test\n{body}metadata:\n  version: 0.0\n")
+        (d / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {d / 'qa.jsonl'}\ntest_split: test\n{body}metadata:\n  version: 0.0\n"
+        )
     exe = Path(sys.executable).parent / "lm-eval-merged"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "harness_merge.harness.lm_eval_cli"]
     out = work / "lm_eval_out"
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf_datasets"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    p = subprocess.run(cmd + ["--model", "merged", "--model_args",
-                              f"pretrained={base},adapters=[{ad}],method=ta,backend=vllm,dtype=float32",
-                              "--tasks", ",".join(_TEXT_TASKS), "--include_path", str(d), "--output_path", str(out)],
-                       check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        cmd
+        + [
+            "--model",
+            "merged",
+            "--model_args",
+            f"pretrained={base},adapters=[{ad}],method=ta,backend=vllm,dtype=float32",
+            "--tasks",
+            ",".join(_TEXT_TASKS),
+            "--include_path",
+            str(d),
+            "--output_path",
+            str(out),
+        ],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     explain = f"rc={p.returncode}\n--- stdout ---\n{p.stdout[-3000:]}\n--- stderr ---\n{p.stderr[-6000:]}"
     assert p.returncode == 0, explain
     files = sorted(out.rglob("results*.json"))
@@ -514,10 +612,22 @@ def test_leaderboard_grid_on_one_vllm_engine(vl, work):
     from harness_merge.leaderboard import regress, runner
 
     grid = {
-        "name": "vllm_tiny", "base": vl["base"], "adapters": {f"a{i}": str(a) for i, a in enumerate(vl["adapters"])},
-        "methods": ["copa", "ta", "ties"], "tasks": ["demo_colour"], "include_path": [str(REPO / "task_configs" / "local")],
-        "references": {"base": True, "adapters": False}, "backend": "vllm", "limit": 3, "batch_size": 4,
-        "model_args": {"dtype": "float32", "max_model_len": 1024, "max_new_tokens": 4, "cache_dir": str(vl["cache"])},
+        "name": "vllm_tiny",
+        "base": vl["base"],
+        "adapters": {f"a{i}": str(a) for i, a in enumerate(vl["adapters"])},
+        "methods": ["copa", "ta", "ties"],
+        "tasks": ["demo_colour"],
+        "include_path": [str(REPO / "task_configs" / "local")],
+        "references": {"base": True, "adapters": False},
+        "backend": "vllm",
+        "limit": 3,
+        "batch_size": 4,
+        "model_args": {
+            "dtype": "float32",
+            "max_model_len": 1024,
+            "max_new_tokens": 4,
+            "cache_dir": str(vl["cache"]),
+        },
     }
     path = work / "vllm_grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -528,7 +638,10 @@ def test_leaderboard_grid_on_one_vllm_engine(vl, work):
     cells = {c["label"]: c for c in data["cells"]}
     assert set(cells) == {"base (zero-shot)", "copa", "ta", "ties"}
     assert all(0.0 <= c["value"] <= 100.0 for c in cells.values())
-    assert cells["copa"]["manifest"]["merge"]["format"] == "lora" and cells["ties"]["manifest"]["merge"]["format"] == "full"
+    assert (
+        cells["copa"]["manifest"]["merge"]["format"] == "lora"
+        and cells["ties"]["manifest"]["merge"]["format"] == "full"
+    )
     assert len(hm_vllm.engines()) - before <= 2  # the shared LoRA engine (+ the full-weight model's)
     out = work / "vllm_lb" / "results.json"
     assert regress.main(["--baseline", str(out), "--results", str(out)]) == 0

@@ -3,6 +3,7 @@ own merges (run in-process on the same tiny checkpoints) where the conventions
 agree: the linear maps of linear, task_arithmetic, ties (equal weights) and
 dare_linear at density 1. Embeddings and norms follow our average policy, so
 they are compared only where mergekit's result is the same (equal weights)."""
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,11 @@ def checkpoints(tiny_base, tmp_path_factory):
         shutil.copytree(base, d)
         sd = load_file(d / "model.safetensors")
         g = torch.Generator().manual_seed(i)
-        save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
-                  d / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+            d / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         fts.append(d)
     return root, base, fts
 
@@ -49,8 +53,11 @@ def _mergekit(cfg: dict, out: Path) -> dict[str, torch.Tensor]:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    run_merge(MergeConfiguration.model_validate(cfg), str(out),
-              options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False))
+    run_merge(
+        MergeConfiguration.model_validate(cfg),
+        str(out),
+        options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, low_cpu_memory=False),
+    )
     return _weights(out)
 
 
@@ -64,8 +71,12 @@ def _ours(cfg: dict, root: Path, name: str, capsys) -> tuple[dict[str, torch.Ten
 
 
 def _cfg(method, base, fts, model_params, params=None):
-    cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32",
-           "models": [{"model": str(f), "parameters": p} for f, p in zip(fts, model_params)]}
+    cfg = {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [{"model": str(f), "parameters": p} for f, p in zip(fts, model_params)],
+    }
     if params:
         cfg["parameters"] = params
     return cfg
@@ -99,8 +110,11 @@ def test_matches_mergekit_on_linear_maps(checkpoints, tmp_path, capsys, method):
 def test_linear_equal_weights_matches_everywhere(checkpoints, tmp_path, capsys):
     """Equal weights: our average policy for embeddings and norms is mergekit's result too."""
     _, _, fts = checkpoints
-    cfg = {"merge_method": "linear", "dtype": "float32",
-           "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts]}  # no base_model
+    cfg = {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in fts],
+    }  # no base_model
     theirs = _mergekit(cfg, tmp_path / "mk")
     ours, err = _ours(cfg, tmp_path, "linear_eq", capsys)
     assert "task vectors taken against the first model" in err
@@ -121,37 +135,82 @@ def test_ties_unequal_weights_differ_and_say_so(checkpoints, tmp_path, capsys):
 
 def test_translation(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump({
-        "merge_method": "dare_ties", "base_model": "b",
-        "models": [{"model": "b"}, {"model": "x", "parameters": {"density": 0.3, "weight": 2}},
-                   {"model": "y", "parameters": {"density": 0.3, "weight": 1}}],
-        "parameters": {"lambda": 0.5},
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": "b",
+                "models": [
+                    {"model": "b"},
+                    {"model": "x", "parameters": {"density": 0.3, "weight": 2}},
+                    {"model": "y", "parameters": {"density": 0.3, "weight": 1}},
+                ],
+                "parameters": {"lambda": 0.5},
+            }
+        )
+    )
     r = load_recipe(p)
     assert r.method == "dare_ties" and r.adapters == ["x", "y"] and r.base == "b"
     assert r.params["drop_rate"] == pytest.approx(0.7) and r.params["scaling"] == 0.5
     assert r.params["weights"] == pytest.approx([4 / 3, 2 / 3]) and r.params["rescale"] is True
     assert any("L1 ratio" in n for n in r.notes) and any("random masks" in n for n in r.notes)
     # mergekit's base+lora syntax -> LoRA adapters on that base
-    p.write_text(yaml.safe_dump({"merge_method": "task_arithmetic",
-                                 "models": [{"model": "B+la", "parameters": {"weight": 1}},
-                                            {"model": "B+lb", "parameters": {"weight": 1}}]}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "models": [
+                    {"model": "B+la", "parameters": {"weight": 1}},
+                    {"model": "B+lb", "parameters": {"weight": 1}},
+                ],
+            }
+        )
+    )
     r = load_recipe(p)
     assert r.method == "ta" and r.adapters == ["la", "lb"] and r.base == "B"
 
 
-@pytest.mark.parametrize("doc,match", [
-    ({"merge_method": "slerp", "base_model": "b", "models": ["x"]}, "merge_method 'slerp' has no harness-merge"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": [0.1, 0.5]}}]},
-     r"models\[0\] parameter 'density': per-layer gradients"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"density": 0.2}},
-                                                             {"model": "y", "parameters": {"density": 0.4}}]},
-     "per-model densities"),
-    ({"merge_method": "ties", "models": ["x", "y"]}, "needs 'base_model'"),
-    ({"merge_method": "ties", "base_model": "b", "models": ["x"], "slices": []}, r"key\(s\) \['slices'\]"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x", "parameters": {"gamma": 1}}]},
-     r"unknown mergekit parameter\(s\) \['gamma'\]"),
-])
+@pytest.mark.parametrize(
+    "doc,match",
+    [
+        (
+            {"merge_method": "slerp", "base_model": "b", "models": ["x"]},
+            "merge_method 'slerp' has no harness-merge",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "x", "parameters": {"density": [0.1, 0.5]}}],
+            },
+            r"models\[0\] parameter 'density': per-layer gradients",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [
+                    {"model": "x", "parameters": {"density": 0.2}},
+                    {"model": "y", "parameters": {"density": 0.4}},
+                ],
+            },
+            "per-model densities",
+        ),
+        ({"merge_method": "ties", "models": ["x", "y"]}, "needs 'base_model'"),
+        (
+            {"merge_method": "ties", "base_model": "b", "models": ["x"], "slices": []},
+            r"key\(s\) \['slices'\]",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "b",
+                "models": [{"model": "x", "parameters": {"gamma": 1}}],
+            },
+            r"unknown mergekit parameter\(s\) \['gamma'\]",
+        ),
+    ],
+)
 def test_bad_mergekit_recipes_name_the_key(tmp_path, doc, match):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(doc))
@@ -168,11 +227,28 @@ def test_mergekit_param_names_on_the_command_line():
 
 
 def test_cli_density_merges(adapters, tmp_path, capsys):
-    code = main(["merge", "--adapters", *map(str, adapters[:2]), "--method", "ties", "--param", "density=0.2",
-                 "--out", str(tmp_path / "o"), "--no-cache", "-q", "--rank", "4"])
+    code = main(
+        [
+            "merge",
+            "--adapters",
+            *map(str, adapters[:2]),
+            "--method",
+            "ties",
+            "--param",
+            "density=0.2",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-cache",
+            "-q",
+            "--rank",
+            "4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert "prune_rate=0.8" in err
     import json
 
-    assert json.loads((tmp_path / "o" / "harness_merge.json").read_text())["params"]["prune_rate"] == pytest.approx(0.8)
+    assert json.loads((tmp_path / "o" / "harness_merge.json").read_text())["params"][
+        "prune_rate"
+    ] == pytest.approx(0.8)

@@ -1,5 +1,6 @@
 """Session fixtures for the demo package and the local tasks: tiny models built
 from configs (seconds) and one lmms-eval TaskManager over task_configs/local."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_TASKS = REPO / "task_configs" / "local"
-SIX = ("pope_local", "mme_local", "mmbench_en_dev_local", "scienceqa_img_local", "chartqa_local",
-       "refcoco_bbox_rec_local")
+SIX = (
+    "pope_local",
+    "mme_local",
+    "mmbench_en_dev_local",
+    "scienceqa_img_local",
+    "chartqa_local",
+    "refcoco_bbox_rec_local",
+)
 DEMO = ("demo_colour", "demo_shape", "demo_count")
-
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The local task YAMLs load in lmms-eval's TaskManager (--include_path) and the
 real lmms-eval utils process their parquet rows; regeneration is deterministic."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_TASKS = REPO / "task_configs" / "local"
-SIX = ("pope_local", "mme_local", "mmbench_en_dev_local", "scienceqa_img_local", "chartqa_local",
-       "refcoco_bbox_rec_local")
+SIX = (
+    "pope_local",
+    "mme_local",
+    "mmbench_en_dev_local",
+    "scienceqa_img_local",
+    "chartqa_local",
+    "refcoco_bbox_rec_local",
+)
 DEMO = ("demo_colour", "demo_shape", "demo_count")
 
 pytest.importorskip("lmms_eval")
@@ -23,7 +30,9 @@ def _docs(task):
 
 
 def _make_local_tasks():
-    spec = importlib.util.spec_from_file_location("make_local_tasks", REPO / "scripts" / "make_local_tasks.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_local_tasks", REPO / "scripts" / "make_local_tasks.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -131,7 +140,9 @@ def test_demo_parquet_rows_match_the_demo_eval_rows():
 
     mod = _make_local_tasks()
     for t in ddata.DEMO_TASKS:
-        ds = load_dataset("parquet", data_files={"test": str(LOCAL_TASKS / "demo" / f"demo_{t}.parquet")})["test"]
+        ds = load_dataset("parquet", data_files={"test": str(LOCAL_TASKS / "demo" / f"demo_{t}.parquet")})[
+            "test"
+        ]
         rows = ddata.make_rows(t, mod.DEMO_EVAL_ROWS, seed=mod.DEMO_SEED)
         assert [r["answer"] for r in rows] == ds["answer"]
         assert rows[0]["image"].tobytes() == ds[0]["image"].convert("RGB").tobytes()

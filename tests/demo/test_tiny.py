@@ -1,4 +1,5 @@
 """Tiny offline builders: they load back with transformers and run on an image."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def test_tokenizer_encodes_any_text_and_has_the_specials():
     assert tok.convert_tokens_to_ids(list(tiny.SPECIAL_TOKENS)) == list(range(256, 263))
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
-                        "<|im_start|>assistant\n")
+    assert rendered == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_qwen2vl_loads_and_answers_an_image(qwen2vl_dir):

@@ -1,4 +1,5 @@
 """Brief CPU training: an adapter changes greedy answers and beats the base on its task."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,6 +45,8 @@ def test_colour_adapter_beats_the_base_and_changes_its_answers(trained):
     tuned = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(base), ad)
     tuned_answers = train.greedy_answers(tuned, proc, rows)
     assert tuned_answers != base_answers
+
     def acc(answers):
         return sum(ddata.score(p, r["answer"]) for p, r in zip(answers, rows)) / len(rows)
+
     assert acc(tuned_answers) >= acc(base_answers) + 0.25, (base_answers, tuned_answers)

@@ -3,6 +3,7 @@
 for lmms-eval and lm-eval, a shared merge cache, and a helper that runs the
 real console scripts as subprocesses.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def merge_cache(hw) -> Path:
 # ---------------------------------------------------------------------------
 # tiny local tasks
 # ---------------------------------------------------------------------------
-_MM_UTILS = '''
+_MM_UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
@@ -84,7 +85,7 @@ def mc_doc_to_choice(doc):
 
 def mc_doc_to_target(doc):
     return 0 if doc["answer"] == "yes" else 1
-'''
+"""
 
 _MM_GEN_YAML = """
 task: hm_pope_mini
@@ -148,8 +149,14 @@ def mm_tasks(hw) -> Path:
         rows["question"].append(f"Is there a {'red' if i % 2 == 0 else 'blue'} square in the image?")
         rows["answer"].append("yes" if i % 2 == 0 else "no")
         rows["image"].append(PILImage.new("RGB", (56, 56), c))
-    feats = Features({"question_id": Value("string"), "question": Value("string"),
-                      "answer": Value("string"), "image": Image()})
+    feats = Features(
+        {
+            "question_id": Value("string"),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "image": Image(),
+        }
+    )
     Dataset.from_dict(rows, features=feats).to_parquet(str(d / "data" / "pope_mini.parquet"))
     (d / "utils.py").write_text(_MM_UTILS)
     (d / "hm_pope_mini.yaml").write_text(_MM_GEN_YAML)
@@ -223,10 +230,20 @@ def text_tasks(hw) -> Path:
     d = hw / "text_tasks"
     d.mkdir(exist_ok=True)
     data = d / "qa.jsonl"
-    qa = [("is the sky blue", "yes"), ("is fire cold", "no"), ("is water wet", "yes"),
-          ("can fish fly", "no"), ("is snow white", "yes"), ("is ice hot", "no")]
+    qa = [
+        ("is the sky blue", "yes"),
+        ("is fire cold", "no"),
+        ("is water wet", "yes"),
+        ("can fish fly", "no"),
+        ("is snow white", "yes"),
+        ("is ice hot", "no"),
+    ]
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
-    for name, tmpl in (("hm_text_gen", _TXT_YAML_GEN), ("hm_text_mc", _TXT_YAML_MC), ("hm_text_ppl", _TXT_YAML_PPL)):
+    for name, tmpl in (
+        ("hm_text_gen", _TXT_YAML_GEN),
+        ("hm_text_mc", _TXT_YAML_MC),
+        ("hm_text_ppl", _TXT_YAML_PPL),
+    ):
         (d / f"{name}.yaml").write_text(textwrap.dedent(tmpl.format(data=str(data))))
     return d
 
@@ -237,8 +254,13 @@ def text_tasks(hw) -> Path:
 def _env(hw: Path) -> dict:
     env = dict(os.environ)
     env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-        HF_DATASETS_CACHE=str(hw / "hf_datasets_cache"), OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(hw / "hf_datasets_cache"),
+        OMP_NUM_THREADS="2",
+        PYTHONUNBUFFERED="1",
     )
     return env
 
@@ -249,12 +271,26 @@ def run_cli(hw):
 
     def run(script: str, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
         exe = VENV_BIN / script
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", {
-            "lmms_eval": "harness_merge.harness.lmms_cli",
-            "lm-eval-merged": "harness_merge.harness.lm_eval_cli",
-        }[script]]
-        return subprocess.run(cmd + [str(a) for a in args], cwd=REPO, env=_env(hw), capture_output=True,
-                              text=True, timeout=timeout)
+        cmd = (
+            [str(exe)]
+            if exe.exists()
+            else [
+                sys.executable,
+                "-m",
+                {
+                    "lmms_eval": "harness_merge.harness.lmms_cli",
+                    "lm-eval-merged": "harness_merge.harness.lm_eval_cli",
+                }[script],
+            ]
+        )
+        return subprocess.run(
+            cmd + [str(a) for a in args],
+            cwd=REPO,
+            env=_env(hw),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run
 

@@ -1,20 +1,26 @@
 """LLaVA's vicuna_v1 conversation template, written out by hand from
 llava/conversation.py (conv_vicuna_v1, SeparatorStyle.TWO)."""
+
 import pytest
 
 from harness_merge.backends.base import render_prompt
 from harness_merge.harness import conv_templates
 from harness_merge.harness.model_args import ModelArgsError, parse_model_args
 
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 
 def test_vicuna_v1_prompt_is_llavas():
     t = conv_templates.get_template("vicuna_v1")
     # LLaVA: system + sep, then "USER: " + "<image>\n" + q + sep, then "ASSISTANT:"
     assert t.prompt("What colour is it?", 1) == SYSTEM + " USER: <image>\nWhat colour is it? ASSISTANT:"
-    assert t.prompt("<image>\nWhat colour?", 1, "<|image_pad|>") == SYSTEM + " USER: <|image_pad|>\nWhat colour? ASSISTANT:"
+    assert (
+        t.prompt("<image>\nWhat colour?", 1, "<|image_pad|>")
+        == SYSTEM + " USER: <|image_pad|>\nWhat colour? ASSISTANT:"
+    )
     assert t.prompt("Hi", 0) == SYSTEM + " USER: Hi ASSISTANT:"
 
 

@@ -1,4 +1,5 @@
 """copa on DoRA adapters end to end through the real ``lmms_eval`` command."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ def qwen2vl_dora(hw, qwen2vl):
     from harness_merge.demo.tiny import random_dora
 
     base, _ = qwen2vl
-    doras = [random_dora(base, hw / f"qvl_dora{i}", rank=4, alpha=8, seed=20 + i, std=2.0, magnitude_std=0.5)
-             for i in (1, 2)]
+    doras = [
+        random_dora(base, hw / f"qvl_dora{i}", rank=4, alpha=8, seed=20 + i, std=2.0, magnitude_std=0.5)
+        for i in (1, 2)
+    ]
     plain = []
     for d in doras:
         p = shutil.copytree(d, hw / f"{Path(d).name}_as_lora")
@@ -39,8 +42,13 @@ def qwen2vl_dora(hw, qwen2vl):
 def test_copa_on_dora_through_lmms_eval(run_cli, qwen2vl_dora, mm_tasks, merge_cache, hw):
     base, doras, plain = qwen2vl_dora
     out = hw / "lmms_dora_copa"
-    p = _lmms(run_cli, _model_args(base, doras, "copa", cache_dir=merge_cache), "hm_pope_mini,hm_pope_mc_mini",
-              mm_tasks, out)
+    p = _lmms(
+        run_cli,
+        _model_args(base, doras, "copa", cache_dir=merge_cache),
+        "hm_pope_mini,hm_pope_mc_mini",
+        mm_tasks,
+        out,
+    )
     assert p.returncode == 0, _explain(p)
     results, samples = find_results(out)
     merge = results["config"]["merge"]
@@ -60,7 +68,9 @@ def test_copa_on_dora_through_lmms_eval(run_cli, qwen2vl_dora, mm_tasks, merge_c
 
     # the same factors without magnitudes answer differently: the magnitudes were served
     out2 = hw / "lmms_dora_stripped"
-    p2 = _lmms(run_cli, _model_args(base, plain, "copa", cache_dir=merge_cache), "hm_pope_mc_mini", mm_tasks, out2)
+    p2 = _lmms(
+        run_cli, _model_args(base, plain, "copa", cache_dir=merge_cache), "hm_pope_mc_mini", mm_tasks, out2
+    )
     assert p2.returncode == 0, _explain(p2)
     _, s2 = find_results(out2)
     ll1 = [v for s in sorted(samples["hm_pope_mc_mini"], key=lambda s: s["doc_id"]) for v in _lls(s)]

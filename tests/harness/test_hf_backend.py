@@ -1,5 +1,6 @@
 """The transformers backend in-process: a one-adapter ``ta`` merge reproduces
 base + PeftModel of that adapter; images, stop strings, loglikelihood."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,15 +18,19 @@ def _img(c=(200, 30, 30)):
 
 
 def _mm_req(text="Is there a red square?", **kw):
-    return GenRequest(messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},),
-                      images=(_img(),), **kw)
+    return GenRequest(
+        messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},),
+        images=(_img(),),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def ta_one(qwen2vl, merge_cache):
     base, ads = qwen2vl
-    return merge(MergeSpec(adapters=(str(ads[0]),), method="ta", base=str(base)), cache_dir=merge_cache,
-                 progress=False)
+    return merge(
+        MergeSpec(adapters=(str(ads[0]),), method="ta", base=str(base)), cache_dir=merge_cache, progress=False
+    )
 
 
 def _peft_reference(base, adapter):
@@ -49,7 +54,7 @@ def test_ta_one_adapter_reproduces_peft(qwen2vl, ta_one, fold):
     # and greedy generations agree token for token
     with torch.no_grad():
         ids_ref = ref.generate(**enc, max_new_tokens=6, do_sample=False)
-    text_ref = be.tokenizer.decode(ids_ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text_ref = be.tokenizer.decode(ids_ref[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert be.generate([_mm_req(max_new_tokens=6)]) == [text_ref]
 
 
@@ -65,8 +70,11 @@ def test_merge_changes_outputs(qwen2vl, ta_one):
 def test_generate_batched_equals_single_and_honours_stops(qwen2vl, ta_one):
     base, _ = qwen2vl
     be = load_backend("hf", ta_one, str(base), dtype="float32", batch_size=3)
-    reqs = [_mm_req("one", max_new_tokens=8), _mm_req("a longer question here", max_new_tokens=8),
-            GenRequest(messages=({"role": "user", "content": "text only"},), max_new_tokens=8)]
+    reqs = [
+        _mm_req("one", max_new_tokens=8),
+        _mm_req("a longer question here", max_new_tokens=8),
+        GenRequest(messages=({"role": "user", "content": "text only"},), max_new_tokens=8),
+    ]
     batched = be.generate(reqs)
     single = [be.generate([r])[0] for r in reqs]
     assert batched == single
@@ -74,7 +82,7 @@ def test_generate_batched_equals_single_and_honours_stops(qwen2vl, ta_one):
     if len(full) >= 3:
         stop = full[2]
         cut = be.generate([GenRequest(prompt="hello", max_new_tokens=10, until=(stop,))])[0]
-        assert cut == full[:full.index(stop)]
+        assert cut == full[: full.index(stop)]
 
 
 def test_loglikelihood_matches_manual_sum(text_lm):
@@ -87,8 +95,12 @@ def test_loglikelihood_matches_manual_sum(text_lm):
     with torch.no_grad():
         lp = torch.log_softmax(be.model(input_ids=ids).logits[0].float(), -1)
     want = sum(lp[len(c) - 1 + i, t[i]].item() for i in range(len(t)))
-    got = be.loglikelihood([LLRequest(context=ctx, continuation=cont),
-                            LLRequest(context="a much longer context string", continuation="x")])
+    got = be.loglikelihood(
+        [
+            LLRequest(context=ctx, continuation=cont),
+            LLRequest(context="a much longer context string", continuation="x"),
+        ]
+    )
     assert got[0][0] == pytest.approx(want, abs=1e-4)
     # greedy continuation is recognised as greedy
     g = be.generate([GenRequest(prompt=ctx, max_new_tokens=3)])[0]
@@ -149,7 +161,9 @@ def test_method_none_is_the_base_model(qwen2vl, merge_cache):
     from harness_merge.harness.model_args import parse_model_args
 
     base, _ = qwen2vl
-    loaded = load_merged(parse_model_args(f"pretrained={base},method=none,dtype=float32,cache_dir={merge_cache}"))
+    loaded = load_merged(
+        parse_model_args(f"pretrained={base},method=none,dtype=float32,cache_dir={merge_cache}")
+    )
     assert loaded.artifact is None and loaded.record["manifest"]["method"] == "none"
     plain = load_backend("hf", None, str(base), dtype="float32")
     r = [LLRequest(continuation="yes", messages=_mm_req().messages, images=(_img(),))]

@@ -1,5 +1,6 @@
 """InternVL2.5 (transformers' native classes): full-checkpoint merges served by
 hf through the real ``lmms_eval`` command."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,22 +28,34 @@ def test_internvl_full_checkpoint_merge_through_lmms_eval(run_cli, internvl, mm_
 
     base, cks = internvl
     out = hw / "lmms_internvl_ta"
-    p = _lmms(run_cli, _model_args(base, cks, "ta", cache_dir=merge_cache, scaling=0.5),
-              "hm_pope_mini,hm_pope_mc_mini", mm_tasks, out)
+    p = _lmms(
+        run_cli,
+        _model_args(base, cks, "ta", cache_dir=merge_cache, scaling=0.5),
+        "hm_pope_mini,hm_pope_mc_mini",
+        mm_tasks,
+        out,
+    )
     assert p.returncode == 0, _explain(p)
     results, samples = find_results(out)
     merge = results["config"]["merge"]
     assert merge["artifact"]["kind"] == "full" and merge["manifest"]["inputs_kind"] == "dense"
     assert len(samples["hm_pope_mini"]) == 4
+
     # the served weights: theta_0 + 0.5 * sum_n (theta_n - theta_0), vision tower and projector included
     def load(d):
         return InternVLForConditionalGeneration.from_pretrained(str(d)).state_dict()
+
     got, th0 = load(merge["artifact"]["path"]), load(base)
     ths = [load(c) for c in cks]
     checked = 0
     for k in got:
-        if any(s in k for s in ("vision_tower", "multi_modal_projector", "language_model.layers.0.self_attn.q_proj")) \
-                and got[k].dim() == 2:
+        if (
+            any(
+                s in k
+                for s in ("vision_tower", "multi_modal_projector", "language_model.layers.0.self_attn.q_proj")
+            )
+            and got[k].dim() == 2
+        ):
             exp = th0[k] + 0.5 * sum(t[k] - th0[k] for t in ths)
             torch.testing.assert_close(got[k], exp, rtol=1e-5, atol=1e-5, msg=k)
             checked += 1

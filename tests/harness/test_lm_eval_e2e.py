@@ -1,4 +1,5 @@
 """End to end through the real ``lm-eval-merged`` command (subprocesses)."""
+
 from __future__ import annotations
 
 import math
@@ -15,17 +16,33 @@ def _explain(p) -> str:
 
 
 def _run(run_cli, model_args, tasks, include, out, *extra, model="merged"):
-    return run_cli("lm-eval-merged", [
-        "--model", model, "--model_args", model_args, "--tasks", tasks, "--include_path", str(include),
-        "--limit", "4", "--output_path", str(out), "--log_samples", "--batch_size", "2", *extra,
-    ])
+    return run_cli(
+        "lm-eval-merged",
+        [
+            "--model",
+            model,
+            "--model_args",
+            model_args,
+            "--tasks",
+            tasks,
+            "--include_path",
+            str(include),
+            "--limit",
+            "4",
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--batch_size",
+            "2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def ties_run(run_cli, text_lm, text_tasks, merge_cache, hw):
     base, ads = text_lm
-    ma = (f"pretrained={base},adapters={ads[0]};{ads[1]},method=ties,prune_rate=0.5,"
-          f"cache_dir={merge_cache}")
+    ma = f"pretrained={base},adapters={ads[0]};{ads[1]},method=ties,prune_rate=0.5,cache_dir={merge_cache}"
     out = hw / "lm_ties"
     return _run(run_cli, ma, "hm_text_gen,hm_text_mc,hm_text_ppl", text_tasks, out), out
 
@@ -52,8 +69,13 @@ def test_lm_eval_results(ties_run, text_lm):
 
 def test_lm_eval_unknown_key_fails_visibly(run_cli, text_lm, text_tasks, hw):
     base, ads = text_lm
-    p = _run(run_cli, f"pretrained={base},adapters=[{ads[0]}],method=ta,scalin=2", "hm_text_mc", text_tasks,
-             hw / "lm_bad")
+    p = _run(
+        run_cli,
+        f"pretrained={base},adapters=[{ads[0]}],method=ta,scalin=2",
+        "hm_text_mc",
+        text_tasks,
+        hw / "lm_bad",
+    )
     assert p.returncode != 0, _explain(p)
     assert "harness-merge ERROR" in p.stderr and "scaling" in p.stderr
 
@@ -61,8 +83,13 @@ def test_lm_eval_unknown_key_fails_visibly(run_cli, text_lm, text_tasks, hw):
 def test_lm_eval_misfit_adapter_fails_visibly(run_cli, text_lm, qwen2vl, text_tasks, hw):
     base, ads = text_lm
     other = qwen2vl[1][0]  # an adapter for the Qwen2-VL base
-    p = _run(run_cli, f"pretrained={base},adapters=[{ads[0]},{other}],method=ta", "hm_text_mc", text_tasks,
-             hw / "lm_misfit")
+    p = _run(
+        run_cli,
+        f"pretrained={base},adapters=[{ads[0]},{other}],method=ta",
+        "hm_text_mc",
+        text_tasks,
+        hw / "lm_misfit",
+    )
     assert p.returncode != 0, _explain(p)
     assert "harness-merge ERROR" in p.stderr and str(other) in p.stderr
 
@@ -75,11 +102,24 @@ def test_builtin_hf_beside_merged_and_equal_per_sample(run_cli, text_lm, text_ta
     base, _ = text_lm
     extra = ("--apply_chat_template",) if chat else ()
     tag = "chat" if chat else "plain"
-    p_ref = _run(run_cli, f"pretrained={base},dtype=float32", "hm_text_mc", text_tasks, hw / f"lm_hf_{tag}",
-                 *extra, model="hf")
+    p_ref = _run(
+        run_cli,
+        f"pretrained={base},dtype=float32",
+        "hm_text_mc",
+        text_tasks,
+        hw / f"lm_hf_{tag}",
+        *extra,
+        model="hf",
+    )
     assert p_ref.returncode == 0, _explain(p_ref)
-    p_our = _run(run_cli, f"pretrained={base},method=none,dtype=float32", "hm_text_mc", text_tasks,
-                 hw / f"lm_none_{tag}", *extra)
+    p_our = _run(
+        run_cli,
+        f"pretrained={base},method=none,dtype=float32",
+        "hm_text_mc",
+        text_tasks,
+        hw / f"lm_none_{tag}",
+        *extra,
+    )
     assert p_our.returncode == 0, _explain(p_our)
     _, s_ref = find_results(hw / f"lm_hf_{tag}")
     _, s_our = find_results(hw / f"lm_none_{tag}")

@@ -5,6 +5,7 @@ In-process (fast): both models answer the same ``Instance`` lists. The CLI twin
 (``lm-eval-merged --model hf`` beside ``--model merged``) is in
 ``test_lm_eval_e2e.py``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,13 @@ from harness_merge.backends.base import encode_pair  # noqa: E402
 
 # contexts as lm-eval builds them: with a trailing space/newline (moved into the
 # continuation by _encode_pair), without, empty (prefix token), and chat-templated
-QA = [("Q: is the sky blue\nA:", " yes"), ("Q: is fire cold\nA: ", "no"), ("Question: 2+2=\n", "4\n"),
-      ("", "hello world"), ("The cat", " sat on the mat.")]
+QA = [
+    ("Q: is the sky blue\nA:", " yes"),
+    ("Q: is fire cold\nA: ", "no"),
+    ("Question: 2+2=\n", "4\n"),
+    ("", "hello world"),
+    ("The cat", " sat on the mat."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,9 @@ def pair(text_lm):
 
     base, _ = text_lm
     ref = HFLM(pretrained=str(base), device="cpu", batch_size=1, dtype="float32")
-    ours = MergedLM.create_from_arg_string(f"pretrained={base},method=none,dtype=float32,device=cpu",
-                                           {"batch_size": 1})
+    ours = MergedLM.create_from_arg_string(
+        f"pretrained={base},method=none,dtype=float32,device=cpu", {"batch_size": 1}
+    )
     return ref, ours
 
 
@@ -70,8 +77,9 @@ def test_loglikelihood_equals_hflm_per_request(pair, chat):
 def test_rolling_and_generate_equal_hflm(pair):
     ref, ours = pair
     texts = [("is the sky blue yes",), ("can fish fly no " * 3,)]
-    r = ref.loglikelihood_rolling([_inst("loglikelihood_rolling", t, i) for i, t in enumerate(texts)],
-                                  disable_tqdm=True)
+    r = ref.loglikelihood_rolling(
+        [_inst("loglikelihood_rolling", t, i) for i, t in enumerate(texts)], disable_tqdm=True
+    )
     o = ours.loglikelihood_rolling([_inst("loglikelihood_rolling", t, i) for i, t in enumerate(texts)])
     assert o == pytest.approx(r, abs=1e-4)
     # HFLM passes max_length=context+max_gen_toks, which transformers ignores when the

@@ -1,6 +1,7 @@
 """Data parallel: ``accelerate launch --num_processes 2 -m lmms_eval --model merged``
 on CPU gives the single-process run's per-sample outputs; the merge is built
 once (both ranks use one cache entry) and each rank serves its shard."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _samples(out):
     _, s = find_results(out)
-    return {t: {d["doc_id"]: (d.get("arguments"), d["filtered_resps"]) for d in v}
-            for t, v in s.items()}
+    return {t: {d["doc_id"]: (d.get("arguments"), d["filtered_resps"]) for d in v} for t, v in s.items()}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
@@ -27,10 +27,23 @@ def test_two_process_accelerate_run_equals_single_process(run_cli, qwen2vl, mm_t
     tasks = "hm_pope_mini,hm_pope_mc_mini"
 
     def args(out, cache):
-        return ["--model", "merged", "--model_args",
-                f"pretrained={base},adapters=[{ads[0]},{ads[1]}],method=copa,cache_dir={cache}",
-                "--tasks", tasks, "--include_path", str(mm_tasks), "--limit", "5", "--output_path", str(out),
-                "--log_samples", "--batch_size", "1"]
+        return [
+            "--model",
+            "merged",
+            "--model_args",
+            f"pretrained={base},adapters=[{ads[0]},{ads[1]}],method=copa,cache_dir={cache}",
+            "--tasks",
+            tasks,
+            "--include_path",
+            str(mm_tasks),
+            "--limit",
+            "5",
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--batch_size",
+            "1",
+        ]
 
     single = run_cli("lmms_eval", args(hw / "dp_single", hw / "dp_cache1"))
     assert single.returncode == 0, single.stderr[-4000:]
@@ -39,10 +52,24 @@ def test_two_process_accelerate_run_equals_single_process(run_cli, qwen2vl, mm_t
     # .venv (CPU torch); the launch subcommand's module runs the same launcher.
     # On CPU: `--cpu` starts ONE process (multi-CPU needs mpirun), so the torchrun
     # launcher (--multi_gpu) with ACCELERATE_USE_CPU=true (Accelerator: MULTI_CPU, gloo)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617",
-           "-m", "lmms_eval"] + [str(a) for a in args(hw / "dp_two", hw / "dp_cache2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29617",
+        "-m",
+        "lmms_eval",
+    ] + [str(a) for a in args(hw / "dp_two", hw / "dp_cache2")]
     env = _env(hw)
     env["OMP_NUM_THREADS"] = "1"
     env["ACCELERATE_USE_CPU"] = "true"
@@ -66,4 +93,5 @@ def test_two_process_accelerate_run_equals_single_process(run_cli, qwen2vl, mm_t
     res, _ = find_results(hw / "dp_two")
     assert res["config"]["merge"]["world_size"] == 2
     assert json.dumps(res["config"]["merge"]["manifest"]["adapters"]) == json.dumps(
-        find_results(hw / "dp_single")[0]["config"]["merge"]["manifest"]["adapters"])
+        find_results(hw / "dp_single")[0]["config"]["merge"]["manifest"]["adapters"]
+    )

@@ -1,4 +1,5 @@
 """End to end through the real ``lmms_eval`` command (subprocesses)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,11 +20,27 @@ def _model_args(base, adapters, method="copa", **extra) -> str:
 
 
 def _lmms(run_cli, model_args: str, tasks: str, include: Path, out: Path, *extra: str):
-    return run_cli("lmms_eval", [
-        "--model", "merged", "--model_args", model_args, "--tasks", tasks,
-        "--include_path", str(include), "--limit", str(LIMIT), "--output_path", str(out),
-        "--log_samples", "--batch_size", "2", *extra,
-    ])
+    return run_cli(
+        "lmms_eval",
+        [
+            "--model",
+            "merged",
+            "--model_args",
+            model_args,
+            "--tasks",
+            tasks,
+            "--include_path",
+            str(include),
+            "--limit",
+            str(LIMIT),
+            "--output_path",
+            str(out),
+            "--log_samples",
+            "--batch_size",
+            "2",
+            *extra,
+        ],
+    )
 
 
 def _lls(sample) -> list[float]:
@@ -150,8 +167,10 @@ def test_upstream_lmms_eval_command_finds_merged(run_cli):
     import subprocess
     import sys
 
-    code = ("from lmms_eval.models import get_model; c = get_model('merged'); "
-            "print(c.__module__ + '.' + c.__name__)")
+    code = (
+        "from lmms_eval.models import get_model; c = get_model('merged'); "
+        "print(c.__module__ + '.' + c.__name__)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert "harness_merge.harness.lmms_model.MergedLMM" in p.stdout
@@ -160,19 +179,35 @@ def test_upstream_lmms_eval_command_finds_merged(run_cli):
 LOCAL_TASKS = REPO / "task_configs" / "local"
 
 
-@pytest.mark.skipif(not (LOCAL_TASKS / "pope_local.yaml").exists() and not any(LOCAL_TASKS.rglob("pope_local*.yaml"))
-                    if LOCAL_TASKS.exists() else True,
-                    reason="task_configs/local (pope_local, mme_local) not in this checkout")
+@pytest.mark.skipif(
+    not (LOCAL_TASKS / "pope_local.yaml").exists() and not any(LOCAL_TASKS.rglob("pope_local*.yaml"))
+    if LOCAL_TASKS.exists()
+    else True,
+    reason="task_configs/local (pope_local, mme_local) not in this checkout",
+)
 def test_local_copies_of_real_benchmarks(run_cli, qwen2vl, merge_cache, hw):
     """The demo's local POPE/MME copies run through the real CLI with their own metrics
     (an even limit: MME scores questions in pairs)."""
     base, ads = qwen2vl
     out = hw / "lmms_local"
-    p = run_cli("lmms_eval", [
-        "--model", "merged", "--model_args", _model_args(base, ads, "copa", cache_dir=merge_cache),
-        "--include_path", str(LOCAL_TASKS), "--tasks", "pope_local,mme_local", "--limit", "4",
-        "--output_path", str(out), "--log_samples",
-    ])
+    p = run_cli(
+        "lmms_eval",
+        [
+            "--model",
+            "merged",
+            "--model_args",
+            _model_args(base, ads, "copa", cache_dir=merge_cache),
+            "--include_path",
+            str(LOCAL_TASKS),
+            "--tasks",
+            "pope_local,mme_local",
+            "--limit",
+            "4",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ],
+    )
     assert p.returncode == 0, _explain(p)
     results, samples = find_results(out)
     assert "pope_local" in results["results"] and "mme_local" in results["results"]

@@ -1,4 +1,5 @@
 """Unit tests of the shared model_args parser and the backend seam helpers."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,18 +31,27 @@ def test_split_rejects_bare_comma_list():
         split_arg_string("pretrained=/m,adapters=a,b")
 
 
-@pytest.mark.parametrize("v,out", [
-    ("[a,b,c]", ("a", "b", "c")), ("a;b;c", ("a", "b", "c")), ("a", ("a",)), (["a", "b"], ("a", "b")),
-    ("[ a , 'b' ]", ("a", "b")), ("[a;b]", ("a", "b")),
-])
+@pytest.mark.parametrize(
+    "v,out",
+    [
+        ("[a,b,c]", ("a", "b", "c")),
+        ("a;b;c", ("a", "b", "c")),
+        ("a", ("a",)),
+        (["a", "b"], ("a", "b")),
+        ("[ a , 'b' ]", ("a", "b")),
+        ("[a;b]", ("a", "b")),
+    ],
+)
 def test_parse_list(v, out):
     assert parse_list(v) == out
 
 
 def test_full_parse_copa():
-    h = parse_model_args("pretrained=/b,adapters=[/a1,/a2],method=copa,prune_rate=0.8,combine=sum_of_products,"
-                         "scaling=2,backend=hf,dtype=float32,batch_size=4,max_new_tokens=16,cache_dir=/c,"
-                         "format=lora,rank=8,fold=true")
+    h = parse_model_args(
+        "pretrained=/b,adapters=[/a1,/a2],method=copa,prune_rate=0.8,combine=sum_of_products,"
+        "scaling=2,backend=hf,dtype=float32,batch_size=4,max_new_tokens=16,cache_dir=/c,"
+        "format=lora,rank=8,fold=true"
+    )
     assert h.pretrained == "/b" and h.adapters == ("/a1", "/a2") and h.method == "copa"
     assert h.params == {"prune_rate": "0.8", "combine": "sum_of_products", "scaling": "2"}
     assert h.format == "lora" and h.rank == 8 and h.cache_dir == "/c" and h.backend == "hf"
@@ -52,8 +62,17 @@ def test_full_parse_copa():
 
 def test_kwargs_from_harness_typed_values_and_defaults():
     # lmms-eval / lm-eval may hand typed values and CLI defaults (batch_size/device)
-    h = parse_model_args({"pretrained": "/b", "adapters": "/a1;/a2", "method": "dare", "drop_rate": 0.3,
-                          "seed": 7, "weights": "[1,2]"}, defaults={"batch_size": "3", "device": None})
+    h = parse_model_args(
+        {
+            "pretrained": "/b",
+            "adapters": "/a1;/a2",
+            "method": "dare",
+            "drop_rate": 0.3,
+            "seed": 7,
+            "weights": "[1,2]",
+        },
+        defaults={"batch_size": "3", "device": None},
+    )
     assert h.params == {"drop_rate": 0.3, "seed": 7, "weights": "1,2"}
     assert h.backend_opts == {"batch_size": 3}
     h2 = parse_model_args("pretrained=/b,adapters=[/a],method=ta,batch_size=5", defaults={"batch_size": 1})
@@ -81,28 +100,38 @@ def test_unknown_method_lists_available():
         parse_model_args("pretrained=/b,adapters=[/a],method=copaa")
 
 
-@pytest.mark.parametrize("s,match", [
-    ("adapters=[/a],method=ta", "pretrained"),
-    ("pretrained=/b,method=ta", "adapters is required"),
-    ("pretrained=/b,adapters=[/a]", "method is required.*copa"),
-    ("pretrained=/b,adapters=[/a],method=ta,backend=tgi", "backend must be hf or vllm"),
-    ("pretrained=/b,adapters=[/a],method=ta,format=gguf", "format must be"),
-    ("pretrained=/b,adapters=[/a],method=ta,rank=0", "rank must be >= 1"),
-    ("pretrained=/b,adapters=[/a],method=ta,batch_size=x", "batch_size must be an integer"),
-    ("pretrained=/b,adapters=[/a],method=ta,fold=maybe", "fold must be true or false"),
-    ("pretrained=/b,adapters=[/a],method=ta,tensor_parallel_size=2", "backend=vllm only"),
-    ("pretrained=/b,adapters=[/a],method=ta,backend=vllm,fold=true", "fold applies to backend=hf"),
-])
+@pytest.mark.parametrize(
+    "s,match",
+    [
+        ("adapters=[/a],method=ta", "pretrained"),
+        ("pretrained=/b,method=ta", "adapters is required"),
+        ("pretrained=/b,adapters=[/a]", "method is required.*copa"),
+        ("pretrained=/b,adapters=[/a],method=ta,backend=tgi", "backend must be hf or vllm"),
+        ("pretrained=/b,adapters=[/a],method=ta,format=gguf", "format must be"),
+        ("pretrained=/b,adapters=[/a],method=ta,rank=0", "rank must be >= 1"),
+        ("pretrained=/b,adapters=[/a],method=ta,batch_size=x", "batch_size must be an integer"),
+        ("pretrained=/b,adapters=[/a],method=ta,fold=maybe", "fold must be true or false"),
+        ("pretrained=/b,adapters=[/a],method=ta,tensor_parallel_size=2", "backend=vllm only"),
+        ("pretrained=/b,adapters=[/a],method=ta,backend=vllm,fold=true", "fold applies to backend=hf"),
+    ],
+)
 def test_bad_values(s, match):
     with pytest.raises(ModelArgsError, match=match):
         parse_model_args(s)
 
 
 def test_vllm_pass_throughs():
-    h = parse_model_args("pretrained=/b,adapters=[/a],method=ta,backend=vllm,tensor_parallel_size=2,"
-                         "gpu_memory_utilization=0.5,max_model_len=4096,enforce_eager=true,max_lora_rank=64")
-    assert h.backend_opts == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5, "max_model_len": 4096,
-                              "enforce_eager": True, "max_lora_rank": 64}
+    h = parse_model_args(
+        "pretrained=/b,adapters=[/a],method=ta,backend=vllm,tensor_parallel_size=2,"
+        "gpu_memory_utilization=0.5,max_model_len=4096,enforce_eager=true,max_lora_rank=64"
+    )
+    assert h.backend_opts == {
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.5,
+        "max_model_len": 4096,
+        "enforce_eager": True,
+        "max_lora_rank": 64,
+    }
 
 
 def test_batch_size_auto_is_refused_with_a_message():
@@ -125,7 +154,7 @@ def test_rolling_windows_cover_every_token_once():
 
 
 def test_cut_at_stop_takes_earliest():
-    assert cut_at_stop("abc\ndef.ghi", ["." , "\n"]) == "abc"
+    assert cut_at_stop("abc\ndef.ghi", [".", "\n"]) == "abc"
     assert cut_at_stop("abc", ["", "x"]) == "abc"
 
 
@@ -165,10 +194,12 @@ def test_import_harness_merge_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, harness_merge, harness_merge.backends, harness_merge.harness, "
-            "harness_merge.harness.model_args; "
-            "bad = [m for m in ('vllm', 'lmms_eval', 'lm_eval', 'transformers') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, harness_merge, harness_merge.backends, harness_merge.harness, "
+        "harness_merge.harness.model_args; "
+        "bad = [m for m in ('vllm', 'lmms_eval', 'lm_eval', 'transformers') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
@@ -189,7 +220,9 @@ def test_wudi_device_flat_is_the_serving_device_not_the_method_parameter():
     h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi,device=cuda:0")
     assert h.backend_opts["device"] == "cuda:0"
     assert "device" not in h.params
-    h = parse_model_args("pretrained=/b,adapters=[/a,/c],method=wudi,params={device=cpu,iterations=5},device=cuda:1")
+    h = parse_model_args(
+        "pretrained=/b,adapters=[/a,/c],method=wudi,params={device=cpu,iterations=5},device=cuda:1"
+    )
     assert h.params == {"device": "cpu", "iterations": "5"} and h.backend_opts["device"] == "cuda:1"
 
 
@@ -225,12 +258,20 @@ def test_params_errors_name_the_key():
 
 
 def test_serving_keys_users_type_are_accepted():
-    h = parse_model_args("pretrained=Qwen/Qwen2-VL-7B-Instruct,method=none,max_pixels=602112,min_pixels=3136,"
-                         "device_map=auto,attn_implementation=sdpa,revision=abc123,subfolder=sub,"
-                         "chat_template=/t.jinja,prompt_profile=qwen2_vl")
-    assert h.backend_opts == {"max_pixels": 602112, "min_pixels": 3136, "device_map": "auto",
-                              "attn_implementation": "sdpa", "revision": "abc123", "subfolder": "sub",
-                              "chat_template": "/t.jinja"}
+    h = parse_model_args(
+        "pretrained=Qwen/Qwen2-VL-7B-Instruct,method=none,max_pixels=602112,min_pixels=3136,"
+        "device_map=auto,attn_implementation=sdpa,revision=abc123,subfolder=sub,"
+        "chat_template=/t.jinja,prompt_profile=qwen2_vl"
+    )
+    assert h.backend_opts == {
+        "max_pixels": 602112,
+        "min_pixels": 3136,
+        "device_map": "auto",
+        "attn_implementation": "sdpa",
+        "revision": "abc123",
+        "subfolder": "sub",
+        "chat_template": "/t.jinja",
+    }
     assert h.prompt_profile == "qwen2_vl"
     with pytest.raises(ModelArgsError, match=r"prompt_profile must be one of .*qwen2_vl"):
         parse_model_args("pretrained=/b,method=none,prompt_profile=qwen")
@@ -245,7 +286,11 @@ def test_serving_keys_users_type_are_accepted():
 def test_run_id_is_readable_and_separates_merges():
     from harness_merge.harness import run_id
 
-    man = {"method": "copa", "params": {"prune_rate": 0.8}, "adapters": [{"sha256": "a" * 64}, {"sha256": "b" * 64}]}
+    man = {
+        "method": "copa",
+        "params": {"prune_rate": 0.8},
+        "adapters": [{"sha256": "a" * 64}, {"sha256": "b" * 64}],
+    }
     h = parse_model_args("pretrained=Qwen/Qwen2-VL-7B-Instruct,adapters=[/a,/b],method=copa")
     rid = run_id(h, man)
     assert rid.startswith("Qwen2-VL-7B-Instruct__copa-") and len(rid.split("-")[-1]) == 8

@@ -1,6 +1,7 @@
 """Prompt profiles (harness_merge.harness.profiles): what each renders, checked
 against the lmms-eval class behaviour written out here. The end-to-end parity
 with the real classes is in test_lmms_parity.py."""
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,9 @@ def test_qwen2_vl_messages_system_prompt_and_unstripped_context():
     assert m[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert m[1]["content"] == [{"type": "image"}, {"type": "text", "text": "\nWhat colour? "}]
     plain = P.messages(P.get_profile("plain"), "<image>\nWhat colour? ", 1)
-    assert plain == ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},)
+    assert plain == (
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+    )
 
 
 def test_qwen2_vl_images_are_jpeg85_then_resized_to_multiples_of_28():
@@ -58,8 +61,11 @@ def test_gen_params_defaults_per_profile():
     assert P.gen_params(P.get_profile("plain"), {})["max_new_tokens"] is None
     assert P.finish(P.get_profile("qwen2_vl"), "  yes \n") == "yes"
     assert P.finish(P.get_profile("plain"), " yes ") == " yes "
-    assert P.get_profile("qwen2_vl").backend_opts() == {"eos_from": "tokenizer", "min_pixels": 3136,
-                                                        "max_pixels": 602112}
+    assert P.get_profile("qwen2_vl").backend_opts() == {
+        "eos_from": "tokenizer",
+        "min_pixels": 3136,
+        "max_pixels": 602112,
+    }
 
 
 def test_llava_hf_image_tokens_text():

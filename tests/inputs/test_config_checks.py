@@ -1,5 +1,6 @@
 """Inputs that used to pass silently: a config rank that disagrees with the
 tensors (PEFT refuses such an adapter), differing base models, mixed dtypes."""
+
 import json
 import logging
 import shutil
@@ -20,10 +21,13 @@ def _set_config(ad, **kv):
     p.write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("change,module,cfg_rank,src", [
-    ({"r": 8}, "model.layers.0.mlp.down_proj", 8, "r"),
-    ({"rank_pattern": {"v_proj": 2}}, "model.layers.0.self_attn.v_proj", 2, "rank_pattern"),
-])
+@pytest.mark.parametrize(
+    "change,module,cfg_rank,src",
+    [
+        ({"r": 8}, "model.layers.0.mlp.down_proj", 8, "r"),
+        ({"rank_pattern": {"v_proj": 2}}, "model.layers.0.self_attn.v_proj", 2, "rank_pattern"),
+    ],
+)
 def test_config_rank_disagreeing_with_tensors_is_refused(change, module, cfg_rank, src, adapters, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -45,7 +49,9 @@ def test_config_rank_disagreeing_with_tensors_is_refused(change, module, cfg_ran
 def test_rank_pattern_that_matches_is_accepted(tiny_base, tmp_path, make_adapter):
     ad = make_adapter(tiny_base, tmp_path / "ad", r=4, rank_pattern={"down_proj": 2})
     inputs = open_inputs([str(ad)])
-    assert inputs.ranks("model.layers.1.mlp.down_proj") == [2] and inputs.ranks("model.layers.1.self_attn.q_proj") == [4]
+    assert inputs.ranks("model.layers.1.mlp.down_proj") == [2] and inputs.ranks(
+        "model.layers.1.self_attn.q_proj"
+    ) == [4]
 
 
 def test_differing_bases_warn(adapters, tmp_path, caplog):
@@ -65,14 +71,21 @@ def test_differing_bases_warn(adapters, tmp_path, caplog):
 def test_mixed_dtypes_write_float32_with_a_warning(tiny_base, adapters, tmp_path, make_adapter, caplog):
     bf = make_adapter(tiny_base, tmp_path / "bf16", seed=7, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING, logger="harness_merge"):
-        art = merge(MergeSpec(adapters=(str(adapters[0]), str(bf)), method="ta"), use_cache=False,
-                    out=tmp_path / "o", progress=False)
+        art = merge(
+            MergeSpec(adapters=(str(adapters[0]), str(bf)), method="ta"),
+            use_cache=False,
+            out=tmp_path / "o",
+            progress=False,
+        )
     assert any("mix dtypes" in r.getMessage() and "float32" in r.getMessage() for r in caplog.records)
     assert art.manifest["dtype"] == "float32"
     sd = load_file(tmp_path / "o" / "adapter_model.safetensors")
     assert {t.dtype for t in sd.values()} == {torch.float32}
     # Oracle: the float32 sum of both deltas (the bf16 factors exactly upcast).
-    a32, b16 = load_file(adapters[0] / "adapter_model.safetensors"), load_file(bf / "adapter_model.safetensors")
+    a32, b16 = (
+        load_file(adapters[0] / "adapter_model.safetensors"),
+        load_file(bf / "adapter_model.safetensors"),
+    )
     m = "model.layers.0.self_attn.q_proj"
     k = f"base_model.model.{m}"
 
@@ -96,7 +109,9 @@ def test_checkpoint_dtype_differing_from_base_warns(tiny_base, tmp_path, caplog)
     ck = tmp_path / "ck"
     shutil.copytree(tiny_base, ck)
     sd = load_file(tiny_base / "model.safetensors")
-    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, ck / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in sd.items()}, ck / "model.safetensors", metadata={"format": "pt"}
+    )
     with caplog.at_level(logging.WARNING, logger="harness_merge"):
         inputs = open_inputs([str(ck)], base=str(tiny_base))
     msgs = [r.getMessage() for r in caplog.records if "checkpoint dtypes differ" in r.getMessage()]

@@ -1,5 +1,6 @@
 """DoRA adapters: reading, merging (direction via LoRA, magnitude averaged), and
 the artifacts against PEFT's own DoRA model and the formula written out."""
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,10 @@ def make_dora(base, out, *, seed, r=4, alpha=8, mag_noise=0.3):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                        LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0,
-                                   use_dora=True))
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=True),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -73,10 +75,15 @@ def oracle_weights(base, adapter_dirs, *, lam=1.0, average=False):
     for key in sds[0]:
         if not key.endswith("lora_magnitude_vector"):
             continue
-        mod = key[len("base_model.model."): -len(".lora_magnitude_vector")]
+        mod = key[len("base_model.model.") : -len(".lora_magnitude_vector")]
         W0 = named[mod].weight.detach().float()
-        deltas = [c["lora_alpha"] / c["r"] * sd[f"base_model.model.{mod}.lora_B.weight"]
-                  @ sd[f"base_model.model.{mod}.lora_A.weight"] for sd, c in zip(sds, cfgs)]
+        deltas = [
+            c["lora_alpha"]
+            / c["r"]
+            * sd[f"base_model.model.{mod}.lora_B.weight"]
+            @ sd[f"base_model.model.{mod}.lora_A.weight"]
+            for sd, c in zip(sds, cfgs)
+        ]
         dV = sum(deltas) / len(deltas) if average else lam * sum(deltas)
         m = sum(sd[key] for sd in sds) / len(sds)
         V = W0 + dV
@@ -143,8 +150,11 @@ def test_one_dora_adapter_merge_equals_peft_dora(tiny_base, doras, tmp_path, met
     got = PeftModel.from_pretrained(base_model(tiny_base), str(art.path)).eval()
     torch.testing.assert_close(logits(got), ref_logits, rtol=1e-4, atol=1e-4)
 
-    full = merge(MergeSpec(adapters=(str(doras[0]),), method=method, base=str(tiny_base), format="full"),
-                 cache_dir=tmp_path / "c", progress=False)
+    full = merge(
+        MergeSpec(adapters=(str(doras[0]),), method=method, base=str(tiny_base), format="full"),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
     assert full.kind == "full"
     merged_by_peft = peft_model(tiny_base, doras[0]).merge_and_unload()
     torch.testing.assert_close(logits(base_model(full.path)), ref_logits, rtol=1e-4, atol=1e-4)
@@ -162,12 +172,17 @@ def test_magnitude_matters(tiny_base, doras, tmp_path):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     sd = load_file(str(d / "adapter_model.safetensors"))
     save_file({k: v for k, v in sd.items() if "magnitude" not in k}, str(d / "adapter_model.safetensors"))
-    assert not torch.allclose(logits(peft_model(tiny_base, d)), logits(peft_model(tiny_base, doras[0])), atol=1e-3)
+    assert not torch.allclose(
+        logits(peft_model(tiny_base, d)), logits(peft_model(tiny_base, doras[0])), atol=1e-3
+    )
 
 
 def test_two_dora_full_weights_match_formula(tiny_base, doras, tmp_path):
-    art = merge(MergeSpec(adapters=tuple(map(str, doras)), method="wa", base=str(tiny_base), format="full"),
-                cache_dir=tmp_path / "c", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, doras)), method="wa", base=str(tiny_base), format="full"),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
     merged = base_model(art.path)
     model, expected = oracle_weights(tiny_base, doras, average=True)
     named = dict(merged.named_modules())
@@ -182,8 +197,11 @@ def test_two_dora_full_weights_match_formula(tiny_base, doras, tmp_path):
 def test_two_dora_lora_artifact_has_mean_magnitude_and_matches_formula(tiny_base, doras, tmp_path):
     from peft import PeftModel
 
-    art = merge(MergeSpec(adapters=tuple(map(str, doras)), method="ta", params={"scaling": "0.7"}),
-                cache_dir=tmp_path / "c", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, doras)), method="ta", params={"scaling": "0.7"}),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
     sd = load_file(str(art.path / "adapter_model.safetensors"))
     src = [load_file(str(d / "adapter_model.safetensors")) for d in doras]
     mk = [k for k in sd if k.endswith("lora_magnitude_vector")]
@@ -199,10 +217,14 @@ def test_two_dora_lora_artifact_has_mean_magnitude_and_matches_formula(tiny_base
 
 
 def test_copa_on_dora_runs_and_keeps_magnitudes(tiny_base, doras, tmp_path):
-    art = merge(MergeSpec(adapters=tuple(map(str, doras)), method="copa"), cache_dir=tmp_path / "c", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, doras)), method="copa"), cache_dir=tmp_path / "c", progress=False
+    )
     assert art.kind == "lora" and art.manifest["method"] == "copa" and "dora" in art.manifest
     assert json.loads((art.path / "adapter_config.json").read_text())["use_dora"] is True
-    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(art.path / "adapter_model.safetensors")))
+    assert any(
+        k.endswith("lora_magnitude_vector") for k in load_file(str(art.path / "adapter_model.safetensors"))
+    )
 
 
 def test_vllm_gets_full_weights_for_dora(doras, adapters, tiny_base):

@@ -1,6 +1,7 @@
 """LLaVA-repo checkpoints (adapter + non_lora_trainables.bin): names mapped to
 llava-hf, LoRA merged by the method, projector averaged as the released code
 does; checked against the formula written out on the raw files."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def llava(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("llava_repo")
     base = build_tiny_llava(root / "base", seed=0)
-    ads = [save_llava_repo_lora(base, root / f"ck{i}", rank=4, alpha=8, seed=30 + i, std=1.0) for i in range(2)]
+    ads = [
+        save_llava_repo_lora(base, root / f"ck{i}", rank=4, alpha=8, seed=30 + i, std=1.0) for i in range(2)
+    ]
     return base, ads
 
 
@@ -52,9 +55,9 @@ def expected_state(base, ads, *, lam, average):
     for key in raws[0][0]:
         if not key.endswith("lora_A.weight"):
             continue
-        mod = key[len("base_model.model."): -len(".lora_A.weight")]
+        mod = key[len("base_model.model.") : -len(".lora_A.weight")]
         assert mod.startswith("model.layers.")
-        hf = "model.language_model." + mod[len("model."):] + ".weight"
+        hf = "model.language_model." + mod[len("model.") :] + ".weight"
         deltas = [s * r[f"base_model.model.{mod}.lora_B.weight"] @ r[key] for r, _, s in raws]
         sd[hf] = sd[hf] + (sum(deltas) / len(deltas) if average else lam * sum(deltas))
     for orig, hf in LLAVA_PROJ.items():
@@ -66,18 +69,25 @@ def test_read_maps_names_to_llava_hf(llava):
     _, ads = llava
     inputs = open_inputs([str(a) for a in ads])
     assert isinstance(inputs, LlavaRepoSet)
-    assert inputs.module_names and all(m.startswith("model.language_model.layers.") for m in inputs.module_names)
+    assert inputs.module_names and all(
+        m.startswith("model.language_model.layers.") for m in inputs.module_names
+    )
     assert inputs.non_lora_names == sorted(LLAVA_PROJ.values())
     w = inputs.read_non_lora("model.multi_modal_projector.linear_1.weight")
     nl = torch.load(str(ads[1] / "non_lora_trainables.bin"), weights_only=True)
     torch.testing.assert_close(w[1], nl["base_model.model.model.mm_projector.0.weight"])
 
 
-@pytest.mark.parametrize("method,kw", [("wa", {"lam": 1.0, "average": True}), ("ta", {"lam": 1.0, "average": False})])
+@pytest.mark.parametrize(
+    "method,kw", [("wa", {"lam": 1.0, "average": True}), ("ta", {"lam": 1.0, "average": False})]
+)
 def test_merge_writes_full_weights_with_averaged_projector(llava, tmp_path, method, kw):
     base, ads = llava
-    art = merge(MergeSpec(adapters=tuple(map(str, ads)), method=method, base=str(base)),
-                cache_dir=tmp_path / "c", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, ads)), method=method, base=str(base)),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
     assert art.kind == "full"
     assert art.manifest["non_lora"]["layout"] == "llava_repo"
     got = load(art.path).state_dict()
@@ -92,8 +102,11 @@ def test_merge_writes_full_weights_with_averaged_projector(llava, tmp_path, meth
 def test_lora_format_refused(llava, tmp_path):
     base, ads = llava
     with pytest.raises(ArtifactError, match="mm_projector.*LoRA artifact cannot hold"):
-        merge(MergeSpec(adapters=tuple(map(str, ads)), method="ta", base=str(base), format="lora"),
-              cache_dir=tmp_path / "c", progress=False)
+        merge(
+            MergeSpec(adapters=tuple(map(str, ads)), method="ta", base=str(base), format="lora"),
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
     with pytest.raises(ArtifactError, match="--base"):
         merge(MergeSpec(adapters=tuple(map(str, ads)), method="ta"), cache_dir=tmp_path / "c", progress=False)
 

@@ -1,4 +1,5 @@
 """The LoRA reader against PEFT's own ``get_delta_weight`` (scale, rsLoRA, patterns)."""
+
 import json
 
 import pytest
@@ -21,11 +22,14 @@ def peft_deltas(base, adapter_dir):
     return out
 
 
-@pytest.mark.parametrize("kw", [
-    dict(r=4, alpha=8),
-    dict(r=4, alpha=8, use_rslora=True),
-    dict(r=4, alpha=16, rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(r=4, alpha=8),
+        dict(r=4, alpha=8, use_rslora=True),
+        dict(r=4, alpha=16, rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3}),
+    ],
+)
 def test_deltas_match_peft(tiny_base, tmp_path, kw, make_adapter):
     ad = make_adapter(tiny_base, tmp_path / "ad", seed=3, **kw)
     inputs = open_inputs([str(ad)])
@@ -122,5 +126,7 @@ def test_shapes_disagree(tiny_base, tmp_path, make_adapter):
     k = next(k for k in sd if "layers.0" in k and "lora_B" in k)
     sd[k] = torch.randn(sd[k].shape[0] + 1, sd[k].shape[1])
     save_file(sd, p)
-    with pytest.raises(InputError, match=r"module model.layers.0.self_attn.q_proj: shape \(d_out, d_in\) = \(32, 32\)"):
+    with pytest.raises(
+        InputError, match=r"module model.layers.0.self_attn.q_proj: shape \(d_out, d_in\) = \(32, 32\)"
+    ):
         open_inputs([str(a), str(b)])

@@ -3,6 +3,7 @@
 come back to the runner as the one writer of results.json, in grid order,
 equal to the serial run's; a dead worker fails its row only. The real local
 Ray run is tests/leaderboard/test_ray_executor.py (slow)."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def fake_ray(resources=None, die_on=None):
                 h = Handle(cls(*a))
                 state["actors"].append((h, opts))
                 return h
+
             return types.SimpleNamespace(remote=make)
+
         return wrap
 
     def get(ref):
@@ -68,16 +71,27 @@ def grid(tmp_path, monkeypatch):
     for a in ("a1", "a2"):
         (tmp_path / a).mkdir()
     p = tmp_path / "grid.yaml"
-    p.write_text(yaml.safe_dump({
-        "name": "fake", "base": "b", "adapters": ["a1", "a2"], "methods": ["ta", "copa", "ties"],
-        "tasks": ["t1", "t2"], "references": {"base": True, "adapters": True},
-        "resources": {"num_cpus": 2, "num_gpus": 0},
-    }))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fake",
+                "base": "b",
+                "adapters": ["a1", "a2"],
+                "methods": ["ta", "copa", "ties"],
+                "tasks": ["t1", "t2"],
+                "references": {"base": True, "adapters": True},
+                "resources": {"num_cpus": 2, "num_gpus": 0},
+            }
+        )
+    )
     g = runner.load_grid(p, check_tasks=False)
 
     def evaluate_row(row, grid, tasks, tm):  # deterministic per (row, task); no harness
-        return ({t: {"score,none": float(len(row.label) * 10 + i)} for i, t in enumerate(tasks)}, {"manifest": None},
-                None)
+        return (
+            {t: {"score,none": float(len(row.label) * 10 + i)} for i, t in enumerate(tasks)},
+            {"manifest": None},
+            None,
+        )
 
     monkeypatch.setattr(runner, "evaluate_row", evaluate_row)
     monkeypatch.setattr(runner, "_task_manager", lambda include: None)
@@ -91,8 +105,10 @@ def test_fake_ray_equals_serial(grid, tmp_path, monkeypatch, capsys):
     serial = runner.run(grid, tmp_path / "serial")
     par = runner.run(grid, tmp_path / "ray", executor=executors.RayExecutor())
     err = capsys.readouterr().err
+
     def strip(cells):
         return [(c["label"], c["task"], c["metric"], c["value"]) for c in cells]
+
     assert strip(par["cells"]) == strip(serial["cells"]) and len(par["cells"]) == 6 * 2
     on_disk = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert strip(on_disk["cells"]) == strip(serial["cells"])

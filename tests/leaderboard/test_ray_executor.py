@@ -1,5 +1,6 @@
 """``--executor ray`` on a local Ray (CPU): a 2-worker grid gives the same cells
 as the serial grid, and the runner stays the one writer of results.json."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cells(path):
-    return sorted((c["label"], c["task"], c["metric"], c["value"]) for c in json.loads(path.read_text())["cells"])
+    return sorted(
+        (c["label"], c["task"], c["metric"], c["value"]) for c in json.loads(path.read_text())["cells"]
+    )
 
 
 def test_two_ray_workers_equal_the_serial_grid(tiny, capsys):  # noqa: F811
@@ -38,7 +41,9 @@ def test_two_ray_workers_equal_the_serial_grid(tiny, capsys):  # noqa: F811
     assert serial["failed_cells"] == par["failed_cells"] == 0, err
     assert _cells(root / "ray" / "results.json") == _cells(root / "serial" / "results.json")
     # results.json in grid order, as the serial run writes it
-    assert [(c["label"], c["task"]) for c in par["cells"]] == [(c["label"], c["task"]) for c in serial["cells"]]
+    assert [(c["label"], c["task"]) for c in par["cells"]] == [
+        (c["label"], c["task"]) for c in serial["cells"]
+    ]
     assert "ray: 2 worker(s)" in err
     workers = set(re.findall(r"done \d/3: .* on (\S+?);", err))
     assert len(workers) == 2, err  # both workers evaluated rows

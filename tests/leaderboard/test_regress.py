@@ -21,20 +21,35 @@ from harness_merge.leaderboard.regress import (
 SPEC = {
     "base": "tiny-qwen2-vl",
     "adapters": ["sqa", "vqa", "ocr"],
-    "methods": [{"label": "copa", "method": "copa", "params": {"prune_rate": 0.8}},
-                {"label": "ta", "method": "ta", "params": {"scale": 1.0}}],
+    "methods": [
+        {"label": "copa", "method": "copa", "params": {"prune_rate": 0.8}},
+        {"label": "ta", "method": "ta", "params": {"scale": 1.0}},
+    ],
     "tasks": ["pope_local", "mme_local"],
 }
-VALUES = {("copa", "pope_local"): 87.3, ("copa", "mme_local"): 61.0,
-          ("ta", "pope_local"): 85.0, ("ta", "mme_local"): 58.5}
+VALUES = {
+    ("copa", "pope_local"): 87.3,
+    ("copa", "mme_local"): 61.0,
+    ("ta", "pope_local"): 85.0,
+    ("ta", "mme_local"): 58.5,
+}
 
 
 def make_results(values=VALUES, spec=SPEC, metric="score,none"):
     return {
         "schema_version": 1,
         "grid": {**spec, "grid_id": grid_id(spec)},
-        "cells": [{"method": m, "params": {}, "task": t, "metric": metric, "value": v,
-                   "manifest": {"code_version": "abc"}} for (m, t), v in values.items()],
+        "cells": [
+            {
+                "method": m,
+                "params": {},
+                "task": t,
+                "metric": metric,
+                "value": v,
+                "manifest": {"code_version": "abc"},
+            }
+            for (m, t), v in values.items()
+        ],
     }
 
 
@@ -45,8 +60,15 @@ def write(tmp_path, name, data):
 
 
 def run(tmp_path, base, new, *extra):
-    return main(["--baseline", write(tmp_path, "old.json", base), "--results", write(tmp_path, "new.json", new),
-                 *extra])
+    return main(
+        [
+            "--baseline",
+            write(tmp_path, "old.json", base),
+            "--results",
+            write(tmp_path, "new.json", new),
+            *extra,
+        ]
+    )
 
 
 def test_grid_id_is_stable_and_ignores_its_own_field():
@@ -122,8 +144,15 @@ def test_failed_cell_with_null_value_counts_as_missing():
 def test_lower_is_better_metric():
     base, new = make_results(), make_results()
     for data, wer in ((base, 10.0), (new, 14.0)):
-        data["cells"].append({"method": "copa", "task": "pope_local", "metric": "wer,none", "value": wer,
-                              "higher_is_better": False})
+        data["cells"].append(
+            {
+                "method": "copa",
+                "task": "pope_local",
+                "metric": "wer,none",
+                "value": wer,
+                "higher_is_better": False,
+            }
+        )
     [drop] = compare(base, new, 1.0).drops
     assert drop.key[2] == "wer,none" and drop.delta == pytest.approx(-4.0)
 
@@ -157,14 +186,22 @@ def test_sets_come_from_cells_when_grid_does_not_declare_them():
         compare(base, new)
 
 
-@pytest.mark.parametrize("broken, message", [
-    ([], "expected a JSON object"),
-    ({"cells": []}, "grid_id"),
-    ({"grid": {"grid_id": "x"}, "cells": [{"method": "m", "task": "t", "value": 1}]}, "lacks metric"),
-    ({"grid": {"grid_id": "x"}, "cells": [{"method": "m", "task": "t", "metric": "s", "value": "high"}]},
-     "must be a number or null"),
-    ({"schema_version": 3, "grid": {"grid_id": "x"}, "cells": []}, "schema_version 3"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ([], "expected a JSON object"),
+        ({"cells": []}, "grid_id"),
+        ({"grid": {"grid_id": "x"}, "cells": [{"method": "m", "task": "t", "value": 1}]}, "lacks metric"),
+        (
+            {
+                "grid": {"grid_id": "x"},
+                "cells": [{"method": "m", "task": "t", "metric": "s", "value": "high"}],
+            },
+            "must be a number or null",
+        ),
+        ({"schema_version": 3, "grid": {"grid_id": "x"}, "cells": []}, "schema_version 3"),
+    ],
+)
 def test_malformed_files_are_errors(tmp_path, capsys, broken, message):
     with pytest.raises(RegressError, match=message):
         compare(broken, make_results())

@@ -26,9 +26,17 @@ SPEC = {"base": "b", "methods": ["copa", "ta"], "tasks": ["big", "small"]}
 def cell(label, task, scores, answers=None, hib=True):
     scores = [float(s) for s in scores]
     answers = answers or [answer_hash(str(s)) for s in scores]
-    return {"method": label, "label": label, "task": task, "metric": "score,none", "value": float(np.mean(scores)),
-            "stderr": stats.sample_stderr(scores), "n": len(scores), "higher_is_better": hib,
-            "samples": {"doc_id": list(range(len(scores))), "score": scores, "answer": answers}}
+    return {
+        "method": label,
+        "label": label,
+        "task": task,
+        "metric": "score,none",
+        "value": float(np.mean(scores)),
+        "stderr": stats.sample_stderr(scores),
+        "n": len(scores),
+        "higher_is_better": hib,
+        "samples": {"doc_id": list(range(len(scores))), "score": scores, "answer": answers},
+    }
 
 
 def results(cells, spec=SPEC):
@@ -54,8 +62,11 @@ def flip(x, worse=0, better=0, seed=1):
 
 def grid_of(big_new, small_new, big_base, small_base, scale=1.0):
     def mk(big, small):
-        return results([cell(m, "big", big * scale) for m in ("copa", "ta")]
-                       + [cell(m, "small", small * scale) for m in ("copa", "ta")])
+        return results(
+            [cell(m, "big", big * scale) for m in ("copa", "ta")]
+            + [cell(m, "small", small * scale) for m in ("copa", "ta")]
+        )
+
     return mk(big_base, small_base), mk(big_new, small_new)
 
 
@@ -94,8 +105,14 @@ def test_paired_bootstrap_ci_matches_scipy_and_p_is_sane():
     b = rng.uniform(0, 1, 300)
     x = np.clip(b + rng.normal(-0.05, 0.1, 300), 0, 1)
     t = stats.paired_bootstrap(b, x, n_boot=4000, seed=0)
-    ref = scipy_stats.bootstrap((x, b), lambda u, v, axis: (u - v).mean(axis=axis), paired=True,
-                                n_resamples=4000, method="percentile", random_state=1).confidence_interval
+    ref = scipy_stats.bootstrap(
+        (x, b),
+        lambda u, v, axis: (u - v).mean(axis=axis),
+        paired=True,
+        n_resamples=4000,
+        method="percentile",
+        random_state=1,
+    ).confidence_interval
     assert t.test == "bootstrap" and t.delta == pytest.approx((x - b).mean())
     assert t.ci_low == pytest.approx(ref.low, abs=0.004) and t.ci_high == pytest.approx(ref.high, abs=0.004)
     assert t.p_drop == pytest.approx(1 / 4001)  # a clear drop: no centred resample is that low
@@ -230,9 +247,14 @@ def test_cells_without_samples_or_other_docs_are_untested():
 
 def test_schema_1_baseline_needs_a_tolerance(tmp_path, capsys):
     base, new = grid_of(BIG, SMALL, BIG, SMALL)
-    old = {"schema_version": 1, "grid": base["grid"],
-           "cells": [{k: v for k, v in c.items() if k in ("method", "label", "task", "metric", "value")}
-                     for c in base["cells"]]}
+    old = {
+        "schema_version": 1,
+        "grid": base["grid"],
+        "cells": [
+            {k: v for k, v in c.items() if k in ("method", "label", "task", "metric", "value")}
+            for c in base["cells"]
+        ],
+    }
     (tmp_path / "old.json").write_text(json.dumps(old))
     (tmp_path / "n.json").write_text(json.dumps(new))
     args = ["--baseline", str(tmp_path / "old.json"), "--results", str(tmp_path / "n.json")]
@@ -242,12 +264,15 @@ def test_schema_1_baseline_needs_a_tolerance(tmp_path, capsys):
     assert main(args + ["--tolerance", "0"]) == 0
 
 
-@pytest.mark.parametrize("samples, message", [
-    ({"doc_id": [0, 1], "score": [1.0]}, "differ in length"),
-    ({"doc_id": [0, 0], "score": [1.0, 0.0]}, "repeated doc_id"),
-    ({"doc_id": [0], "score": ["x"]}, "must be a number"),
-    ({"score": [1.0]}, "lists 'doc_id' and 'score'"),
-])
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ({"doc_id": [0, 1], "score": [1.0]}, "differ in length"),
+        ({"doc_id": [0, 0], "score": [1.0, 0.0]}, "repeated doc_id"),
+        ({"doc_id": [0], "score": ["x"]}, "must be a number"),
+        ({"score": [1.0]}, "lists 'doc_id' and 'score'"),
+    ],
+)
 def test_malformed_samples_are_errors(samples, message):
     from harness_merge.leaderboard.regress import RegressError
 

@@ -1,5 +1,6 @@
 """A damaged ``results.json`` is refused on resume with the ways out; the
 runner keeps the previous version as ``results.json.bak``."""
+
 from __future__ import annotations
 
 import json
@@ -38,12 +39,20 @@ def test_truncated_results_name_the_backup_and_fresh(tmp_path):
     assert p.read_text() == good[: len(good) // 2]  # nothing rewritten
 
 
-
 def test_leaderboard_out_under_a_file_is_one_line(tmp_path, capsys, monkeypatch):
     from harness_merge.harness.cli import main as cli_main
 
     (tmp_path / "f").write_text("x")
-    monkeypatch.setattr(runner, "load_grid", lambda path: types.SimpleNamespace(spec=lambda: {"grid_id": "g"}, limit=None, out=None))
+    monkeypatch.setattr(
+        runner,
+        "load_grid",
+        lambda path: types.SimpleNamespace(spec=lambda: {"grid_id": "g"}, limit=None, out=None),
+    )
     code = cli_main(["leaderboard", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "f" / "lb")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("harness-merge: error: ") and str(tmp_path / "f") in err
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and err.startswith("harness-merge: error: ")
+        and str(tmp_path / "f") in err
+    )

@@ -1,4 +1,5 @@
 """Leaderboard runner end to end on the tiny Qwen2-VL and two local demo tasks."""
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,17 @@ def tiny(tmp_path_factory):
 
 def write_grid(root: Path, base: str, ads: dict, **over) -> Path:
     grid = {
-        "name": "tiny", "base": base, "adapters": ads,
+        "name": "tiny",
+        "base": base,
+        "adapters": ads,
         "methods": ["ta", {"method": "copa", "params": {"prune_rate": 0.5}}],
-        "tasks": ["demo_colour", "demo_shape"], "groups": {"seen": ["demo_colour"], "unseen": ["demo_shape"]},
-        "include_path": [str(LOCAL)], "references": {"base": True, "adapters": False},
-        "limit": 3, "batch_size": 4, "model_args": {"max_new_tokens": 4, "dtype": "float32", "cache_dir": str(root / "cache")},
+        "tasks": ["demo_colour", "demo_shape"],
+        "groups": {"seen": ["demo_colour"], "unseen": ["demo_shape"]},
+        "include_path": [str(LOCAL)],
+        "references": {"base": True, "adapters": False},
+        "limit": 3,
+        "batch_size": 4,
+        "model_args": {"max_new_tokens": 4, "dtype": "float32", "cache_dir": str(root / "cache")},
     }
     grid.update(over)
     p = root / "grid.yaml"
@@ -59,7 +66,11 @@ def test_grid_runs_resumes_and_feeds_the_gate(tiny, monkeypatch):
     # resume: nothing left to do -> no model is built
     calls = []
     real = runner.evaluate_row
-    monkeypatch.setattr(runner, "evaluate_row", lambda row, g, tasks, tm: calls.append((row.label, tuple(tasks))) or real(row, g, tasks, tm))
+    monkeypatch.setattr(
+        runner,
+        "evaluate_row",
+        lambda row, g, tasks, tm: calls.append((row.label, tuple(tasks))) or real(row, g, tasks, tm),
+    )
     runner.run(grid, out)
     assert calls == []
     # a lost cell is the only work redone
@@ -85,7 +96,9 @@ def test_grid_runs_resumes_and_feeds_the_gate(tiny, monkeypatch):
     copa = next(c for c in data["cells"] if c["label"].startswith("copa"))
     card = (out / copa["card"]).read_text()
     assert card.startswith("---\nbase_model: ") and "model-index:" in card
-    assert "lmms_eval --model merged --model_args" in card and "method=copa" in card and "prune_rate=0.5" in card
+    assert (
+        "lmms_eval --model merged --model_args" in card and "method=copa" in card and "prune_rate=0.5" in card
+    )
     for a in ads.values():
         assert a in card
     assert copa["manifest"]["merge"]["adapters"][0]["sha256"] in card
@@ -95,7 +108,9 @@ def test_grid_runs_resumes_and_feeds_the_gate(tiny, monkeypatch):
 
     # the gate reads the runner's file: equal passes; a drop on 3 docs is noise (reported as
     # changed), and fails only at a loose per-cell alpha
-    assert regress.main(["--baseline", str(out / "results.json"), "--results", str(out / "results.json")]) == 0
+    assert (
+        regress.main(["--baseline", str(out / "results.json"), "--results", str(out / "results.json")]) == 0
+    )
     best, worse = json.loads(json.dumps(data)), json.loads(json.dumps(data))
     for f, s in ((best, 100.0), (worse, 0.0)):
         f["cells"][0]["samples"]["score"] = [s] * 3
@@ -126,14 +141,26 @@ def test_schema_1_results_in_out_are_refused_with_a_message(tiny):
         runner.run(grid, out)
 
 
-@pytest.mark.parametrize("over,match", [
-    ({"methods": ["copaa"]}, r"unknown method 'copaa'. Did you mean: copa"),
-    ({"methods": [{"method": "ties", "params": {"prune": 0.5}}]}, "ties: unknown parameter 'prune'; known parameters"),
-    ({"methods": [{"method": "ties", "params": {"prune_rate": [0.5, 1.5]}}]}, r"prune_rate must be in \[0, 1\)"),
-    ({"tasks": ["demo_colour", "demo_shape", "demo_colr"]}, r"unknown task\(s\): demo_colr \(did you mean: demo_colour"),
-    ({"backend": "trt"}, "backend must be hf or vllm"),
-    ({"groups": {"seen": ["pope"]}}, r"group 'seen' names task\(s\) \['pope'\]"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"methods": ["copaa"]}, r"unknown method 'copaa'. Did you mean: copa"),
+        (
+            {"methods": [{"method": "ties", "params": {"prune": 0.5}}]},
+            "ties: unknown parameter 'prune'; known parameters",
+        ),
+        (
+            {"methods": [{"method": "ties", "params": {"prune_rate": [0.5, 1.5]}}]},
+            r"prune_rate must be in \[0, 1\)",
+        ),
+        (
+            {"tasks": ["demo_colour", "demo_shape", "demo_colr"]},
+            r"unknown task\(s\): demo_colr \(did you mean: demo_colour",
+        ),
+        ({"backend": "trt"}, "backend must be hf or vllm"),
+        ({"groups": {"seen": ["pope"]}}, r"group 'seen' names task\(s\) \['pope'\]"),
+    ],
+)
 def test_bad_grid_fails_before_work(tiny, over, match):
     root, base, ads = tiny
     with pytest.raises(MergeError, match=match):
@@ -150,9 +177,22 @@ def test_unknown_grid_key(tiny):
 
 def test_sweep_expands_to_labelled_rows(tiny):
     root, base, ads = tiny
-    g = runner.load_grid(write_grid(root, base, ads, methods=[{"method": "ties", "params": {"prune_rate": [0.5, 0.8], "weights": [1, 2]}}],
-                                    references={"base": False, "adapters": True}), check_tasks=False)
-    assert [r.label for r in g.rows] == ["adapter:a1", "adapter:a2", "ties(prune_rate=0.5,weights=[1, 2])", "ties(prune_rate=0.8,weights=[1, 2])"]
+    g = runner.load_grid(
+        write_grid(
+            root,
+            base,
+            ads,
+            methods=[{"method": "ties", "params": {"prune_rate": [0.5, 0.8], "weights": [1, 2]}}],
+            references={"base": False, "adapters": True},
+        ),
+        check_tasks=False,
+    )
+    assert [r.label for r in g.rows] == [
+        "adapter:a1",
+        "adapter:a2",
+        "ties(prune_rate=0.5,weights=[1, 2])",
+        "ties(prune_rate=0.8,weights=[1, 2])",
+    ]
     assert g.rows[0].adapters == (ads["a1"],) and g.rows[0].method == "ta"
 
 
@@ -164,11 +204,21 @@ def test_vllm_grid_shares_one_engine_for_lora_rows(tiny, monkeypatch):
     import types
 
     root, base, ads = tiny
-    grid = runner.load_grid(write_grid(root, base, ads, backend="vllm", methods=["ties", "copa", "ta"],
-                                       model_args={"max_new_tokens": 4, "cache_dir": str(root / "cache")}))
+    grid = runner.load_grid(
+        write_grid(
+            root,
+            base,
+            ads,
+            backend="vllm",
+            methods=["ties", "copa", "ta"],
+            model_args={"max_new_tokens": 4, "cache_dir": str(root / "cache")},
+        )
+    )
     calls = {}
     fake = types.ModuleType("harness_merge.backends.vllm")
-    fake.prepare_engine = lambda b, arts, **opts: calls.setdefault("prepare", (b, [a.kind for a in arts], opts))
+    fake.prepare_engine = lambda b, arts, **opts: calls.setdefault(
+        "prepare", (b, [a.kind for a in arts], opts)
+    )
     monkeypatch.setitem(sys.modules, "harness_merge.backends.vllm", fake)
     order = runner.share_vllm_engine(grid, list(grid.rows))
     assert [r.label for r in order] == ["base (zero-shot)", "copa", "ta", "ties"]
@@ -180,9 +230,19 @@ def _fake_results(grid, value, stderr, samples=None):
     for r in grid.rows:
         for t in grid.tasks:
             v = value(r.label, t)
-            cells.append({"method": r.method, "label": r.label, "params": r.params, "task": t,
-                          "metric": "exact_match,none", "value": v, "stderr": stderr,
-                          "n": 100, "samples": samples(r.label, t) if samples else None})
+            cells.append(
+                {
+                    "method": r.method,
+                    "label": r.label,
+                    "params": r.params,
+                    "task": t,
+                    "metric": "exact_match,none",
+                    "value": v,
+                    "stderr": stderr,
+                    "n": 100,
+                    "samples": samples(r.label, t) if samples else None,
+                }
+            )
     return {"schema_version": 2, "grid": grid.spec(), "cells": cells}
 
 
@@ -192,14 +252,29 @@ def test_reports_show_stderr_normalised_accuracy_and_only_significant_best(tiny,
     import numpy as np
 
     root, base, ads = tiny
-    grid = runner.load_grid(write_grid(root, base, ads, references={"base": True, "adapters": True},
-                                       experts={"demo_colour": "a1", "demo_shape": "a2"}), check_tasks=False)
+    grid = runner.load_grid(
+        write_grid(
+            root,
+            base,
+            ads,
+            references={"base": True, "adapters": True},
+            experts={"demo_colour": "a1", "demo_shape": "a2"},
+        ),
+        check_tasks=False,
+    )
     labels = [r.label for r in grid.rows]
     assert labels == ["base (zero-shot)", "adapter:a1", "adapter:a2", "ta", "copa(prune_rate=0.5)"]
     # demo_colour: copa 80 vs ta 40 over 100 docs (clear); demo_shape: copa 51 vs ta 50 (noise)
-    score = {("base (zero-shot)", "demo_colour"): 10, ("adapter:a1", "demo_colour"): 100, ("ta", "demo_colour"): 40,
-             ("copa(prune_rate=0.5)", "demo_colour"): 80, ("base (zero-shot)", "demo_shape"): 20,
-             ("adapter:a2", "demo_shape"): 50, ("ta", "demo_shape"): 50, ("copa(prune_rate=0.5)", "demo_shape"): 51}
+    score = {
+        ("base (zero-shot)", "demo_colour"): 10,
+        ("adapter:a1", "demo_colour"): 100,
+        ("ta", "demo_colour"): 40,
+        ("copa(prune_rate=0.5)", "demo_colour"): 80,
+        ("base (zero-shot)", "demo_shape"): 20,
+        ("adapter:a2", "demo_shape"): 50,
+        ("ta", "demo_shape"): 50,
+        ("copa(prune_rate=0.5)", "demo_shape"): 51,
+    }
 
     def samples(label, task):
         k = score.get((label, task), 0)
@@ -208,7 +283,7 @@ def test_reports_show_stderr_normalised_accuracy_and_only_significant_best(tiny,
     data = _fake_results(grid, lambda lab, t: score.get((lab, t), 0) / 100, 0.04, samples)
     header, rows = runner.table(data, grid)
     assert rows[3][1] == (0.4, 0.04)
-    assert rows[3][header.index("avg")] == (pytest.approx(0.45), pytest.approx(np.sqrt(2 * 0.04 ** 2) / 2))
+    assert rows[3][header.index("avg")] == (pytest.approx(0.45), pytest.approx(np.sqrt(2 * 0.04**2) / 2))
     nh, nrows = runner.normalised(data, grid)
     assert nh == ["method", "demo_colour", "demo_shape", "avg"]
     norm = {r[0]: r for r in nrows}
@@ -216,7 +291,9 @@ def test_reports_show_stderr_normalised_accuracy_and_only_significant_best(tiny,
     assert norm["copa(prune_rate=0.5)"][1][0] == pytest.approx(80.0)
     assert norm["copa(prune_rate=0.5)"][2][0] == pytest.approx(102.0)
     r, se = norm["ta"][1]
-    assert r == pytest.approx(40.0) and se == pytest.approx(40.0 * np.sqrt((0.04 / 0.4) ** 2 + (0.04 / 1.0) ** 2))
+    assert r == pytest.approx(40.0) and se == pytest.approx(
+        40.0 * np.sqrt((0.04 / 0.4) ** 2 + (0.04 / 1.0) ** 2)
+    )
     best = runner.best_cells(data, grid, header, rows, n_reference=3)
     assert (4, 0) in best  # copa beats ta on demo_colour beyond the noise
     assert not any(j == 1 for _, j in best)  # 51 vs 50 on demo_shape is noise: no best
@@ -267,8 +344,17 @@ def test_model_card_command_reproduces_the_row(tiny, tmp_path):
     import sys
 
     root, base, ads = tiny
-    grid = runner.load_grid(write_grid(root, base, ads, methods=["ta"], tasks=["demo_colour"],
-                                       groups={}, references={"base": False, "adapters": False}))
+    grid = runner.load_grid(
+        write_grid(
+            root,
+            base,
+            ads,
+            methods=["ta"],
+            tasks=["demo_colour"],
+            groups={},
+            references={"base": False, "adapters": False},
+        )
+    )
     data = runner.run(grid, tmp_path / "lb")
     [c] = data["cells"]
     card = (tmp_path / "lb" / c["card"]).read_text()

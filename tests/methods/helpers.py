@@ -1,4 +1,5 @@
 """Small seeded inputs for pure method tests."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,11 @@ def lora_inputs(n=3, d_out=12, d_in=10, ranks=(4, 4, 4), scales=None, seed=0, na
     g = torch.Generator().manual_seed(seed)
     scales = scales or [2.0] * n
     factors = tuple(
-        LoRAFactors(A=torch.randn(ranks[i], d_in, generator=g), B=torch.randn(d_out, ranks[i], generator=g), scale=scales[i])
+        LoRAFactors(
+            A=torch.randn(ranks[i], d_in, generator=g),
+            B=torch.randn(d_out, ranks[i], generator=g),
+            scale=scales[i],
+        )
         for i in range(n)
     )
     return ModuleInputs(name=name, lora=factors)

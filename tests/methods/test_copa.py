@@ -1,5 +1,6 @@
 """CoPA-Merging / RobustMerge against an oracle written out from the formulas
 (loops over rows, sorted-order clamp as in the released code)."""
+
 import math
 
 import pytest
@@ -57,8 +58,14 @@ def oracle(mi, k, lam, q, combine):
 def test_copa_exact_keep_rule_matches_oracle(combine, k, q):
     """keep_rule=exact: floor((1-k) n) entries per matrix (fp32 random: no ties)."""
     mi = lora_inputs(n=3, d_out=14, d_in=60, ranks=(5, 5, 5), scales=[2.0, 1.0, 0.5], seed=4)
-    res = run(mi, prune_rate=k, clamp_quantile="none" if q is None else q, combine=combine, scaling=2.0,
-              keep_rule="exact")
+    res = run(
+        mi,
+        prune_rate=k,
+        clamp_quantile="none" if q is None else q,
+        combine=combine,
+        scaling=2.0,
+        keep_rule="exact",
+    )
     assert isinstance(res, LowRank)
     assert res.rank == (5 if combine == "product_of_sums" else 15)
     torch.testing.assert_close(res.delta(), oracle(mi, k, 2.0, q, combine), rtol=1e-4, atol=1e-5)
@@ -97,21 +104,25 @@ def test_zero_rows_do_not_divide_by_zero():
     from harness_merge.methods.copa import complementary_scale
 
     A = torch.zeros(3, 8)
-    A[0] = torch.arange(1.0, 9.0)       # keeps its top entries
-    A[1, 0] = 1e-3                       # nonzero, pruned to all zeros
+    A[0] = torch.arange(1.0, 9.0)  # keeps its top entries
+    A[1, 0] = 1e-3  # nonzero, pruned to all zeros
     mask = torch.zeros(3, 8, dtype=torch.bool)
     mask[0, -2:] = True
     s = complementary_scale(A, mask, None)
     assert torch.isfinite(s).all()
-    assert s[2] == 1.0                   # a zero row is neutral
-    assert s[1] == s[0]                  # fully pruned row: largest finite scale of the adapter
-    mi = ModuleInputs(name="z", lora=(LoRAFactors(A, torch.ones(4, 3), 1.0), LoRAFactors(A.clone(), torch.ones(4, 3), 1.0)))
+    assert s[2] == 1.0  # a zero row is neutral
+    assert s[1] == s[0]  # fully pruned row: largest finite scale of the adapter
+    mi = ModuleInputs(
+        name="z", lora=(LoRAFactors(A, torch.ones(4, 3), 1.0), LoRAFactors(A.clone(), torch.ones(4, 3), 1.0))
+    )
     assert torch.isfinite(run(mi).delta()).all()
 
 
 def test_product_of_sums_refuses_mixed_ranks():
     p = methods.get("copa").make_params({})
-    with pytest.raises(MethodParamError, match=r"copa: module q: adapters have ranks \[4, 8\].*sum_of_products"):
+    with pytest.raises(
+        MethodParamError, match=r"copa: module q: adapters have ranks \[4, 8\].*sum_of_products"
+    ):
         p.check_ranks("q", [4, 8])
     methods.get("copa").make_params({"combine": "sum_of_products"}).check_ranks("q", [4, 8])
 
@@ -131,12 +142,15 @@ def test_copa_refuses_dense_inputs():
         run(as_dense(lora_inputs()))
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"prune_rate": "1.2"}, r"copa: prune_rate must be in \[0, 1\), got 1.2"),
-    ({"clamp_quantile": "2"}, r"clamp_quantile must be in \[0, 1\] or none"),
-    ({"combine": "sum"}, "combine must be one of product_of_sums, sum_of_products"),
-    ({"scaling": "-2"}, "scaling must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"prune_rate": "1.2"}, r"copa: prune_rate must be in \[0, 1\), got 1.2"),
+        ({"clamp_quantile": "2"}, r"clamp_quantile must be in \[0, 1\] or none"),
+        ({"combine": "sum"}, "combine must be one of product_of_sums, sum_of_products"),
+        ({"scaling": "-2"}, "scaling must be >= 0"),
+    ],
+)
 def test_bad_params(bad, match):
     with pytest.raises(MethodParamError, match=match):
         methods.get("copa").make_params(bad)
@@ -149,6 +163,7 @@ def released_robustmerge(mi, mask_ratio=0.2, fuse=2.0):
     mask_ratio)))`` per task, s = sum|A| / sum|mask A| per rank row, clamp the
     lowest to the sorted value at int(r (1 - 0.2)), merged A = sum fuse * A~,
     merged B = sum(fuse * s * B~) / sum(s); the adapter's alpha/r applies on top."""
+
     def trim(stack):
         t, d1, d2 = stack.shape
         flat = stack.reshape(t, -1)
@@ -156,6 +171,7 @@ def released_robustmerge(mi, mask_ratio=0.2, fuse=2.0):
         kth = torch.stack([row.abs().sort().values[k - 1] for row in flat]).unsqueeze(1)
         masks = (flat.abs() >= kth).reshape(t, d1, d2)
         return masks, masks * stack
+
     A = torch.stack([f.A for f in mi.lora])
     B = torch.stack([f.B for f in mi.lora])
     mA, At = trim(A)
@@ -175,7 +191,9 @@ def test_copa_default_is_the_released_code(dtype):
     the released code, also in bf16 where many magnitudes tie at the threshold."""
     mi = lora_inputs(n=3, d_out=40, d_in=64, ranks=(8, 8, 8), scales=[2.0] * 3, seed=9)
     # the inputs layer hands methods float32 copies of the stored (bf16) values
-    lora = tuple(LoRAFactors(A=f.A.to(dtype).float(), B=f.B.to(dtype).float(), scale=f.scale) for f in mi.lora)
+    lora = tuple(
+        LoRAFactors(A=f.A.to(dtype).float(), B=f.B.to(dtype).float(), scale=f.scale) for f in mi.lora
+    )
     mi = ModuleInputs(name="m", lora=lora)
     ours = run(mi).delta()
     ref = released_robustmerge(mi)

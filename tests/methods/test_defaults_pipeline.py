@@ -1,6 +1,7 @@
 """The changed defaults through the whole pipeline (inputs -> driver -> artifact)
 on the tiny model: they run, move the model, and pcb's model scope equals the
 released PCB_merge on the flattened checkpoints."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,12 @@ def _checkpoints(tiny_base, adapters, root):
 @pytest.mark.parametrize("method", ["copa", "dare_ties", "pcb", "tsv", "iso_c", "iso_cts", "wudi", "wudi2"])
 def test_changed_defaults_merge_lora_adapters(method, tiny_base, adapters, tmp_path):
     params = {"iterations": "5"} if method.startswith("wudi") else {}
-    art = merge(MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params, base=str(tiny_base)),
-                use_cache=False, out=tmp_path / "o", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, adapters)), method=method, params=params, base=str(tiny_base)),
+        use_cache=False,
+        out=tmp_path / "o",
+        progress=False,
+    )
     assert art.manifest["params"]["nonlinear"] == "average"
     merged = _state(art.path) if art.kind == "full" else None
     if merged is not None:
@@ -53,8 +58,12 @@ def test_changed_defaults_merge_lora_adapters(method, tiny_base, adapters, tmp_p
 
 def test_pcb_default_on_checkpoints_is_released_code_on_the_flattened_model(tiny_base, adapters, tmp_path):
     cks = _checkpoints(tiny_base, adapters, tmp_path)
-    art = merge(MergeSpec(adapters=tuple(map(str, cks)), method="pcb", base=str(tiny_base)),
-                use_cache=False, out=tmp_path / "o", progress=False)
+    art = merge(
+        MergeSpec(adapters=tuple(map(str, cks)), method="pcb", base=str(tiny_base)),
+        use_cache=False,
+        out=tmp_path / "o",
+        progress=False,
+    )
     inputs = open_inputs([str(c) for c in cks], base=str(tiny_base))
     names = [n for n in inputs.module_names if inputs.is_matrix(n)]  # what the method runs on
     tvs = {n: inputs.read(n).task_vectors for n in names}
@@ -64,15 +73,24 @@ def test_pcb_default_on_checkpoints_is_released_code_on_the_flattened_model(tiny
     off = 0
     for n in names:
         size = tvs[n][0].numel()
-        expected = base[n] + ref[off:off + size].reshape(base[n].shape)
+        expected = base[n] + ref[off : off + size].reshape(base[n].shape)
         off += size
         torch.testing.assert_close(merged[n], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_nonlinear_method_on_checkpoints_records_and_applies(tiny_base, adapters, tmp_path):
     cks = _checkpoints(tiny_base, adapters, tmp_path)
-    art = merge(MergeSpec(adapters=tuple(map(str, cks)), method="ta", base=str(tiny_base),
-                          params={"nonlinear": "method", "scaling": "0.5"}), use_cache=False, out=tmp_path / "o", progress=False)
+    art = merge(
+        MergeSpec(
+            adapters=tuple(map(str, cks)),
+            method="ta",
+            base=str(tiny_base),
+            params={"nonlinear": "method", "scaling": "0.5"},
+        ),
+        use_cache=False,
+        out=tmp_path / "o",
+        progress=False,
+    )
     assert art.manifest["params"]["nonlinear"] == "method"
     inputs = open_inputs([str(c) for c in cks], base=str(tiny_base))
     base, merged = _state(tiny_base), _state(art.path)

@@ -23,7 +23,12 @@ def test_ta_lora_is_exact_lowrank_sum():
 
 def test_ta_dense_equals_lora():
     mi = lora_inputs()
-    torch.testing.assert_close(result_delta(run("ta", mi, scaling=0.3)), result_delta(run("ta", as_dense(mi), scaling=0.3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        result_delta(run("ta", mi, scaling=0.3)),
+        result_delta(run("ta", as_dense(mi), scaling=0.3)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_ta_single_adapter_gives_its_delta():
@@ -45,16 +50,21 @@ def test_weights_length_checked_against_inputs():
         p.check_inputs(3)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"scaling": "-1"}, "scaling must be >= 0"),
-    ({"scaling": "abc"}, "scaling must be float"),
-    ({"lambda": "1"}, "unknown parameter 'lambda'; known parameters: scaling, weights"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"scaling": "-1"}, "scaling must be >= 0"),
+        ({"scaling": "abc"}, "scaling must be float"),
+        ({"lambda": "1"}, "unknown parameter 'lambda'; known parameters: scaling, weights"),
+    ],
+)
 def test_bad_params(bad, match):
     with pytest.raises(MethodParamError, match=match):
         methods.get("ta").make_params(bad)
 
 
 def test_unknown_method_lists_alternatives():
-    with pytest.raises(MethodParamError, match=r"unknown method 'tiez'. Did you mean: ties.*Available: .*copa"):
+    with pytest.raises(
+        MethodParamError, match=r"unknown method 'tiez'. Did you mean: ties.*Available: .*copa"
+    ):
         methods.get("tiez")

@@ -1,5 +1,6 @@
 """The driver's policy for tensors that are not linear maps (nonlinear=average|method)
 and its cost note, on a duck-typed in-memory checkpoint set."""
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,10 @@ def merged(method, inputs, **params):
     spec = methods.get(method)
     p = spec.make_params(params)
     validate_plan(inputs, spec, p)
-    return {k: (r.delta if hasattr(r, "delta") and not callable(r.delta) else r.delta()) for k, r in
-            iter_merged(inputs, spec, p, progress=False)}
+    return {
+        k: (r.delta if hasattr(r, "delta") and not callable(r.delta) else r.delta())
+        for k, r in iter_merged(inputs, spec, p, progress=False)
+    }
 
 
 @pytest.mark.parametrize("method", ["ta", "ties", "tsv"])
@@ -82,7 +85,10 @@ def test_nonlinear_method_runs_ties_on_norms_and_embeddings():
 
 def test_nonlinear_method_refuses_matrix_methods_on_1d_tensors():
     spec = methods.get("tsv")
-    with pytest.raises(MethodParamError, match=r"tsv: nonlinear=method .* model.norm.weight has shape \(8,\).*nonlinear=average"):
+    with pytest.raises(
+        MethodParamError,
+        match=r"tsv: nonlinear=method .* model.norm.weight has shape \(8,\).*nonlinear=average",
+    ):
         validate_plan(FakeCheckpoints(), spec, spec.make_params({"nonlinear": "method"}))
     ck = FakeCheckpoints(shapes={"model.embed_tokens.weight": (16, 8), "lm_head.weight": (16, 8)})
     out = merged("tsv", ck, nonlinear="method")  # 2-D embeddings: fine

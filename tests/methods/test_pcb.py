@@ -18,9 +18,7 @@ def _run(inp, **params):
     at the end of the file through the driver's passes)."""
     params.setdefault("scope", "module")
     spec = get("pcb")
-    return spec.fn(
-        inp, spec.make_params(params), generator=module_generator(0, inp.name)
-    )
+    return spec.fn(inp, spec.make_params(params), generator=module_generator(0, inp.name))
 
 
 def _dense(n=3, shape=(4, 5), seed=0, scale=1.0):
@@ -92,9 +90,7 @@ def test_pcb_hand_case_two_tasks_no_drop():
     # task 0 = +2, task 1 = -1 (task 1 disagrees with the sum +1).
     t0 = torch.tensor([[1.0, 2.0]])
     t1 = torch.tensor([[1.0, -1.0]])
-    res = _run(
-        ModuleInputs("w", task_vectors=(t0, t1)), prune_rate=0.0, clamp_ratio=0.0
-    )
+    res = _run(ModuleInputs("w", task_vectors=(t0, t1)), prune_rate=0.0, clamp_ratio=0.0)
     # task 0: |.| = [1, 2] -> Norm [0, 1] -> intra [e^0, e^2]; inter [tanh(2), tanh(4)]
     b0 = [math.tanh(2.0), math.exp(2.0) * math.tanh(4.0)]
     # task 1: |.| = [1, 1] -> Norm = 0 (constant) -> intra [1, 1]; inter [tanh(2), tanh(-1)]
@@ -105,9 +101,7 @@ def test_pcb_hand_case_two_tasks_no_drop():
     e1 = (s0[1] * 2.0 + s1[1] * -1.0) / max(s0[1] + s1[1], 1e-12)
     assert (s0, s1) == ([0.0, 1.0], [1.0, 0.0])
     assert torch.allclose(res.delta, torch.tensor([[e0, e1]]), atol=1e-6)
-    assert torch.allclose(
-        res.delta, torch.tensor([[1.0, 2.0]])
-    )  # the dissenting -1 is out-balanced
+    assert torch.allclose(res.delta, torch.tensor([[1.0, 2.0]]))  # the dissenting -1 is out-balanced
 
 
 def test_pcb_drop_keeps_the_top_fraction_of_scores():
@@ -117,17 +111,14 @@ def test_pcb_drop_keeps_the_top_fraction_of_scores():
     tv = torch.stack([t.reshape(-1) for t in inp.task_vectors])
     _, score = pcb_balance(tv, prune_rate=0.9, clamp_ratio=1e-4)
     kept = (score > 0).sum(dim=1)
-    assert torch.all(kept <= 20) and torch.all(
-        kept >= 15
-    )  # ~10% of 200, ties at the threshold drop
+    assert torch.all(kept <= 20) and torch.all(kept >= 15)  # ~10% of 200, ties at the threshold drop
     assert float(score.max()) == 1.0 and float(score.min()) == 0.0
 
 
 def test_pcb_lora_materialises_and_equals_dense_input():
     g = torch.Generator().manual_seed(4)
     lora = tuple(
-        LoRAFactors(torch.randn(2, 7, generator=g), torch.randn(6, 2, generator=g), 0.5)
-        for _ in range(3)
+        LoRAFactors(torch.randn(2, 7, generator=g), torch.randn(6, 2, generator=g), 0.5) for _ in range(3)
     )
     inp = ModuleInputs("q", lora=lora)
     dense = ModuleInputs("q", task_vectors=tuple(f.delta() for f in lora))
@@ -161,9 +152,7 @@ def test_pcb_rejects_bad_params(params, match):
 
 
 def test_pcb_weights_length_checked():
-    with pytest.raises(
-        MethodParamError, match=r"pcb: weights has 2 values but 3 inputs"
-    ):
+    with pytest.raises(MethodParamError, match=r"pcb: weights has 2 values but 3 inputs"):
         _run(_dense(n=3), weights=[1.0, 1.0])
 
 
@@ -178,11 +167,15 @@ def _released_pcb(flat, pcb_ratio, clamp_ratio=1e-4):
     lo, hi = srt[:, int(d * clamp_ratio)].unsqueeze(1), srt[:, int(d * (1 - clamp_ratio)) - 1].unsqueeze(1)
     mag = torch.clamp(flat.abs(), lo, hi)
     clamped = torch.sign(flat) * mag
-    norm = (mag - mag.min(1, keepdim=True).values) / (mag.max(1, keepdim=True).values - mag.min(1, keepdim=True).values)
+    norm = (mag - mag.min(1, keepdim=True).values) / (
+        mag.max(1, keepdim=True).values - mag.min(1, keepdim=True).values
+    )
     beta = torch.exp(n * norm**2) * torch.tanh(flat * flat.sum(0))
     bs = beta.sort(dim=1).values
     beta = torch.clamp(beta, bs[:, int(d * (1 - pcb_ratio))].unsqueeze(1), bs[:, d - 1].unsqueeze(1))
-    score = (beta - beta.min(1, keepdim=True).values) / (beta.max(1, keepdim=True).values - beta.min(1, keepdim=True).values)
+    score = (beta - beta.min(1, keepdim=True).values) / (
+        beta.max(1, keepdim=True).values - beta.min(1, keepdim=True).values
+    )
     return (clamped * score).sum(0) / score.sum(0).clamp(min=1e-12)
 
 
@@ -222,13 +215,25 @@ def test_pcb_default_scope_model_is_the_released_code_on_the_flattened_model(kin
     mods = {}
     for name, (a, b) in shapes.items():
         if kind == "lora":
-            mods[name] = ModuleInputs(name, lora=tuple(LoRAFactors(
-                torch.randn(4, b, generator=g).to(dtype).float(), torch.randn(a, 4, generator=g).to(dtype).float(), 0.5)
-                for _ in range(3)))
+            mods[name] = ModuleInputs(
+                name,
+                lora=tuple(
+                    LoRAFactors(
+                        torch.randn(4, b, generator=g).to(dtype).float(),
+                        torch.randn(a, 4, generator=g).to(dtype).float(),
+                        0.5,
+                    )
+                    for _ in range(3)
+                ),
+            )
         else:
             scale = {"q": 1.0, "k": 3.0, "o": 0.2}[name]  # modules of different magnitudes
-            mods[name] = ModuleInputs(name, task_vectors=tuple(
-                (scale * torch.randn(a, b, generator=g)).to(dtype).float() for _ in range(3)))
+            mods[name] = ModuleInputs(
+                name,
+                task_vectors=tuple(
+                    (scale * torch.randn(a, b, generator=g)).to(dtype).float() for _ in range(3)
+                ),
+            )
     model = _Model(mods)
     spec = get("pcb")
     out = dict(iter_merged(model, spec, spec.make_params({}), progress=False))

@@ -1,5 +1,6 @@
 """The radix selection behind copa's released-rule masks, against a sort (the
 oracle) and against magnitude_mask(rule="released") (the same masks)."""
+
 import pytest
 import torch
 
@@ -43,4 +44,6 @@ def test_kth_largest_magnitude_non_contiguous_and_bad_k():
 def test_released_masks_are_magnitude_mask_released(keep):
     for x in _cases():
         assert torch.equal(magnitude_mask_released(x, keep), magnitude_mask(x, keep, rule="released"))
-        assert torch.equal(magnitude_mask_released(x, keep, magnitude=x.abs()), magnitude_mask(x, keep, rule="released"))
+        assert torch.equal(
+            magnitude_mask_released(x, keep, magnitude=x.abs()), magnitude_mask(x, keep, rule="released")
+        )

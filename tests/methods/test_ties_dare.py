@@ -1,4 +1,5 @@
 """TIES / DARE / DARE-TIES against peft.utils.merge_utils and the formulas."""
+
 import pytest
 import torch
 from peft.utils import merge_utils
@@ -20,7 +21,9 @@ def test_ties_equals_peft(sign):
     mi = dense_inputs(n=4, shape=(20, 16), seed=3)
     weights = [0.5, 1.0, 1.5, 2.0]
     ours = result_delta(run("ties", mi, prune_rate=0.75, weights=weights, majority_sign=sign, scaling=1.3))
-    ref = merge_utils.ties(list(mi.task_vectors), torch.tensor(weights), density=0.25, majority_sign_method=sign)
+    ref = merge_utils.ties(
+        list(mi.task_vectors), torch.tensor(weights), density=0.25, majority_sign_method=sign
+    )
     torch.testing.assert_close(ours, 1.3 * ref)
 
 
@@ -95,13 +98,16 @@ def test_dare_deterministic_per_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("name,bad,match", [
-    ("ties", {"prune_rate": "1.0"}, r"ties: prune_rate must be in \[0, 1\), got 1.0"),
-    ("ties", {"prune_rate": "-0.1"}, r"prune_rate must be in \[0, 1\)"),
-    ("dare", {"drop_rate": "1"}, r"dare: drop_rate must be in \[0, 1\)"),
-    ("ties", {"majority_sign": "most"}, "majority_sign must be one of total, frequency"),
-    ("dare", {"seed": "1.5"}, "seed must be int"),
-])
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("ties", {"prune_rate": "1.0"}, r"ties: prune_rate must be in \[0, 1\), got 1.0"),
+        ("ties", {"prune_rate": "-0.1"}, r"prune_rate must be in \[0, 1\)"),
+        ("dare", {"drop_rate": "1"}, r"dare: drop_rate must be in \[0, 1\)"),
+        ("ties", {"majority_sign": "most"}, "majority_sign must be one of total, frequency"),
+        ("dare", {"seed": "1.5"}, "seed must be int"),
+    ],
+)
 def test_bad_params(name, bad, match):
     with pytest.raises(MethodParamError, match=match):
         methods.get(name).make_params(bad)
@@ -147,7 +153,11 @@ def _reference_ties(tensors, mask_rate):
 def test_dare_ties_default_is_mllmerging_dare_then_ties(dtype, kind):
     """Default dare_ties = DARE(0.2, rescale) with our seeded masks, then the
     reference TIES with its 0.8 magnitude trim."""
-    mi = dense_inputs(n=3, shape=(24, 20), seed=8) if kind == "dense" else lora_inputs(seed=8, d_out=24, d_in=20)
+    mi = (
+        dense_inputs(n=3, shape=(24, 20), seed=8)
+        if kind == "dense"
+        else lora_inputs(seed=8, d_out=24, d_in=20)
+    )
     if kind == "dense":
         mi = type(mi)(name=mi.name, task_vectors=tuple(t.to(dtype).float() for t in mi.task_vectors))
     ours = result_delta(run("dare_ties", mi, seed=3))
@@ -200,7 +210,7 @@ def test_magnitude_mask_exact_rule_breaks_bf16_ties_without_positional_bias():
     flat = x.float().abs().flatten()
     thr = flat.sort(descending=True).values[k - 1]
     assert int((flat > thr).sum()) + int(m.flatten()[flat == thr].sum()) == k
-    tied = (x.float().abs() == thr)
+    tied = x.float().abs() == thr
     assert int(tied.sum()) > 1000  # the case of the issue: many ties
     kept_tied_rows = (m & tied).sum(dim=1).float() / tied.sum(dim=1).clamp(min=1).float()
     share = int((m & tied).sum()) / int(tied.sum())

@@ -41,17 +41,9 @@ def _lora(n=3, r=4, d_out=24, d_in=20, seed=0, ranks=None):
     )
 
 
-
-
 def _dense(n=3, m=10, k=8, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ModuleInputs(
-        "w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n))
-    )
-
-
-
-
+    return ModuleInputs("w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n)))
 
 
 def _svals(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +70,7 @@ def _tsv_oracle(taus, k):
         us.append(u[:, :kk])
         ss.append(s[:kk])
         vs.append(vh[:kk].T)
-    return (
-        _polar(torch.cat(us, 1))
-        @ torch.diag(torch.cat(ss))
-        @ _polar(torch.cat(vs, 1)).T
-    )
+    return _polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ _polar(torch.cat(vs, 1)).T
 
 
 # ----------------------------------------------------------------- _lowrank
@@ -147,13 +135,9 @@ def test_tsv_weights_scale_each_task_before_merging():
 
 
 def test_tsv_rejects_bad_keep_fraction():
-    with pytest.raises(
-        MethodParamError, match=r"tsv: keep_fraction must be in \(0, 1\], got 0.0"
-    ):
+    with pytest.raises(MethodParamError, match=r"tsv: keep_fraction must be in \(0, 1\], got 0.0"):
         get("tsv").make_params({"keep_fraction": "0"})
-    with pytest.raises(
-        MethodParamError, match=r"tsv: weights has 1 values but 3 inputs"
-    ):
+    with pytest.raises(MethodParamError, match=r"tsv: weights has 1 values but 3 inputs"):
         _run("tsv", _lora(n=3), weights=[1.0])
 
 
@@ -167,9 +151,7 @@ def test_iso_c_flattens_spectrum_to_mean_over_numerical_rank_of_sum():
     res = _run("iso_c", inp, scaling=1.0)
     assert isinstance(res, LowRank) and res.rank == 12
     out = _svals(res.delta())
-    assert torch.allclose(
-        out[:r], torch.full((r,), float(s[:r].mean()), dtype=torch.float64), rtol=1e-5
-    )
+    assert torch.allclose(out[:r], torch.full((r,), float(s[:r].mean()), dtype=torch.float64), rtol=1e-5)
     assert float(out[r:].max()) < 1e-4 * float(out[0])
 
 
@@ -211,11 +193,7 @@ def test_iso_cts_structure_flat_spectrum_and_common_subspace_kept():
     total = sum(f.delta() for f in inp.lora).double()
     u, _s, _ = torch.linalg.svd(total, full_matrices=False)
     kc, kt = iso_cts_dims(12, 3, 0.5)
-    assert (
-        (kc, kt) == (6, 2)
-        and res.info["common_dims"] == 6
-        and res.info["task_dims"] == 6
-    )
+    assert (kc, kt) == (6, 2) and res.info["common_dims"] == 6 and res.info["task_dims"] == 6
     d = res.delta().double()
     out = _svals(d)
     assert res.rank == 12
@@ -227,9 +205,7 @@ def test_iso_cts_structure_flat_spectrum_and_common_subspace_kept():
 
 
 def test_iso_cts_without_task_dims_equals_iso_c():
-    inp = _lora(
-        n=2, r=3, d_out=30, d_in=20, seed=8
-    )  # rank 6: f=0.95 -> kc=5, kt=round(0.5)=0
+    inp = _lora(n=2, r=3, d_out=30, d_in=20, seed=8)  # rank 6: f=0.95 -> kc=5, kt=round(0.5)=0
     assert iso_cts_dims(6, 2, 0.95)[1] == 0
     a = _run("iso_cts", inp, common_fraction=0.95)
     b = _run("iso_c", inp)
@@ -289,9 +265,9 @@ def _ref_tsv(deltas):
         u, s, v = torch.linalg.svd(d, full_matrices=False)
         if i == 0:
             sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
-        sum_u[:, i * k:(i + 1) * k] = u[:, :k]
-        sum_s[i * k:(i + 1) * k] = s[:k]
-        sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+        sum_u[:, i * k : (i + 1) * k] = u[:, :k]
+        sum_s[i * k : (i + 1) * k] = s[:k]
+        sum_v[i * k : (i + 1) * k, :] = v[:k, :]
     uu, _, vu = torch.linalg.svd(sum_u, full_matrices=False)
     uv, _, vv = torch.linalg.svd(sum_v, full_matrices=False)
     return uu @ vu @ torch.diag(sum_s) @ uv @ vv
@@ -316,8 +292,12 @@ def _ref_iso_cts(deltas, frac):
         ut, st, vt = torch.linalg.svd(w - cu @ cu.T @ w, full_matrices=False)
         if i == 0:
             U, S, V = torch.zeros_like(ut), torch.zeros_like(st), torch.zeros_like(vt)
-        U[:, i * kt:(i + 1) * kt], S[i * kt:(i + 1) * kt], V[i * kt:(i + 1) * kt] = ut[:, :kt], st[:kt], vt[:kt]
-    U[:, n * kt:n * kt + kc], S[n * kt:n * kt + kc], V[n * kt:n * kt + kc] = cu, cs, cv
+        U[:, i * kt : (i + 1) * kt], S[i * kt : (i + 1) * kt], V[i * kt : (i + 1) * kt] = (
+            ut[:, :kt],
+            st[:kt],
+            vt[:kt],
+        )
+    U[:, n * kt : n * kt + kc], S[n * kt : n * kt + kc], V[n * kt : n * kt + kc] = cu, cs, cv
     a, _, b = torch.linalg.svd(U, full_matrices=False)
     c, _, d = torch.linalg.svd(V, full_matrices=False)
     return (a @ b) @ torch.diag(torch.full_like(S, S.mean())) @ (c @ d)
@@ -330,7 +310,9 @@ def _inputs(kind, dtype):
         lora = tuple(LoRAFactors(f.A.to(dtype).float(), f.B.to(dtype).float(), f.scale) for f in mi.lora)
         return ModuleInputs(mi.name, lora=lora)
     g = torch.Generator().manual_seed(4)
-    return ModuleInputs("w", task_vectors=tuple(torch.randn(18, 12, generator=g).to(dtype).float() for _ in range(3)))
+    return ModuleInputs(
+        "w", task_vectors=tuple(torch.randn(18, 12, generator=g).to(dtype).float() for _ in range(3))
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

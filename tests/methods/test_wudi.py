@@ -31,17 +31,9 @@ def _lora(n=3, r=3, d_out=20, d_in=16, seed=0):
     )
 
 
-
-
 def _dense(n=3, m=8, k=6, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return ModuleInputs(
-        "w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n))
-    )
-
-
-
-
+    return ModuleInputs("w", task_vectors=tuple(torch.randn(m, k, generator=g) for _ in range(n)))
 
 
 def _rel(a, b):
@@ -54,9 +46,7 @@ def wudi_loss(x, taus, weights=None):
     weights = weights or [1.0] * len(taus)
     x = x.double()
     return sum(
-        w
-        * float(((x - t.double()) @ t.double().T).norm() ** 2)
-        / float(t.double().norm() ** 2)
+        w * float(((x - t.double()) @ t.double().T).norm() ** 2) / float(t.double().norm() ** 2)
         for w, t in zip(weights, taus)
     )
 
@@ -76,10 +66,7 @@ def wudi2_loss(x, taus, k):
 def wudi_normal_equations(taus):
     """G = sum_i tau_i^T tau_i / ||tau_i||^2, H = sum_i tau_i tau_i^T tau_i / ||tau_i||^2."""
     G = sum(t.double().T @ t.double() / float(t.double().norm() ** 2) for t in taus)
-    H = sum(
-        t.double() @ t.double().T @ t.double() / float(t.double().norm() ** 2)
-        for t in taus
-    )
+    H = sum(t.double() @ t.double().T @ t.double() / float(t.double().norm() ** 2) for t in taus)
     return G, H
 
 
@@ -152,9 +139,7 @@ def test_wudi_weights_scale_loss_terms():
     taus = list(inp.task_vectors)
     x = _run("wudi", inp, solver="closed_form", weights=[3.0, 0.0]).delta
     # only task 0 counts: its own minimiser in its row space, init elsewhere
-    assert wudi_loss(x, taus, [3.0, 0.0]) < 1e-8 * wudi_loss(
-        sum(taus), taus, [3.0, 0.0]
-    )
+    assert wudi_loss(x, taus, [3.0, 0.0]) < 1e-8 * wudi_loss(sum(taus), taus, [3.0, 0.0])
 
 
 # ----------------------------------------------------------------- WUDI v2
@@ -308,9 +293,7 @@ def test_optimiser_arithmetic_matches_torch_optim(optimizer):
     G = G @ G.T / 5
     H = torch.randn(6, 5, generator=g)
     ours = x0.clone()
-    step = (
-        _adam_steps(ours, 1e-2) if optimizer == "adam" else _sgd_steps(ours, 1e-2, 0.9)
-    )
+    step = _adam_steps(ours, 1e-2) if optimizer == "adam" else _sgd_steps(ours, 1e-2, 0.9)
     ref = torch.nn.Parameter(x0.clone())
     opt = (
         torch.optim.Adam([ref], lr=1e-2)
@@ -371,8 +354,10 @@ def _released_wudi2(taus, iters, *, sgd: bool, lr: float, centred: bool):
 
 def _bf16(mi, dtype):
     if mi.kind == "lora":
-        return ModuleInputs(mi.name, lora=tuple(LoRAFactors(f.A.to(dtype).float(), f.B.to(dtype).float(), f.scale)
-                                                for f in mi.lora))
+        return ModuleInputs(
+            mi.name,
+            lora=tuple(LoRAFactors(f.A.to(dtype).float(), f.B.to(dtype).float(), f.scale) for f in mi.lora),
+        )
     return ModuleInputs(mi.name, task_vectors=tuple(t.to(dtype).float() for t in mi.task_vectors))
 
 
@@ -381,7 +366,9 @@ def _bf16(mi, dtype):
 def test_wudi_default_is_released_dense_adam(kind, dtype):
     """Default wudi on LoRA runs Adam on the dense delta (Dense result) and
     follows the released code's trajectory (lr raised so 40 steps move)."""
-    inp = _bf16(_lora(n=3, r=3, d_out=20, d_in=16, seed=11) if kind == "lora" else _dense(m=12, k=10, seed=11), dtype)
+    inp = _bf16(
+        _lora(n=3, r=3, d_out=20, d_in=16, seed=11) if kind == "lora" else _dense(m=12, k=10, seed=11), dtype
+    )
     res = _run("wudi", inp, iterations=40, lr=1e-2)
     assert isinstance(res, Dense)
     ref = _released_wudi(inp.deltas(), 40, 1e-2)
@@ -401,7 +388,9 @@ def test_wudi_factor_space_is_a_different_optimisation():
 def test_wudi2_default_is_released_qwen2vl_script(kind, dtype):
     """Default wudi2 = the released LLaMA-Factory (Qwen2-VL) script for LoRA
     and for checkpoints alike: SGD momentum 0.9 from the mean."""
-    inp = _bf16(_lora(n=3, r=3, d_out=24, d_in=18, seed=13) if kind == "lora" else _dense(m=12, k=9, seed=13), dtype)
+    inp = _bf16(
+        _lora(n=3, r=3, d_out=24, d_in=18, seed=13) if kind == "lora" else _dense(m=12, k=9, seed=13), dtype
+    )
     res = _run("wudi2", inp, iterations=50, lr=0.05)
     ref = _released_wudi2(inp.deltas(), 50, sgd=True, lr=0.05, centred=False)
     d = res.delta() if isinstance(res, LowRank) else res.delta
@@ -424,7 +413,10 @@ def test_wudi_dense_plan_note_states_cost_before_start():
     assert get("wudi").make_params({"solver": "closed_form"}).plan_note("dense", [(4096, 4096)], 3) is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: test_wudi_default_is_released_dense_adam")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU; CPU twin: test_wudi_default_is_released_dense_adam",
+)
 def test_wudi_dense_on_gpu_equals_cpu():
     inp = _lora(n=3, r=3, d_out=64, d_in=48, seed=15)
     cpu = _run("wudi", inp, iterations=40, lr=1e-2)

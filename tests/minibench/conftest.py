@@ -1,4 +1,5 @@
 """Fixtures of the mini-benchmark tests: one torch thread, offline hubs."""
+
 from __future__ import annotations
 
 import os
@@ -6,4 +7,3 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-

@@ -1,5 +1,6 @@
 """The committed mini-benchmark: grid, models, baseline and task files agree; the
 build script still trains a model that learns; the task generators are sound."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ def test_grid_covers_every_method_task_and_group(grid):
     defaults = {r.method for r in grid.rows if r.kind == "merge" and not r.params}
     assert defaults == set(registry.available()), "every registered method has a row with its defaults"
     assert grid.tasks == [mtasks.task_name(t) for t in mdata.TASKS]
-    assert grid.groups == {"seen": [mtasks.task_name(t) for t in mdata.SEEN],
-                           "unseen": [mtasks.task_name(t) for t in mdata.UNSEEN]}
+    assert grid.groups == {
+        "seen": [mtasks.task_name(t) for t in mdata.SEEN],
+        "unseen": [mtasks.task_name(t) for t in mdata.UNSEEN],
+    }
     assert grid.adapters == {t: f"benchmarks/minibench/models/experts/{t}" for t in mdata.SEEN}
     assert grid.base == "benchmarks/minibench/models/base"  # repo-relative: grid_id is checkout-independent
     assert (REPO / grid.base / "model.safetensors").is_file()
@@ -73,7 +76,9 @@ def test_baseline_is_a_run_of_the_committed_grid(grid, grid_ci, which):
     g = grid_ci if which == "baseline_ci" else grid
     base = regress.load_results(BENCH / which / "results.json")
     assert base.grid_id == g.spec()["grid_id"], f"{g.name} changed: bash scripts/minibench_gate.sh --refresh"
-    assert base.version == regress.SCHEMA_VERSION, "refresh the baseline: bash scripts/minibench_gate.sh --refresh"
+    assert base.version == regress.SCHEMA_VERSION, (
+        "refresh the baseline: bash scripts/minibench_gate.sh --refresh"
+    )
     assert {c.label for c in base.cells.values()} == {r.label for r in g.rows}
     assert len(base.cells) == len(g.rows) * len(g.tasks)
     for c in base.cells.values():
@@ -126,11 +131,13 @@ def test_each_committed_expert_beats_the_base_on_its_task():
     from harness_merge.demo.tiny import load_processor
 
     processor = load_processor(MODELS / "base")
-    base = mbuild.accuracies(Qwen2VLForConditionalGeneration.from_pretrained(MODELS / "base"), processor,
-                             mdata.SEEN, n=48)
+    base = mbuild.accuracies(
+        Qwen2VLForConditionalGeneration.from_pretrained(MODELS / "base"), processor, mdata.SEEN, n=48
+    )
     for task in mdata.SEEN:
-        expert = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(MODELS / "base"),
-                                           MODELS / "experts" / task)
+        expert = PeftModel.from_pretrained(
+            Qwen2VLForConditionalGeneration.from_pretrained(MODELS / "base"), MODELS / "experts" / task
+        )
         acc = mbuild.accuracies(expert, processor, [task], n=48)[task]
         assert acc >= 70 and acc > base[task] + 10, (task, acc, base[task])
 
@@ -142,7 +149,9 @@ def test_committed_experts_are_gentle():
     for task in mdata.SEEN:
         size = mbuild.task_vector_size(MODELS / "base", MODELS / "experts" / task)
         assert size["mean_abs_delta"] < 5e-3 and size["ratio"] < 0.15, (task, size)
-        assert size["mean_abs_delta"] == pytest.approx(info["task_vector_size"][task]["mean_abs_delta"], rel=1e-3)
+        assert size["mean_abs_delta"] == pytest.approx(
+            info["task_vector_size"][task]["mean_abs_delta"], rel=1e-3
+        )
 
 
 def test_build_on_a_short_budget_learns(tmp_path):
@@ -151,14 +160,23 @@ def test_build_on_a_short_budget_learns(tmp_path):
 
     from harness_merge.demo.tiny import load_processor
 
-    info = mbuild.build(tmp_path, pretrain_steps=SHORT["pretrain"], expert_steps=SHORT["expert"],
-                        expert_lr=SHORT["lr"], n_per_task=8, experts=("colour",), check=False)
+    info = mbuild.build(
+        tmp_path,
+        pretrain_steps=SHORT["pretrain"],
+        expert_steps=SHORT["expert"],
+        expert_lr=SHORT["lr"],
+        n_per_task=8,
+        experts=("colour",),
+        check=False,
+    )
     assert info["settings"]["expert_steps"] == SHORT["expert"]
     processor = load_processor(tmp_path / "base")
-    base = mbuild.accuracies(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base"), processor,
-                             ["colour"], n=12)["colour"]
-    expert = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base"),
-                                       tmp_path / "experts" / "colour")
+    base = mbuild.accuracies(
+        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base"), processor, ["colour"], n=12
+    )["colour"]
+    expert = PeftModel.from_pretrained(
+        Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base"), tmp_path / "experts" / "colour"
+    )
     acc = mbuild.accuracies(expert, processor, ["colour"], n=12)["colour"]
     assert acc > base + 25, (acc, base)
     cfg = json.loads((tmp_path / "experts" / "colour" / "adapter_config.json").read_text())
@@ -201,8 +219,13 @@ def test_unseen_questions_are_not_expert_questions():
 def test_gate_script_options():
     import subprocess
 
-    bad = subprocess.run(["bash", str(REPO / "scripts" / "minibench_gate.sh"), "--nope"], check=False, capture_output=True,
-                         text=True, timeout=30)
+    bad = subprocess.run(
+        ["bash", str(REPO / "scripts" / "minibench_gate.sh"), "--nope"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "use --full, --refresh" in bad.stderr
     text = (REPO / "scripts" / "minibench_gate.sh").read_text()
     assert "grid_ci.yaml" in text and "baseline_ci" in text and "--alpha" in text

@@ -1,5 +1,6 @@
 """Modality merging: only the shared LLM is merged; every encoder and connector
 is kept bit for bit; each modality model loads and runs on the merged LLM."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,9 @@ def mm(tmp_path_factory):
     base = build_tiny_text_lm(root / "base", seed=0)
     models = build_tiny_modality_models(base, root, seed=0, rel_std=0.3)
     out = root / "merged"
-    rec = merge_modalities(str(base), {k: str(v) for k, v in models.items()}, "ta", {"scaling": "0.5"}, out=out)
+    rec = merge_modalities(
+        str(base), {k: str(v) for k, v in models.items()}, "ta", {"scaling": "0.5"}, out=out
+    )
     return base, models, out, rec
 
 
@@ -40,7 +43,9 @@ def test_llm_merged_encoders_kept(mm):
         else:  # 1-D and embeddings: the average of the fine-tuned models
             exp = th0.float() + sum(taus) / len(taus)
         for m in models:
-            torch.testing.assert_close(got[m][LLM_PREFIX[m] + name].float(), exp, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                got[m][LLM_PREFIX[m] + name].float(), exp, rtol=1e-5, atol=1e-6, msg=name
+            )
         n_llm += 1
     assert n_llm == rec["shared_tensors"] > 10
     # everything else is the modality's own, unchanged
@@ -80,7 +85,9 @@ def test_each_modality_runs_on_the_merged_llm(mm):
     mask = torch.ones(1, feats.shape[-1], dtype=torch.long)
     with torch.no_grad():
         lg = audio(input_ids=ids, input_features=feats, feature_attention_mask=mask).logits
-        lg_silent = audio(input_ids=ids, input_features=torch.zeros_like(feats), feature_attention_mask=mask).logits
+        lg_silent = audio(
+            input_ids=ids, input_features=torch.zeros_like(feats), feature_attention_mask=mask
+        ).logits
     assert torch.isfinite(lg).all()
     assert not torch.allclose(lg, lg_silent, atol=1e-4)  # the audio encoder feeds the merged LLM
 
@@ -89,5 +96,7 @@ def test_model_without_the_shared_llm_refused(mm, tiny_base, tmp_path):
     base, models, _, _ = mm
     other = tiny_base  # another LLM (hidden 32, not 64)
     with pytest.raises(InputError, match="must share the base language model"):
-        merge_modalities(str(base), {"vision": str(models["vision"]), "other": str(other)}, "ta", out=tmp_path / "o")
+        merge_modalities(
+            str(base), {"vision": str(models["vision"]), "other": str(other)}, "ta", out=tmp_path / "o"
+        )
     assert not (tmp_path / "o").exists()

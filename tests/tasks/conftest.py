@@ -32,7 +32,9 @@ def load_local_task(tmp_path, _offline_env):
     """``load_local_task(folder, task, rows, features, split=None) -> LocalTask``."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    def _load(folder: str, task: str, rows: list[dict], features: dict, split: str | None = None) -> LocalTask:
+    def _load(
+        folder: str, task: str, rows: list[dict], features: dict, split: str | None = None
+    ) -> LocalTask:
         copy = tmp_path / folder
         if not copy.exists():
             shutil.copytree(CONFIGS / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "*.md"))

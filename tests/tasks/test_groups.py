@@ -11,8 +11,16 @@ from task_helpers import CONFIGS, read_yaml
 
 SUITES = {
     "mm_mergebench": {
-        "mm_mergebench_seen": ["mmmb_scienceqa", "mmmb_imagenet", "mmmb_vqav2", "mmmb_rec_coco", "mmmb_ocrvqa",
-                               "mmmb_vizwiz_caption", "mmmb_flickr30k", "mmmb_iconqa"],
+        "mm_mergebench_seen": [
+            "mmmb_scienceqa",
+            "mmmb_imagenet",
+            "mmmb_vqav2",
+            "mmmb_rec_coco",
+            "mmmb_ocrvqa",
+            "mmmb_vizwiz_caption",
+            "mmmb_flickr30k",
+            "mmmb_iconqa",
+        ],
         "mm_mergebench_unseen": ["mmmb_aokvqa", "mmmb_imagenet_r", "mmmb_screen2words", "mmmb_tabmwp"],
     },
     "capability_suite": {
@@ -48,7 +56,9 @@ def test_task_manager_indexes_every_task_and_group(folder):
     for name, tasks in subgroups.items():
         assert groups[name]["task"] == tasks
     for cfg in groups.values():
-        assert cfg["aggregate_metric_list"] == [{"metric": "score", "aggregation": "mean", "weight_by_size": False}]
+        assert cfg["aggregate_metric_list"] == [
+            {"metric": "score", "aggregation": "mean", "weight_by_size": False}
+        ]
 
 
 def _fake_task(name: str):
@@ -77,8 +87,13 @@ def test_groups_average_score_over_tasks(folder):
         members = {}
         for j, task in enumerate(tasks):
             value[task] = 10.0 * i + j + 1  # distinct numbers, unequal sample sizes
-            results[task] = {"alias": task, "score,none": value[task], "score_stderr,none": 0.5,
-                             "samples": 10 * (j + 1), "iou,none": 3.0}
+            results[task] = {
+                "alias": task,
+                "score,none": value[task],
+                "score_stderr,none": 0.5,
+                "samples": 10 * (j + 1),
+                "iou,none": 3.0,
+            }
             members[task] = _fake_task(task)
         inner[ConfigurableGroup(config=groups[group])] = members
         results[group] = {"alias": group}

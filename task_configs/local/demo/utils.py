@@ -1,4 +1,5 @@
 """The demo's synthetic tasks (harness_merge.demo.data): prompt and exact match."""
+
 from harness_merge.demo.data import prompt, score
 
 

@@ -1,4 +1,5 @@
 """POPE on local parquet: lmms-eval's own prompt, parsing and metrics."""
+
 from lmms_eval.tasks.pope.utils import (  # noqa: F401
     pope_aggregate_accuracy,
     pope_aggregate_f1_score,

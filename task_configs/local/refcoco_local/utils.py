@@ -1,5 +1,6 @@
 """RefCOCO bbox REC on local parquet: lmms-eval's own preprocessing (normalised
 xyxy boxes, one row per referring expression), prompt, parsing and IoU metrics."""
+
 from lmms_eval.tasks.refcoco.utils_rec import (  # noqa: F401
     refcoco_bbox_rec_acc01,
     refcoco_bbox_rec_acc03,
