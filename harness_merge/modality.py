@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -93,10 +93,6 @@ class SharedLLMSet:
             for m, mp in zip(self.models, self.maps)
         )
         return ModuleInputs(name=name, task_vectors=taus, base=th0)
-
-    def __iter__(self) -> Iterator[ModuleInputs]:
-        for n in self.module_names:
-            yield self.read(n)
 
 
 def merge_modalities(
