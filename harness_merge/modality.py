@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from . import __version__, methods
+from .artifact import fsio
 from .errors import InputError, MethodParamError
 from .inputs.checkpoint import _EMBEDDING_LIKE, Checkpoint
 from .inputs.files import checked_float, resolve_ref
@@ -94,10 +94,6 @@ class SharedLLMSet:
         )
         return ModuleInputs(name=name, task_vectors=taus, base=th0)
 
-    def __iter__(self) -> Iterator[ModuleInputs]:
-        for n in self.module_names:
-            yield self.read(n)
-
 
 def merge_modalities(
     base_llm: str,
@@ -125,9 +121,8 @@ def merge_modalities(
     inputs = SharedLLMSet(base, cks)
     validate_plan(inputs, mspec, mparams)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # not fsync'ed (as before); an existing artifact of ours is replaced
+    with fsio.atomic_dir(out, replace=True, durable=False) as tmp:
         merged: dict[
             str, object
         ] = {}  # base name -> merged tensor (the LLM only: small next to the encoders)
@@ -179,12 +174,6 @@ def merge_modalities(
                 "kept_prefixes": sorted({k.split(".")[0] for k in kept}),
             }
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

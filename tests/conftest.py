@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny Qwen2 base model and PEFT LoRA adapters made on it.
 
 Everything is built locally (no hub): a 2-layer Qwen2 with hidden size 32, and
-adapters created by PEFT itself with seeded random A and B.
+adapters created by PEFT itself with seeded random A and B. Below them, the
+tiny served models of the harness and backend tests (Qwen2-VL and a text LM
+from ``harness_merge.demo.tiny``, two adapters each, a shared merge cache).
 """
 
 from __future__ import annotations
@@ -98,3 +100,45 @@ def cache_dir(tmp_path) -> Path:
 def make_adapter():
     """Factory fixture: ``make_adapter(base, out, **kw)`` (see make_lora_adapter)."""
     return make_lora_adapter
+
+
+# ---------------------------------------------------------------------------
+# tiny served models (harness and backend tests): built by harness_merge.demo.tiny
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def hw(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("harness")
+
+
+@pytest.fixture(scope="session")
+def qwen2vl(hw):
+    """(base, [adapter1, adapter2]) on a tiny Qwen2-VL."""
+    from harness_merge.demo.tiny import build_tiny_qwen2vl, random_lora
+
+    base = build_tiny_qwen2vl(hw / "qwen2vl", seed=0)
+    ads = [random_lora(base, hw / f"qvl_lora{i}", rank=4, alpha=8, seed=i, std=2.0) for i in (1, 2)]
+    return Path(base), [Path(a) for a in ads]
+
+
+@pytest.fixture(scope="session")
+def text_lm(hw):
+    """(base, [adapter1, adapter2]) on a tiny text-only Qwen2."""
+    from harness_merge.demo.tiny import build_tiny_text_lm, random_lora
+
+    base = build_tiny_text_lm(hw / "textlm", seed=0)
+    ads = [random_lora(base, hw / f"txt_lora{i}", rank=4, alpha=8, seed=i, std=2.0) for i in (1, 2)]
+    return Path(base), [Path(a) for a in ads]
+
+
+@pytest.fixture(scope="session")
+def misfit_adapter(hw, text_lm):
+    """A LoRA adapter made for the text LM: it does not fit the Qwen2-VL base
+    (the module names differ)."""
+    return text_lm[1][0]
+
+
+@pytest.fixture(scope="session")
+def merge_cache(hw) -> Path:
+    p = hw / "merge_cache"
+    p.mkdir(exist_ok=True)
+    return p

@@ -92,9 +92,7 @@ class FileHasher:
         digest = h.hexdigest()
         if memo is not None:
             try:  # best effort: a read-only cache still serves hits
-                tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(digest)
-                os.replace(tmp, memo)
+                fsio.atomic_write_text(memo, digest, durable=False)
             except OSError:
                 pass
         return digest
@@ -218,9 +216,7 @@ class MergeCache:
     def _write_memo(self, key: str, stamps: dict) -> None:
         try:
             self._memo(key).parent.mkdir(exist_ok=True)
-            tmp = self._memo(key).with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(stamps))
-            os.replace(tmp, self._memo(key))
+            fsio.atomic_write_text(self._memo(key), json.dumps(stamps), durable=False)
         except OSError:
             pass  # read-only cache: verified anyway, just not remembered
 

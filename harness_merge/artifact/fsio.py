@@ -19,6 +19,12 @@
   ``--out`` copy complete, not yet swapped in), ``publish.swapped`` (new
   ``--out`` in place, the old one not yet removed), ``publish.moved_old``
   (fallback without RENAME_EXCHANGE: old ``--out`` moved aside, new not yet in).
+- ``atomic_write_bytes`` / ``atomic_write_text``: replace one file in one step
+  (a temp file next to it, then ``os.replace``), fsync'ed unless
+  ``durable=False``, optionally keeping the previous version as ``<name>.bak``.
+- ``atomic_dir``: fill a temp folder next to a destination and rename it into
+  place on success (removed on failure); every folder the package publishes
+  outside the cache and ``--out`` is written this way.
 - ``os_error_text``: an OSError (or safetensors' I/O error) as one line.
 """
 
@@ -34,6 +40,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 STALE_AGE_S = 24 * 3600
@@ -244,6 +252,90 @@ def copy_file_verified(src: Path, dst: Path, *, sha256: str | None = None, size:
 def temp_name(parent: Path, prefix: str) -> Path:
     """A fresh ``make_temp_dir``-style name (not created)."""
     return Path(parent) / f"{prefix}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _discard(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, backup: bool = False) -> Path:
+    """Replace ``path`` with ``data`` in one step: readers see the old file or the
+    new one, never a part. The bytes go to ``.<name>.tmp-<host>-<pid>-<rand>``
+    in the same folder (umask permissions), then ``os.replace``. ``durable``:
+    the file is fsync'ed before the rename and the folder after it (best
+    effort: a folder that cannot be fsync'ed is not an error). ``backup``: the
+    previous version stays as ``<name>.bak`` (a second link to it, no copy;
+    skipped where the filesystem has no hard links). On an error the temp
+    file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = temp_name(path.parent, f".{path.name}.tmp-")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        if backup and path.is_file():
+            bak = path.with_name(path.name + ".bak")
+            bak_tmp = temp_name(path.parent, f".{bak.name}.tmp-")
+            try:
+                os.link(path, bak_tmp)
+                os.replace(bak_tmp, bak)
+            except OSError:  # no hard links here: no backup, the write itself stays atomic
+                _discard(bak_tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+    if durable:
+        try:
+            fsync_path(path.parent)
+        except OSError:
+            pass
+    return path
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = True, backup: bool = False) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8 (written as is: no newline translation)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), durable=durable, backup=backup)
+
+
+@contextmanager
+def atomic_dir(out: Path, *, replace: bool = True, durable: bool = True) -> Iterator[Path]:
+    """``with atomic_dir(out) as tmp:`` fill ``tmp`` (``.<name>.tmp-<host>-<pid>-<rand>``
+    next to ``out``, umask permissions; leftovers of dead processes are removed
+    first, see :func:`clean_stale`); when the block returns, ``tmp`` is
+    fsync'ed (``durable``) and renamed to ``out``. An existing ``out`` is
+    removed first with ``replace`` (a reader may then find no ``out`` for a
+    moment), else kept and the new folder dropped (another process made it
+    first: same inputs, same folder). On an exception ``tmp`` is removed and
+    ``out`` untouched."""
+    out = Path(out)
+    prefix = f".{out.name}.tmp-"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent, prefix)
+    tmp = make_temp_dir(out.parent, prefix)
+    try:
+        yield tmp
+        if durable:
+            fsync_tree(tmp)
+        if replace and (out.exists() or out.is_symlink()):
+            rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if replace or not out.is_dir():
+                raise
+            rmtree(tmp)  # made meanwhile by another process
+        if durable:
+            fsync_path(out.parent)
+    except BaseException:
+        rmtree(tmp)
+        raise
 
 
 def exchange(a: Path, b: Path) -> bool | None:

@@ -19,8 +19,7 @@ from typing import Iterable
 
 import torch
 
-from ..errors import ArtifactError, InputError
-from ..inputs.files import resolve_ref
+from ..errors import ArtifactError
 from ..types import Dense, DoRAUpdate, LowRank
 from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
@@ -142,35 +141,6 @@ def copy_side_files(base_dir: Path, out_dir: Path) -> None:
         if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _SKIP_FILES:
             if not (Path(out_dir) / p.name).exists():
                 shutil.copy2(p, Path(out_dir) / p.name)
-
-
-def load_base_model(base_ref: str, dtype: str | None = None):
-    """The base as the class its config names (``architectures[0]``), else the
-    first auto class that loads it."""
-    import transformers
-    from transformers import AutoConfig
-
-    base_dir = resolve_ref(base_ref)
-    try:
-        config = AutoConfig.from_pretrained(str(base_dir))
-    except Exception as e:
-        raise InputError(
-            f"{base_ref}: cannot read the base model's config ({type(e).__name__}: {e})"
-        ) from None
-    classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
-    classes += [
-        transformers.AutoModelForImageTextToText,
-        transformers.AutoModelForCausalLM,
-        transformers.AutoModel,
-    ]
-    kw = {"dtype": torch_dtype(dtype) if dtype else "auto"}
-    last = None
-    for cls in classes:
-        try:
-            return cls.from_pretrained(str(base_dir), **kw), base_dir
-        except Exception as e:  # try the next class
-            last = e
-    raise InputError(f"{base_ref}: the base model does not load ({type(last).__name__}: {last})")
 
 
 def write_full_from_lora(

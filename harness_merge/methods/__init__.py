@@ -122,11 +122,7 @@ def _load_families() -> None:
     if _loaded:
         return
     for fam in _FAMILIES:
-        try:
-            importlib.import_module(f"{__name__}.{fam}")
-        except ModuleNotFoundError as e:  # a family file not written yet
-            if e.name != f"{__name__}.{fam}":
-                raise
+        importlib.import_module(f"{__name__}.{fam}")
     _loaded = True
 
 

@@ -1,7 +1,8 @@
-"""Session fixtures for the harness tests: tiny models (built by
-``harness_merge.demo.tiny``), random LoRA adapters on them, tiny local tasks
-for lmms-eval and lm-eval, a shared merge cache, and a helper that runs the
-real console scripts as subprocesses.
+"""Session fixtures for the harness tests: tiny local tasks for lmms-eval and
+lm-eval, and a helper that runs the real console scripts as subprocesses. The
+tiny models and their adapters (``hw``, ``qwen2vl``, ``text_lm``,
+``misfit_adapter``, ``merge_cache``) are in tests/conftest.py: the backend
+tests use them too.
 """
 
 from __future__ import annotations
@@ -17,45 +18,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="session")
-def hw(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("harness")
-
-
-@pytest.fixture(scope="session")
-def qwen2vl(hw):
-    """(base, [adapter1, adapter2]) on a tiny Qwen2-VL."""
-    from harness_merge.demo.tiny import build_tiny_qwen2vl, random_lora
-
-    base = build_tiny_qwen2vl(hw / "qwen2vl", seed=0)
-    ads = [random_lora(base, hw / f"qvl_lora{i}", rank=4, alpha=8, seed=i, std=2.0) for i in (1, 2)]
-    return Path(base), [Path(a) for a in ads]
-
-
-@pytest.fixture(scope="session")
-def text_lm(hw):
-    """(base, [adapter1, adapter2]) on a tiny text-only Qwen2."""
-    from harness_merge.demo.tiny import build_tiny_text_lm, random_lora
-
-    base = build_tiny_text_lm(hw / "textlm", seed=0)
-    ads = [random_lora(base, hw / f"txt_lora{i}", rank=4, alpha=8, seed=i, std=2.0) for i in (1, 2)]
-    return Path(base), [Path(a) for a in ads]
-
-
-@pytest.fixture(scope="session")
-def misfit_adapter(hw, text_lm):
-    """A LoRA adapter made for the text LM: it does not fit the Qwen2-VL base
-    (the module names differ)."""
-    return text_lm[1][0]
-
-
-@pytest.fixture(scope="session")
-def merge_cache(hw) -> Path:
-    p = hw / "merge_cache"
-    p.mkdir(exist_ok=True)
-    return p
 
 
 # ---------------------------------------------------------------------------

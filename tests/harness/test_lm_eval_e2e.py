@@ -67,33 +67,6 @@ def test_lm_eval_results(ties_run, text_lm):
     assert any(rid in str(f.relative_to(out)) for f in out.rglob("*results*.json"))
 
 
-def test_lm_eval_unknown_key_fails_visibly(run_cli, text_lm, text_tasks, hw):
-    base, ads = text_lm
-    p = _run(
-        run_cli,
-        f"pretrained={base},adapters=[{ads[0]}],method=ta,scalin=2",
-        "hm_text_mc",
-        text_tasks,
-        hw / "lm_bad",
-    )
-    assert p.returncode != 0, _explain(p)
-    assert "harness-merge ERROR" in p.stderr and "scaling" in p.stderr
-
-
-def test_lm_eval_misfit_adapter_fails_visibly(run_cli, text_lm, qwen2vl, text_tasks, hw):
-    base, ads = text_lm
-    other = qwen2vl[1][0]  # an adapter for the Qwen2-VL base
-    p = _run(
-        run_cli,
-        f"pretrained={base},adapters=[{ads[0]},{other}],method=ta",
-        "hm_text_mc",
-        text_tasks,
-        hw / "lm_misfit",
-    )
-    assert p.returncode != 0, _explain(p)
-    assert "harness-merge ERROR" in p.stderr and str(other) in p.stderr
-
-
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "apply_chat_template"])
 def test_builtin_hf_beside_merged_and_equal_per_sample(run_cli, text_lm, text_tasks, hw, chat):
     """``lm-eval-merged --model hf`` runs lm-eval's own model (registering ``merged``

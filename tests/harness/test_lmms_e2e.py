@@ -130,36 +130,15 @@ def test_merged_outputs_differ_from_base(copa_run, run_cli, qwen2vl, mm_tasks, m
 
 
 def test_unknown_model_arg_is_visible_and_fails(run_cli, qwen2vl, mm_tasks, hw):
+    """The one error path run through the real command: lmms-eval swallows the
+    model's exception, the exit status and the banner still reach the user.
+    The other error paths are checked in-process (test_error_paths.py)."""
     base, ads = qwen2vl
     ma = _model_args(base, ads, "copa", prune_rat=0.5)
     p = _lmms(run_cli, ma, "hm_pope_mini", mm_tasks, hw / "lmms_badarg")
     assert p.returncode != 0, _explain(p)
     assert "harness-merge ERROR" in p.stderr
     assert "prune_rat" in p.stderr and "prune_rate" in p.stderr  # did-you-mean + valid keys
-
-
-def test_unknown_method_is_visible_and_fails(run_cli, qwen2vl, mm_tasks, hw):
-    base, ads = qwen2vl
-    p = _lmms(run_cli, _model_args(base, ads, "copaa"), "hm_pope_mini", mm_tasks, hw / "lmms_badmethod")
-    assert p.returncode != 0, _explain(p)
-    assert "unknown method 'copaa'" in p.stderr and "copa" in p.stderr
-
-
-def test_misfit_adapter_is_visible_and_fails(run_cli, qwen2vl, misfit_adapter, mm_tasks, hw):
-    base, ads = qwen2vl
-    ma = _model_args(base, [ads[0], misfit_adapter], "ta")
-    p = _lmms(run_cli, ma, "hm_pope_mini", mm_tasks, hw / "lmms_misfit")
-    assert p.returncode != 0, _explain(p)
-    assert "harness-merge ERROR" in p.stderr
-    assert str(misfit_adapter) in p.stderr
-
-
-def test_text_only_base_with_image_task_fails_clearly(run_cli, text_lm, mm_tasks, merge_cache, hw):
-    base, ads = text_lm
-    ma = _model_args(base, ads[:1], "ta", cache_dir=merge_cache)
-    p = _lmms(run_cli, ma, "hm_pope_mini", mm_tasks, hw / "lmms_textonly")
-    assert p.returncode != 0, _explain(p)
-    assert "text-only" in p.stderr
 
 
 def test_upstream_lmms_eval_command_finds_merged(run_cli):

@@ -8,6 +8,7 @@ import types
 
 import pytest
 
+from harness_merge.artifact import fsio
 from harness_merge.leaderboard import runner
 
 
@@ -18,9 +19,9 @@ def _grid(grid_id="g1"):
 
 def test_write_keeps_the_previous_version(tmp_path):
     p = tmp_path / "results.json"
-    runner._atomic_write(p, '{"v": 1}', backup=True)
+    fsio.atomic_write_text(p, '{"v": 1}', backup=True)
     assert not (tmp_path / "results.json.bak").exists()
-    runner._atomic_write(p, '{"v": 2}', backup=True)
+    fsio.atomic_write_text(p, '{"v": 2}', backup=True)
     assert json.loads(p.read_text()) == {"v": 2}
     assert json.loads((tmp_path / "results.json.bak").read_text()) == {"v": 1}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["results.json", "results.json.bak"]
@@ -29,8 +30,8 @@ def test_write_keeps_the_previous_version(tmp_path):
 def test_truncated_results_name_the_backup_and_fresh(tmp_path):
     p = tmp_path / "results.json"
     good = json.dumps({"grid": {"grid_id": "g1"}, "cells": []})
-    runner._atomic_write(p, good, backup=True)
-    runner._atomic_write(p, good + " ", backup=True)
+    fsio.atomic_write_text(p, good, backup=True)
+    fsio.atomic_write_text(p, good + " ", backup=True)
     p.write_text(good[: len(good) // 2])  # a truncated file
     with pytest.raises(runner.GridError) as ei:
         runner.run(_grid(), tmp_path)
