@@ -90,13 +90,27 @@ def version_checked(version: str | None, spec: str) -> bool:
     return True
 
 
+def _emit(message: str) -> None:
+    """``warnings.warn(message, HookWarning)``, shown even where an import has set
+    a blanket ``warnings.filterwarnings("ignore")`` (lmms-eval's model modules
+    do): a hook that does not bind is never silent. An ``error`` filter for it
+    (``-W error::...HookWarning``) still turns it into an exception."""
+    for action, msg, category, module, _ in warnings.filters:
+        if msg is None and module is None and issubclass(HookWarning, category):
+            if action == "error":
+                warnings.warn(message, HookWarning, stacklevel=3)
+                return
+            break
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", HookWarning)
+        warnings.warn(message, HookWarning, stacklevel=3)
+
+
 def _warn(hook: Hook, version: str | None, why: str) -> None:
-    warnings.warn(
+    _emit(
         f"harness-merge hook {hook.name!r} did not bind: {why} "
         f"({hook.package} {version or 'not installed'}; the hook was checked against "
-        f"{hook.package}{hook.checked}); {hook.lost}",
-        HookWarning,
-        stacklevel=3,
+        f"{hook.package}{hook.checked}); {hook.lost}"
     )
 
 
@@ -141,12 +155,10 @@ def bind(hook: Hook) -> tuple[Any, str, Any] | None:
             )
             return None
     if not version_checked(version, hook.checked):
-        warnings.warn(
+        _emit(
             f"harness-merge hook {hook.name!r} bound to {hook.target} on {hook.package} {version}, "
             f"a version it was not checked against ({hook.package}{hook.checked}); if results look "
-            f"wrong: {hook.lost}",
-            HookWarning,
-            stacklevel=2,
+            f"wrong: {hook.lost}"
         )
     return found
 

@@ -304,3 +304,22 @@ def test_import_order_keeps_every_plugin(imports, other_plugin):
     assert "Failed to load model entry-point manifests" not in p.stdout + p.stderr
     ids = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("IDS="))[4:])
     assert "merged" in ids and "hm_other_model" in ids and "qwen2_vl" in ids
+
+
+def test_a_hook_warning_is_visible_under_the_harness_clis():
+    """The harnesses' CLIs set warning filters of their own on import; a hook
+    that does not bind is still printed on stderr there."""
+    code = textwrap.dedent(
+        """
+        import lmms_eval.__main__, lm_eval.__main__, lmms_eval.evaluator as ev
+        from harness_merge.harness import _compat
+        del ev._redact_eval_config_secrets
+        print("bound" if _compat.install_results_record(lambda: {}) else "not bound")
+        """
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=str(ROOT)
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().endswith("not bound")
+    assert "HookWarning: harness-merge hook 'config.merge in lmms-eval results' did not bind" in p.stderr
