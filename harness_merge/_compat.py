@@ -90,7 +90,7 @@ def version_checked(version: str | None, spec: str) -> bool:
     return True
 
 
-def _emit(message: str) -> None:
+def warn_hook(message: str) -> None:
     """``warnings.warn(message, HookWarning)``, shown even where an import has set
     a blanket ``warnings.filterwarnings("ignore")`` (lmms-eval's model modules
     do): a hook that does not bind is never silent. An ``error`` filter for it
@@ -107,7 +107,7 @@ def _emit(message: str) -> None:
 
 
 def _warn(hook: Hook, version: str | None, why: str) -> None:
-    _emit(
+    warn_hook(
         f"harness-merge hook {hook.name!r} did not bind: {why} "
         f"({hook.package} {version or 'not installed'}; the hook was checked against "
         f"{hook.package}{hook.checked}); {hook.lost}"
@@ -155,7 +155,7 @@ def bind(hook: Hook) -> tuple[Any, str, Any] | None:
             )
             return None
     if not version_checked(version, hook.checked):
-        _emit(
+        warn_hook(
             f"harness-merge hook {hook.name!r} bound to {hook.target} on {hook.package} {version}, "
             f"a version it was not checked against ({hook.package}{hook.checked}); if results look "
             f"wrong: {hook.lost}"
@@ -222,6 +222,7 @@ __all__ = [
     "bind",
     "image_only_processor_class",
     "installed_version",
+    "warn_hook",
     "patch",
     "version_checked",
 ]

@@ -14,12 +14,19 @@ Importing this package imports no harness, no transformers and no vLLM.
 from __future__ import annotations
 
 from .failures import FAILURES, report_failure
-from .serve import Loaded, _dora_for_backend, dist_env, load_merged, merge_progress, rank_device, run_id
+from .serve import (
+    Loaded,
+    _dora_for_backend,  # noqa: F401  (tests/inputs/test_dora.py)
+    dist_env,
+    load_merged,
+    merge_progress,
+    rank_device,
+    run_id,
+)
 
 __all__ = [
     "FAILURES",
     "Loaded",
-    "_dora_for_backend",
     "dist_env",
     "load_merged",
     "merge_progress",

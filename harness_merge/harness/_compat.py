@@ -27,7 +27,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from .._compat import Hook, bind, patch
+from .._compat import Hook, bind, patch, warn_hook
 
 LMMS = "lmms-eval"
 LMMS_CHECKED = "==0.7.3"
@@ -199,7 +199,15 @@ def register_lm_eval_model(name: str, cls: type) -> bool:
     found = bind(LM_EVAL_REGISTER)
     if found is None:
         return False
-    found[2](name)(cls)
+    try:
+        found[2](name)(cls)
+    except ValueError as e:  # the name is taken
+        if f"{cls.__module__}:{cls.__name__}" in str(e):
+            return True  # by a lazy entry point to this very class (lm-eval versions that read entry points)
+        warn_hook(
+            f"harness-merge hook {LM_EVAL_REGISTER.name!r}: lm-eval model {name!r} is taken ({e}); {cls} is not registered"
+        )
+        return False
     return True
 
 

@@ -235,6 +235,32 @@ def test_lm_eval_register_missing_target_warns(monkeypatch):
         assert HC.register_lm_eval_model("merged", object) is False
 
 
+def test_lm_eval_register_name_taken(monkeypatch):
+    import lm_eval.api.registry as reg
+
+    from harness_merge.harness.lm_eval_model import MergedLM
+
+    def taken_by(value):
+        def register_model(*names):
+            def deco(cls):
+                raise ValueError(
+                    f"'model' alias '{names[0]}' already registered (existing={value}, new={cls})"
+                )
+
+            return deco
+
+        return register_model
+
+    # a lazy entry point to MergedLM itself (lm-eval versions that read entry points): fine
+    monkeypatch.setattr(reg, "register_model", taken_by("harness_merge.harness.lm_eval_model:MergedLM"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookWarning)
+        assert HC.register_lm_eval_model("merged", MergedLM) is True
+    monkeypatch.setattr(reg, "register_model", taken_by("other_pkg:Merged"))
+    with pytest.warns(HookWarning, match=r"lm-eval model 'merged' is taken .*other_pkg:Merged"):
+        assert HC.register_lm_eval_model("merged", MergedLM) is False
+
+
 # -- transformers: the image-only processor -------------------------------------
 def test_image_only_processor_binds_and_lets_none_through(strict):
     from transformers import Qwen2VLProcessor
