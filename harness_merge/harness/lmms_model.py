@@ -34,13 +34,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from ..backends.base import BackendError, GenRequest, LLRequest
-from . import (
-    FAILURES,  # noqa: F401  (for tests)
-    _compat,
-    conv_templates,
-    load_merged,
-    report_failure,
-)
+from . import _compat, conv_templates, load_merged, report_failure
 from . import profiles as P
 from .model_args import parse_model_args
 
