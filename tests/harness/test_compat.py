@@ -278,6 +278,28 @@ def test_image_only_processor_binds_and_lets_none_through(strict):
         proc.check_argument_for_proper_class("tokenizer", "not a tokenizer")
 
 
+def test_hf_backend_builds_an_image_only_processor(tmp_path, strict):
+    """The hf backend's fallback processor (no torchvision here) is built
+    through the hook and processes an image."""
+    from PIL import Image
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harness_merge.backends import hf
+    from harness_merge.demo.tiny import build_tiny_qwen2vl
+
+    base = build_tiny_qwen2vl(tmp_path / "qwen2vl")
+    proc = hf._image_only_processor(
+        str(base), AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    )
+    assert type(proc).__name__ == "Qwen2VLProcessorImageOnly"
+    out = proc(
+        text=["<|vision_start|><|image_pad|><|vision_end|>hi"],
+        images=[Image.new("RGB", (56, 56))],
+        return_tensors="pt",
+    )
+    assert out["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
 def test_image_only_processor_missing_target_warns(monkeypatch):
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
