@@ -221,13 +221,9 @@ def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
     except Exception:  # noqa: BLE001 - e.g. a torchvision-backed fast class
         image_processor = AutoImageProcessor.from_pretrained(base, use_fast=False, **image_kwargs)
 
-    class _ImageOnly(proc_cls):  # type: ignore[misc, valid-type]
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
+    from .._compat import image_only_processor_class
 
-    _ImageOnly.__name__ = f"{proc_cls.__name__}ImageOnly"
+    image_only = image_only_processor_class(proc_cls)
     sig = inspect.signature(proc_cls.__init__).parameters
     kwargs = {
         k: v
@@ -240,7 +236,7 @@ def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
     kwargs["chat_template"] = template
     if "video_processor" in sig:
         kwargs["video_processor"] = None
-    return _ImageOnly(image_processor=image_processor, tokenizer=tok, **kwargs)
+    return image_only(image_processor=image_processor, tokenizer=tok, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -15,8 +15,9 @@ JSON (lm-eval merges ``get_model_info()`` into the config).
 
 lm-eval 0.4.13's ``get_model`` loads its built-in models (``hf``, ``vllm``,
 ...) only while its registry is empty, so ``lm_eval.models`` is imported
-before ``merged`` is registered: both stay available in one process
-(``lm-eval-merged --model hf`` runs lm-eval's own model).
+before ``merged`` is registered (``harness._compat.register_lm_eval_model``):
+both stay available in one process (``lm-eval-merged --model hf`` runs
+lm-eval's own model).
 
 Scoring follows lm-eval's ``hf`` model: a loglikelihood request's context and
 continuation are encoded as ``LM._encode_pair`` does (trailing whitespace
@@ -28,19 +29,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: see below)
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
 from ..backends.base import GenRequest, LLRequest
-from . import install_identity_hook, load_merged, report_failure
+from . import _compat, load_merged, report_failure
 from .model_args import ModelArgsError, parse_model_args, split_arg_string
 
 # the run id (results' model_name, output folder) of the model 'merged' loaded last
 _ACTIVE_NAME: str | None = None
 
 
-@register_model("merged")
 class MergedLM(LM):
     """Requests: ``loglikelihood`` args ``(context, continuation)``,
     ``loglikelihood_rolling`` args ``(text,)``, ``generate_until`` args
@@ -64,11 +62,9 @@ class MergedLM(LM):
         self.backend = loaded.backend
         self.artifact = loaded.artifact
         self.merge_record = loaded.record
-        from lm_eval.loggers.evaluation_tracker import GeneralConfigTracker
-
         global _ACTIVE_NAME
         _ACTIVE_NAME = self.merge_record["model_name"]
-        install_identity_hook(GeneralConfigTracker, lambda: _ACTIVE_NAME)
+        _compat.install_lm_eval_run_name(lambda: _ACTIVE_NAME)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -158,5 +154,8 @@ class MergedLM(LM):
             self.cache_hook.add_partial("generate_until", r.args, o)
         return out
 
+
+# lm-eval's built-ins first, then "merged" (see the module docstring)
+_compat.register_lm_eval_model("merged", MergedLM)
 
 __all__ = ["MergedLM"]

@@ -21,35 +21,21 @@ def _finish(code: int | None) -> int:
     return code if isinstance(code, int) else (0 if code is None else 1)
 
 
-def _watch_evaluations() -> None:
-    """Record any exception of an evaluation (lmms-eval logs it and goes on)."""
-    import functools
+def _evaluation_failed(e: BaseException) -> None:
+    """Record an exception of one evaluation (lmms-eval logs it and goes on)
+    unless model 'merged' reported it already."""
+    from . import FAILURES
 
-    import lmms_eval.__main__ as lm_main
-
-    orig = lm_main.cli_evaluate_single
-    if getattr(orig, "_harness_merge", False):
-        return
-
-    @functools.wraps(orig)
-    def single(*args, **kwargs):
-        from . import FAILURES
-
-        try:
-            return orig(*args, **kwargs)
-        except Exception as e:
-            if not any(f.startswith("lmms-eval model 'merged'") for f in FAILURES):
-                FAILURES.append(f"lmms-eval evaluation: {type(e).__name__}: {e}")
-            raise
-
-    single._harness_merge = True  # type: ignore[attr-defined]
-    lm_main.cli_evaluate_single = single
+    if not any(f.startswith("lmms-eval model 'merged'") for f in FAILURES):
+        FAILURES.append(f"lmms-eval evaluation: {type(e).__name__}: {e}")
 
 
 def main() -> int:
     from lmms_eval.cli.dispatch import main as lmms_main
 
-    _watch_evaluations()
+    from ._compat import watch_evaluations
+
+    watch_evaluations(_evaluation_failed)
 
     try:
         lmms_main()

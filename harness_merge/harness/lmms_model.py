@@ -1,8 +1,9 @@
 """lmms-eval 0.7.3 model ``merged``: a merged model built on load.
 
-Registered through the ``lmms_eval.models`` entry point (``manifest()`` returns
-the ``ModelManifest``; lmms-eval loads this module only when ``--model merged``
-is asked for). A "simple" model: lmms-eval hands it
+Registered through the ``lmms_eval.models`` entry point
+(:func:`harness_merge.harness.lmms_plugin.manifest` returns the
+``ModelManifest``; lmms-eval loads this module only when ``--model merged`` is
+asked for). A "simple" model: lmms-eval hands it
 ``(ctx, gen_kwargs, doc_to_visual, doc_id, task, split)`` per generation
 request and ``(ctx, target, doc_to_visual, doc_id, task, split)`` per
 log-likelihood request; the doc is ``self.task_dict[task][split][doc_id]``.
@@ -19,56 +20,27 @@ logged to stderr and stored under ``config.merge`` in the results JSON.
 
 from __future__ import annotations
 
+# First, before anything imports lmms-eval: an environment installed with the
+# entry point ``harness_merge.harness.lmms_model:manifest`` (before it moved to
+# lmms_plugin) finds ``manifest`` here when lmms-eval loads its entry points
+# while this module is still half-initialized.
+from .lmms_plugin import CLASS_PATH, MODEL_ID, manifest  # noqa: F401
+
+# isort: split
 import functools
 from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from ..backends.base import BackendError, GenRequest, LLRequest
-from . import FAILURES, conv_templates, install_identity_hook, load_merged, report_failure  # noqa: F401  (FAILURES for tests)
+from . import _compat, conv_templates, load_merged, report_failure
 from . import profiles as P
 from .model_args import parse_model_args
 
-MODEL_ID = "merged"
-CLASS_PATH = "harness_merge.harness.lmms_model.MergedLMM"
-
-
-def manifest() -> ModelManifest:
-    """Entry point ``lmms_eval.models: merged``."""
-    return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
-
-
-# -- the merge record in the results file ------------------------------------
-# lmms-eval builds results["config"] from the CLI's model_args string and then
-# passes it through ``evaluator._redact_eval_config_secrets`` right before the
-# results are returned and saved. We wrap that function (once) to add our
-# record under config["merge"], so the results JSON says what was merged.
+# The record of the model 'merged' loaded last: lmms-eval's results carry it
+# under config["merge"] (``_compat.install_results_record``).
 _ACTIVE_RECORD: dict | None = None
-
-
-def _install_results_hook() -> None:
-    import lmms_eval.evaluator as ev
-
-    orig = getattr(ev, "_redact_eval_config_secrets", None)
-    if orig is None or getattr(orig, "_harness_merge", False):
-        return
-
-    @functools.wraps(orig)
-    def redact(value):
-        if (
-            _ACTIVE_RECORD is not None
-            and isinstance(value, dict)
-            and "model_args" in value
-            and "model_backend" in value
-            and "merge" not in value
-        ):
-            value = {**value, "merge": _ACTIVE_RECORD}
-        return orig(value)
-
-    redact._harness_merge = True  # type: ignore[attr-defined]
-    ev._redact_eval_config_secrets = redact
 
 
 def _guard(where: str):
@@ -97,19 +69,6 @@ def _as_list(v) -> list:
             out.extend(_as_list(x) if isinstance(x, (list, tuple)) else [x])
         return out
     return [v]
-
-
-def _keep_tuple(result: tuple[float, bool]):
-    """lmms-eval 0.7.3 passes every model output through
-    ``api.instance.unwrap_generation_output``, which turns a ``(logprob,
-    is_greedy)`` tuple into its ``str()`` and breaks every loglikelihood /
-    multiple_choice task. A ``GenerationResult`` is unwrapped as is, so the
-    tuple reaches the task intact."""
-    try:
-        from lmms_eval.api.instance import GenerationResult
-    except ImportError:  # other lmms-eval versions
-        return result
-    return GenerationResult(text=(float(result[0]), bool(result[1])))  # type: ignore[arg-type]
 
 
 def _model_type(hargs) -> str | None:
@@ -174,10 +133,9 @@ class MergedLMM(lmms):
         self.merge_record["prompt_profile"] = self.profile.record()
         self.merge_record["first_prompt"] = None
         _ACTIVE_RECORD = self.merge_record
-        _install_results_hook()
-        from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
-
-        install_identity_hook(GeneralConfigTracker, lambda: (_ACTIVE_RECORD or {}).get("model_name"))
+        _compat.install_results_record(lambda: _ACTIVE_RECORD)
+        _compat.install_lmms_run_name(lambda: (_ACTIVE_RECORD or {}).get("model_name"))
+        self._ll_result = _compat.loglikelihood_result()
         self._batch_size = int(self.hargs.backend_opts.get("batch_size", 1))
         self._device = getattr(getattr(self.backend, "info", None), "device", "cpu")
         self.conv = (
@@ -336,7 +294,7 @@ class MergedLMM(lmms):
                 reqs.append(P.ll_request(self.profile, ctx, str(target), images, self._image_token))
         if reqs:
             self._record_first(reqs[0])
-        return [_keep_tuple(r) for r in self.backend.loglikelihood(reqs)]
+        return [self._ll_result(r) for r in self.backend.loglikelihood(reqs)]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         e = NotImplementedError("model 'merged' does not support multi-round generation tasks")
