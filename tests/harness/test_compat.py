@@ -80,8 +80,10 @@ def test_an_unchecked_version_binds_with_a_warning(monkeypatch):
 def evaluator(monkeypatch):
     import lmms_eval.evaluator as ev
 
-    # restored after the test, whatever the test installs
-    monkeypatch.setattr(ev, "_redact_eval_config_secrets", ev._redact_eval_config_secrets)
+    # the unwrapped original during the test (an earlier test in this worker may have
+    # installed the hook already), restored after it, whatever the test installs
+    current = ev._redact_eval_config_secrets
+    monkeypatch.setattr(ev, "_redact_eval_config_secrets", getattr(current, "__wrapped__", current))
     return ev
 
 
@@ -184,7 +186,8 @@ def test_run_name_binds_and_renames(module, install, monkeypatch, strict):
     import importlib
 
     tracker_cls = importlib.import_module(module).GeneralConfigTracker
-    monkeypatch.setattr(tracker_cls, "log_experiment_args", tracker_cls.log_experiment_args)
+    current = tracker_cls.log_experiment_args  # unwrapped: an earlier test may have installed the hook
+    monkeypatch.setattr(tracker_cls, "log_experiment_args", getattr(current, "__wrapped__", current))
     name = {"v": "org/base__ties-0123abcd"}
     assert install(lambda: name["v"]) is True
     t = tracker_cls()
