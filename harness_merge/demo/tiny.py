@@ -737,7 +737,8 @@ def _share_llm(model_dir, base_llm_dir, seed: int, rel_std: float) -> None:
 def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     """A tiny random ``Qwen2AudioForConditionalGeneration`` (Whisper-style audio
     encoder d_model 32, 16 mel bins; the same Qwen2 text model as
-    :func:`build_tiny_text_lm`), saved with the tokenizer."""
+    :func:`build_tiny_text_lm`), saved with its ``Qwen2AudioProcessor``
+    (:func:`build_audio_processor`)."""
     from transformers import (
         Qwen2AudioConfig,
         Qwen2AudioEncoderConfig,
@@ -761,7 +762,7 @@ def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     )
     model = Qwen2AudioForConditionalGeneration(cfg)
     model.generation_config = _generation_config(tok)
-    return save_model(model, tok, out_dir)
+    return save_model(model, build_audio_processor(tok), out_dir)
 
 
 def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: float = 0.2) -> dict[str, Path]:
@@ -775,4 +776,120 @@ def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: fl
     }
     for i, d in enumerate(out.values()):
         _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# modality processors and the video-language model (Video-LLaVA)
+# ---------------------------------------------------------------------------
+def _modality_chat_template(kind: str, placeholder: str) -> str:
+    """CHAT_TEMPLATE with ``kind`` items ("audio" / "video") rendered as ``placeholder``."""
+    return CHAT_TEMPLATE.replace(
+        "{%- elif 'text' in item -%}",
+        "{%- elif item['type'] == '" + kind + "' -%}{{- '" + placeholder + "' -}}{%- elif 'text' in item -%}",
+    )
+
+
+AUDIO_SAMPLING_RATE = 16000
+
+
+def build_audio_processor(tok=None):
+    """``Qwen2AudioProcessor``: a Whisper feature extractor (16 mel bins, 1 s
+    chunks -> 100 frames, what :func:`build_tiny_audio_lm`'s encoder takes) and
+    the tokenizer; the audio placeholder is ``<|vision_start|><|video_pad|><|vision_end|>``
+    (bos, audio token, eos), expanded by the processor to the clip's length."""
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tok = tok or build_tokenizer()
+    fe = WhisperFeatureExtractor(
+        feature_size=16, sampling_rate=AUDIO_SAMPLING_RATE, hop_length=160, chunk_length=1, n_fft=400
+    )
+    return Qwen2AudioProcessor(
+        feature_extractor=fe,
+        tokenizer=tok,
+        chat_template=_modality_chat_template("audio", "<|vision_start|><|video_pad|><|vision_end|>"),
+        audio_token="<|video_pad|>",
+        audio_bos_token="<|vision_start|>",
+        audio_eos_token="<|vision_end|>",
+    )
+
+
+def build_video_processor(tok=None):
+    """``VideoLlavaProcessor`` with a PIL CLIP image processor (28 px); a video
+    item renders as one ``<|video_pad|>`` (the hf backend expands it per frame).
+
+    transformers 5.x video processors need torchvision, which our CPU torch
+    cannot import: the processor is built without one (as the image-only
+    Qwen2-VL processor) and saved as a plain ``VideoLlavaProcessor`` with a
+    video processor entry; the hf backend then sends video frames through the
+    image processor (Video-LLaVA's video and image preprocessing are the same
+    CLIP transform)."""
+    from transformers import CLIPImageProcessorPil, ProcessorMixin, VideoLlavaProcessor
+
+    tok = tok or build_tokenizer()
+
+    class VideoLlavaImageOnlyProcessor(VideoLlavaProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.patch_size = 14
+            self.num_additional_image_tokens = 1
+            self.vision_feature_select_strategy = "default"
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return VideoLlavaImageOnlyProcessor(
+        image_processor=ip, tokenizer=tok, chat_template=_modality_chat_template("video", "<|video_pad|>")
+    )
+
+
+def build_tiny_video_lm(out_dir, seed: int = 0) -> Path:
+    """A tiny random ``VideoLlavaForConditionalGeneration`` (CLIP video/image
+    towers 28 px / patch 14 -> 5 tokens a frame; the same Qwen2 text model as
+    :func:`build_tiny_text_lm`), saved with the tokenizer and its processor."""
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    ids = _ids(tok)
+    _seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    cfg = VideoLlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=tiny_text_config(tok).to_dict(),
+        image_token_index=ids["<|image_pad|>"],
+        video_token_index=ids["<|video_pad|>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=4,
+        video_seq_length=5 * 2,
+        tie_word_embeddings=True,
+    )
+    model = VideoLlavaForConditionalGeneration(cfg)
+    model.generation_config = _generation_config(tok)
+    out = save_model(model, build_video_processor(tok), out_dir)
+    pc = out / "processor_config.json"
+    d = json.loads(pc.read_text())
+    d.update(
+        processor_class="VideoLlavaProcessor",
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+    )
+    ip = d["image_processor"]
+    d["video_processor"] = {
+        "video_processor_type": "VideoLlavaVideoProcessor",
+        **{k: ip[k] for k in ("size", "crop_size", "image_mean", "image_std") if k in ip},
+    }
+    pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     return out
