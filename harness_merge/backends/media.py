@@ -3,8 +3,12 @@
 what a processor takes.
 
 - audio: a mono float32 waveform at the feature extractor's sampling rate
-  (lmms-eval's qwen2_audio class resamples with librosa; here linear
-  interpolation, numpy only);
+  (lmms-eval's qwen2_audio class resamples with librosa; here
+  ``scipy.signal.resample_poly``, linear interpolation without scipy), split
+  into chunks of the extractor's ``n_samples`` (30 s for Whisper), one audio
+  item per chunk, as lmms-eval's ``split_audio`` does. A datasets ``Audio``
+  cell decoded by torchcodec (an ``AudioDecoder``) is read with
+  ``get_all_samples()``;
 - video: ``num_frames`` RGB frames sampled uniformly over the clip (as
   lmms-eval's llava_vid / video_llava classes sample with decord / PyAV),
   decoded with PyAV.
@@ -22,8 +26,21 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif", ".flv
 
 
 def is_audio(v: Any) -> bool:
-    """An lmms-eval audio visual: a mapping with ``array`` and ``sampling_rate``."""
-    return isinstance(v, Mapping) and "array" in v and "sampling_rate" in v
+    """An lmms-eval audio visual: a mapping with ``array`` and ``sampling_rate``
+    (or a torchcodec ``AudioDecoder``, what datasets 4+ decode an Audio cell to)."""
+    return (isinstance(v, Mapping) and "array" in v and "sampling_rate" in v) or hasattr(v, "get_all_samples")
+
+
+def as_audio_dict(v: Any) -> dict:
+    if isinstance(v, Mapping):
+        return {"array": v["array"], "sampling_rate": v["sampling_rate"]}
+    s = v.get_all_samples()  # torchcodec AudioSamples: data (channels, samples), sample_rate
+    return {"array": s.data.float().mean(0).numpy(), "sampling_rate": int(s.sample_rate)}
+
+
+def split_audio(arr, chunk: int) -> list:
+    """``arr`` in consecutive pieces of at most ``chunk`` samples."""
+    return [arr[i : i + chunk] for i in range(0, len(arr), chunk)] or [arr]
 
 
 def is_video(v: Any) -> bool:
@@ -45,8 +62,16 @@ def audio_waveform(v: Mapping, target_sr: int):
             f"shape {list(arr.shape)} at {sr} Hz"
         )
     if sr != target_sr:
-        n = max(1, round(arr.size * target_sr / sr))
-        arr = np.interp(np.linspace(0, arr.size - 1, n), np.arange(arr.size), arr).astype(np.float32)
+        try:
+            from math import gcd
+
+            from scipy.signal import resample_poly
+
+            g = gcd(target_sr, sr)
+            arr = resample_poly(arr, target_sr // g, sr // g).astype(np.float32)
+        except ImportError:
+            n = max(1, round(arr.size * target_sr / sr))
+            arr = np.interp(np.linspace(0, arr.size - 1, n), np.arange(arr.size), arr).astype(np.float32)
     return arr
 
 
@@ -76,4 +101,12 @@ def video_frames(video: str | Path | Sequence, num_frames: int) -> list:
     return [frames[i].convert("RGB") for i in idx]
 
 
-__all__ = ["VIDEO_SUFFIXES", "audio_waveform", "is_audio", "is_video", "video_frames"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "as_audio_dict",
+    "audio_waveform",
+    "is_audio",
+    "is_video",
+    "split_audio",
+    "video_frames",
+]

@@ -765,17 +765,27 @@ def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     return save_model(model, build_audio_processor(tok), out_dir)
 
 
-def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: float = 0.2) -> dict[str, Path]:
-    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio}, each with its own
-    encoder and connector and a language model fine-tuned (seeded noise) from
-    the text LLM at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+def build_tiny_modality_models(
+    base_llm_dir,
+    root,
+    *,
+    seed: int = 0,
+    rel_std: float = 0.2,
+    modalities: tuple[str, ...] = ("vision", "audio"),
+) -> dict[str, Path]:
+    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio, "video": tiny
+    Video-LLaVA} (those named in ``modalities``), each with its own encoder and
+    connector and a language model fine-tuned (seeded noise) from the text LLM
+    at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+    builders = {"vision": build_tiny_llava, "audio": build_tiny_audio_lm, "video": build_tiny_video_lm}
+    unknown = [m for m in modalities if m not in builders]
+    if unknown:
+        raise ValueError(f"build_tiny_modality_models: unknown modalities {unknown}; known: {list(builders)}")
     root = Path(root)
-    out = {
-        "vision": build_tiny_llava(root / "vision", seed=seed + 1),
-        "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2),
-    }
-    for i, d in enumerate(out.values()):
-        _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
+    offsets = {"vision": 1, "audio": 2, "video": 3}
+    out = {m: builders[m](root / m, seed=seed + offsets[m]) for m in modalities}
+    for m, d in out.items():
+        _share_llm(d, base_llm_dir, seed=seed + 9 + offsets[m], rel_std=rel_std)
     return out
 
 
@@ -893,3 +903,43 @@ def build_tiny_video_lm(out_dir, seed: int = 0) -> Path:
     }
     pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def write_tiny_clip(
+    path, colors=((200, 30, 30), (30, 30, 200)), *, size: int = 32, fps: int = 4, tone_hz: float | None = None
+) -> Path:
+    """Write a tiny MP4 (MPEG-4 video, ``size`` px, one frame per colour in
+    ``colors``), with an AAC mono audio track of a ``tone_hz`` sine at 16 kHz
+    as long as the video when ``tone_hz`` is given. Uses PyAV."""
+    import av
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mpeg4", rate=fps)
+        vs.width = vs.height = size
+        vs.pix_fmt = "yuv420p"
+        aus = None
+        if tone_hz is not None:
+            aus = c.add_stream("aac", rate=AUDIO_SAMPLING_RATE)
+            aus.layout = "mono"
+        for col in colors:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), col, dtype=np.uint8), format="rgb24")
+            for pkt in vs.encode(frame):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        if aus is not None:
+            n = int(AUDIO_SAMPLING_RATE * len(colors) / fps)
+            t = np.arange(n) / AUDIO_SAMPLING_RATE
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)[None]
+            step = 1024
+            for i in range(0, n, step):
+                af = av.AudioFrame.from_ndarray(wave[:, i : i + step].copy(), format="fltp", layout="mono")
+                af.sample_rate = AUDIO_SAMPLING_RATE
+                for pkt in aus.encode(af):
+                    c.mux(pkt)
+            for pkt in aus.encode():
+                c.mux(pkt)
+    return path
