@@ -385,11 +385,16 @@ class MergedLMM(lmms):
         msgs.append({"role": "user", "content": content})
         return tuple(msgs)
 
-    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
-        visuals, audios, videos = self._media(doc_to_visual, doc_id, task, split)
-        if audios or videos:
-            raise BackendError(f"task {task}: audio/video inputs here are handled by _media")
-        return self._check_image_support(visuals, task, self.backend)
+    def _check_av_support(self, audios, videos, task, backend) -> None:
+        """Audio/video only to a backend that says it takes them (a backend without
+        the flags, e.g. vLLM's today, would drop them silently)."""
+        for what, xs in (("audio", audios), ("video", videos)):
+            if xs and not getattr(backend, f"supports_{what}", False):
+                raise BackendError(
+                    f"task {task} sends {what} inputs but the model {getattr(backend, 'base', self.hargs.pretrained)} "
+                    f"(backend={getattr(backend, 'name', self.hargs.backend)}) takes none; serve {what} tasks with "
+                    f"backend=hf and a {what}-language model, or a modality merge that has one"
+                )
 
     def _check_image_support(self, visuals, task, backend) -> list:
         if visuals and not getattr(backend, "supports_images", False):
@@ -419,6 +424,7 @@ class MergedLMM(lmms):
             images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
             backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
             images = self._check_image_support(images, task, backend)
+            self._check_av_support(audios, videos, task, backend)
             targets.append((backend, profile))
             audios = self._audio_chunks(backend, audios)
             if audios or videos:
@@ -463,6 +469,7 @@ class MergedLMM(lmms):
             images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
             backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
             images = self._check_image_support(images, task, backend)
+            self._check_av_support(audios, videos, task, backend)
             targets.append((backend, profile))
             audios = self._audio_chunks(backend, audios)
             if audios or videos:

@@ -16,7 +16,11 @@ import re
 import string
 
 OPTIONS = ["A", "B", "C", "D", "E"]
-VIDEO_DIRS = {"nextqa": ("nextqa", "NExTVideo"), "music_avqa": ("music_avqa", "videos")}
+VIDEO_DIRS = {
+    "nextqa": ("nextqa", "NExTVideo"),
+    "music_avqa": ("music_avqa", "videos"),
+    "avqa": ("avqa", "videos"),
+}
 
 
 def _hf_home() -> str:
@@ -59,13 +63,16 @@ def nextqa_doc_to_target(doc):
     return OPTIONS[int(doc["answer"])]
 
 
-def parse_option(response: str, doc) -> str | None:
-    """The option a free-form answer picks: a standalone letter A-E (``B``,
-    ``(B)``, ``B.``), else the one option whose text the answer contains."""
-    m = re.search(r"(?<![A-Za-z])\(?([A-E])\)?(?![A-Za-z])", response.strip())
+def parse_option(response: str, doc, options: list[str] | None = None) -> str | None:
+    """The option a free-form answer picks: a standalone letter (``B``, ``(B)``,
+    ``B.``), else the one option whose text the answer contains. ``options``:
+    the option texts (default NExT-QA's ``a0``-``a4``)."""
+    options = options if options is not None else [doc[f"a{i}"] for i in range(5)]
+    letters = OPTIONS[: len(options)]
+    m = re.search(r"(?<![A-Za-z])\(?([" + "".join(letters) + r"])\)?(?![A-Za-z])", response.strip())
     if m:
         return m.group(1)
-    hits = [OPTIONS[i] for i in range(5) if _norm(doc[f"a{i}"]) and _norm(doc[f"a{i}"]) in _norm(response)]
+    hits = [letters[i] for i, o in enumerate(options) if _norm(o) and _norm(o) in _norm(response)]
     return hits[0] if len(hits) == 1 else None
 
 
@@ -92,12 +99,16 @@ def music_avqa_doc_to_visual(doc):
 
 def music_avqa_doc_to_audio(doc):
     """The clip's audio track, as lmms-eval audio tasks hand it: ``{"array", "sampling_rate"}``."""
+    return _audio_track(video_path("music_avqa", doc["video_id"]), doc["video_id"])
+
+
+def _audio_track(path: str, name) -> list[dict]:
     import av
     import numpy as np
 
-    with av.open(video_path("music_avqa", doc["video_id"])) as c:
+    with av.open(path) as c:
         if not c.streams.audio:
-            raise ValueError(f"music_avqa: video {doc['video_id']} has no audio track")
+            raise ValueError(f"video {name} ({path}) has no audio track")
         stream = c.streams.audio[0]
         chunks = [f.to_ndarray() for f in c.decode(stream)]
         sr = stream.rate
@@ -115,3 +126,34 @@ def music_avqa_process_results(doc, results):
     spelling), case and punctuation ignored: answers are single words."""
     words = _norm(results[0]).split()
     return {"exact_match": float(bool(words) and words[0] == _norm(doc["anser"]))}
+
+
+# -------------------------------------------------------------- AVQA (audio-visual QA, 4 choices)
+def _avqa_choices(doc) -> list[str]:
+    v = doc["multi_choice"]
+    return list(json.loads(v)) if isinstance(v, str) else list(v)
+
+
+def avqa_doc_to_visual(doc):
+    return [video_path("avqa", doc["video_name"])]
+
+
+def avqa_doc_to_audio(doc):
+    """The clip's audio track (see :func:`music_avqa_doc_to_audio`)."""
+    return _audio_track(video_path("avqa", doc["video_name"]), doc["video_name"])
+
+
+def avqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    """The question, then ``A. <choice>`` ... one a line (AVQA has four)."""
+    kw = lmms_eval_specific_kwargs or {}
+    lines = [doc["question_text"].strip()] + [f"{OPTIONS[i]}. {c}" for i, c in enumerate(_avqa_choices(doc))]
+    return f"{kw.get('pre_prompt', '')}{chr(10).join(lines)}{kw.get('post_prompt', '')}"
+
+
+def avqa_doc_to_target(doc):
+    return OPTIONS[int(doc["answer"])]
+
+
+def avqa_process_results(doc, results):
+    picked = parse_option(results[0], doc, _avqa_choices(doc))
+    return {"exact_match": float(picked == avqa_doc_to_target(doc))}

@@ -166,6 +166,16 @@ def test_mixed_audio_video_request_refused(mm3, lmm):
         lmm.loglikelihood([_Inst("q", " yes", lambda d: d["v"], 0, "av", "test")])
 
 
+def test_audio_to_a_backend_without_the_flag_refused(lmm):
+    class NoAV:  # e.g. the vLLM backend today: no supports_audio / supports_video
+        name, base = "vllm", "/m/x"
+
+    with pytest.raises(BackendError, match=r"sends audio inputs but the model /m/x \(backend=vllm\)"):
+        lmm._check_av_support([_tone(440)], [], "t", NoAV())
+    with pytest.raises(BackendError, match="sends video inputs"):
+        lmm._check_av_support([], ["/v.mp4"], "t", NoAV())
+
+
 def test_audio_sent_to_a_model_without_audio_encoder(mm3):
     from harness_merge.backends.hf import HFBackend
 

@@ -19,6 +19,7 @@ def hf_home(tmp_path, monkeypatch):
     home = tmp_path / "hf_home"
     write_tiny_clip(home / "nextqa" / "NExTVideo" / "1000.mp4", ((200, 30, 30),) * 2)
     write_tiny_clip(home / "music_avqa" / "videos" / "m0.mp4", ((30, 30, 200),) * 2, tone_hz=440.0)
+    write_tiny_clip(home / "avqa" / "videos" / "-HG3Omg_89c_000030.mp4", ((30, 200, 30),) * 2, tone_hz=880.0)
     monkeypatch.setenv("HF_HOME", str(home))
     return home
 
@@ -120,11 +121,49 @@ def test_music_avqa(load_local_task, hf_home, task):
     assert t.results(d, "no")["exact_match"] == 0.0
 
 
+@pytest.mark.parametrize("task", ["hm_avqa", "hm_avqa_audio"])
+def test_avqa(load_local_task, hf_home, task):
+    row = {
+        "id": 183,
+        "video_name": "-HG3Omg_89c_000030",
+        "video_id": 341,
+        "question_text": "What happened in the video?",
+        "multi_choice": ["motorboat", "Yacht consignment", "Sailboat set sail", "Consignment car"],
+        "answer": 2,
+        "question_relation": "View",
+        "question_type": "Happening",
+    }
+    feats = {"id": INT, "video_name": STR, "video_id": INT, "question_text": STR}
+    feats.update({"multi_choice": datasets.Sequence(STR), "answer": INT, "question_relation": STR})
+    feats["question_type"] = STR
+    t = load_local_task(FOLDER, task, [row], feats)
+    d = t.docs[0]
+    assert t.text(d) == (
+        "What happened in the video?\nA. motorboat\nB. Yacht consignment\nC. Sailboat set sail\n"
+        "D. Consignment car\nAnswer with the option's letter from the given choices directly."
+    )
+    (v,) = t.visual(d)
+    if task == "hm_avqa":
+        assert v == str(hf_home / "avqa" / "videos" / "-HG3Omg_89c_000030.mp4")
+    else:
+        spec = np.abs(np.fft.rfft(v["array"]))
+        assert abs(np.argmax(spec) * v["sampling_rate"] / len(v["array"]) - 880) < 40
+    assert t.target(d) == "C"
+    for pred, ok in (("C", 1.0), ("(C)", 1.0), ("sailboat set sail", 1.0), ("E", 0.0), ("B", 0.0)):
+        assert t.results(d, pred)["exact_match"] == ok, pred
+
+
 def test_group_lists_the_tasks():
     from task_helpers import CONFIGS, read_yaml
 
     g = read_yaml(CONFIGS / FOLDER / "_hm_modality.yaml")
     tasks = {read_yaml(p).get("task") for p in (CONFIGS / FOLDER).glob("hm_*.yaml")}
-    assert (
-        set(g["task"]) == tasks == {"hm_clotho_aqa", "hm_nextqa_mc", "hm_music_avqa", "hm_music_avqa_audio"}
-    )
+    assert set(g["task"]) == tasks
+    assert tasks == {
+        "hm_clotho_aqa",
+        "hm_nextqa_mc",
+        "hm_music_avqa",
+        "hm_music_avqa_audio",
+        "hm_avqa",
+        "hm_avqa_audio",
+    }
