@@ -5,6 +5,11 @@ Everything is built from configs: no model hub. The tokenizer is byte-level
 text. Models are saved with their tokenizer and an image processor that does
 not need torchvision (``Qwen2VLImageProcessorPil`` / ``CLIPImageProcessorPil``).
 
+Modality models sharing one text LLM (:func:`build_tiny_modality_models`):
+LLaVA (vision), Qwen2-Audio (audio, with a Whisper feature extractor) and
+Video-LLaVA (video, frames through a PIL CLIP image processor);
+:func:`write_tiny_clip` writes a tiny MP4 (optionally with a sine-tone track).
+
 Loading a saved tiny Qwen2-VL folder::
 
     processor = AutoProcessor.from_pretrained(path)   # Qwen2VLProcessor

@@ -57,7 +57,13 @@ def _fingerprint(folder: str) -> list:
     ]
 
 
-def merged_artifact(hargs, say=print) -> Path:
+def _say(msg: str) -> None:
+    import sys
+
+    print(f"[harness-merge] {msg}", file=sys.stderr, flush=True)
+
+
+def merged_artifact(hargs, say=_say) -> Path:
     """The artifact folder to serve: ``pretrained`` itself (method=none), or the
     modality merge of ``hargs.modalities`` onto the shared LLM ``pretrained``,
     written once under ``<cache>/modality/<key>`` (the key hashes the inputs'
@@ -76,14 +82,18 @@ def merged_artifact(hargs, say=print) -> Path:
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(hargs.cache_dir).expanduser() if hargs.cache_dir else default_cache_dir()
     out = root / "modality" / f"{hargs.method}-{key}"
-    if modality_manifest(out) is not None:
-        say(f"modality merge [cache hit] {out}")
-        return out
-    say(
-        f"modality merge: shared LLM {hargs.pretrained}, modalities {dict(hargs.modalities)}, "
-        f"method={hargs.method} params={dict(hargs.params) or '{}'} -> {out}"
-    )
-    merge_modalities(hargs.pretrained, dict(hargs.modalities), hargs.method, dict(hargs.params), out=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(out.parent / f".{out.name}.lock")):  # data-parallel ranks: one merges, the others wait
+        if modality_manifest(out) is not None:
+            say(f"modality merge [cache hit] {out}")
+            return out
+        say(
+            f"modality merge: shared LLM {hargs.pretrained}, modalities {dict(hargs.modalities)}, "
+            f"method={hargs.method} params={dict(hargs.params) or '{}'} -> {out}"
+        )
+        merge_modalities(hargs.pretrained, dict(hargs.modalities), hargs.method, dict(hargs.params), out=out)
     return out
 
 

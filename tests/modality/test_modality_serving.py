@@ -221,3 +221,27 @@ def test_cli_merge_modalities(mm3, tmp_path, capsys):
     assert main([*args[:-2], "--modality", "vision", "--out", str(tmp_path / "p")]) == 2
     assert "--modality expects NAME=DIR" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_merge_on_load_is_cached_by_inputs(mm3, tmp_path):
+    from harness_merge.harness.modality_serving import merged_artifact
+    from harness_merge.harness.model_args import parse_model_args
+
+    base, models, _, _ = mm3
+    spec = ",".join(f"{m}={models[m]}" for m in ("vision", "audio"))
+    said = []
+    h = parse_model_args(
+        f"pretrained={base},modalities={{{spec}}},method=ta,scaling=0.5,cache_dir={tmp_path}"
+    )
+    a = merged_artifact(h, say=said.append)
+    stamp = (a / "harness_merge.json").stat().st_mtime_ns
+    assert merged_artifact(h, say=said.append) == a and "[cache hit]" in said[-1]
+    assert (a / "harness_merge.json").stat().st_mtime_ns == stamp  # nothing rewritten
+    exp = _expected_llm(base, {m: models[m] for m in ("vision", "audio")})
+    got = load_file(str(a / "vision" / "model.safetensors"))
+    for name, e in exp.items():
+        torch.testing.assert_close(got[LLM_PREFIX["vision"] + name].float(), e, rtol=1e-5, atol=1e-6)
+    h2 = parse_model_args(
+        f"pretrained={base},modalities={{{spec}}},method=ta,scaling=0.3,cache_dir={tmp_path}"
+    )
+    assert merged_artifact(h2, say=said.append) != a  # other params: another merge
