@@ -167,3 +167,12 @@ def test_group_lists_the_tasks():
         "hm_avqa",
         "hm_avqa_audio",
     }
+
+
+def test_task_manager_indexes_the_tasks_and_the_group():
+    from lmms_eval.tasks import TaskManager
+    from task_helpers import CONFIGS
+
+    manager = TaskManager(include_path=str(CONFIGS / FOLDER), include_defaults=False)
+    assert {"hm_clotho_aqa", "hm_nextqa_mc", "hm_music_avqa", "hm_avqa"} <= set(manager.all_subtasks)
+    assert "hm_modality_av" in manager.all_groups
