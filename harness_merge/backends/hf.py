@@ -535,7 +535,13 @@ class HFBackend:
             )
         # no video processor (torchvision missing): frames through the image processor,
         # each video placeholder expanded as the processor's own replace_video_token does
-        ip = proc.image_processor
+        ip = getattr(proc, "image_processor", None)
+        if ip is None or not hasattr(proc, "replace_video_token") or not getattr(proc, "video_token", None):
+            raise BackendError(
+                f"the model {self.base}: video inputs need its processor's video processor, which did not load "
+                f"(transformers' video processors need torchvision); install torchvision or serve video with a "
+                f"model whose frames go through its image processor (Video-LLaVA)"
+            )
         pv = [ip(images=c, return_tensors="pt")["pixel_values"] for c in clips]  # (T, 3, H, W) each
         token, out_texts, k = proc.video_token, [], 0
         for t in texts:

@@ -375,7 +375,10 @@ class MergedLMM(lmms):
         msgs: list[dict] = []
         if profile.system_prompt:
             msgs.append({"role": "system", "content": profile.system_prompt})
-        text = ctx.replace("<image>", "").replace("<video>", "").replace("<audio>", "").strip()
+        text = ctx  # as lmms-eval's qwen2_audio / video classes: the context as is, media items first
+        for ph in ("<image>", "<video>", "<audio>"):  # a task's own placeholder: the items stand for it
+            if ph in text:
+                text = text.replace(ph, "").strip()
         content = (
             [{"type": "image"} for _ in images]
             + [{"type": "video"} for _ in videos]
