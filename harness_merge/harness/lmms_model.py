@@ -347,8 +347,31 @@ class MergedLMM(lmms):
             return self.backend, self.profile, self._image_token, self.conv
         from .modality_serving import route
 
-        m = route(self.modalities, kinds, task)
+        try:
+            m = route(self.modalities, kinds, task)
+        except BackendError:
+            if kinds != {"audio", "video"}:
+                raise
+            return self._composed_av(task), self._composed_profile, self._image_token, self.conv
         return m.backend, m.profile, m.image_token, self.conv
+
+    def _composed_av(self, task: str):
+        """The composed audio+video model over the merge's video and audio modalities
+        (see :mod:`.modality_compose`), built once."""
+        if getattr(self, "_composed", None) is None:
+            from .modality_compose import ComposedAV
+
+            vid = [m for m in self.modalities.values() if "video" in m.kinds]
+            aud = [m for m in self.modalities.values() if "audio" in m.kinds]
+            if not vid or not aud or self.hargs.backend != "hf":
+                raise BackendError(
+                    f"task {task}: audio + video requests need a video and an audio modality served by "
+                    f"backend=hf (modalities: {sorted(self.modalities)}, backend={self.hargs.backend})"
+                )
+            self._composed = ComposedAV(vid[0].backend, aud[0].backend)
+            self._composed_profile = vid[0].profile
+            self.merge_record.setdefault("composed", f"{vid[0].name}+{aud[0].name}")
+        return self._composed
 
     @staticmethod
     def _audio_chunks(backend, audios: list) -> list:

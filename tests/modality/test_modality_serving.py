@@ -159,11 +159,62 @@ def test_requests_routed_to_their_modality(mm3, lmm):
     assert len(gen) == 3 and all(isinstance(g, str) for g in gen)
 
 
-def test_mixed_audio_video_request_refused(mm3, lmm):
+def test_audio_plus_video_request_composed(mm3, lmm):
+    """One request with a clip and its audio (MUSIC-AVQA / AVQA): the video
+    model's inputs with the audio model's features inserted, on the shared LLM."""
+    from harness_merge.harness.modality_compose import ComposedAV
+
     _, _, _, clips = mm3
-    lmm.task_dict = {"av": {"test": [{"v": [str(clips[0]), _tone(440)]}]}}
+    docs = [
+        {"v": [str(clips[0]), _tone(440)]},
+        {"v": [str(clips[0]), _tone(2000)]},
+        {"v": [str(clips[1]), _tone(440)]},
+    ]
+    lmm.task_dict = {"av": {"test": docs}}
+    reqs = [_Inst("Is the cello playing?", " yes", lambda d: d["v"], i, "av", "test") for i in range(3)]
+    ll = [r.text[0] for r in lmm.loglikelihood(reqs)]
+    assert all(np.isfinite(ll))
+    assert abs(ll[0] - ll[1]) > 1e-4  # the audio features reach the LLM
+    assert abs(ll[0] - ll[2]) > 1e-4  # so do the video features
+    comp = lmm._composed
+    assert isinstance(comp, ComposedAV) and comp.v is lmm.modalities["video"].backend
+    assert comp.a is lmm.modalities["audio"].backend
+    # the composed sequence: every video placeholder's and every audio placeholder's feature
+    req = LLRequest(
+        continuation=" yes",
+        messages=(
+            {
+                "role": "user",
+                "content": [{"type": "video"}, {"type": "audio"}, {"type": "text", "text": "q"}],
+            },
+        ),
+        audios=(_tone(440),),
+        videos=(str(clips[0]),),
+    )
+    emb, n = comp._embeds(req)
+    v_only = comp.v._encode(
+        [comp.v.render(LLRequest(continuation="x", messages=comp._split(req)[0]))],
+        [],
+        "right",
+        videos=[str(clips[0])],
+    )
+    assert emb.shape[0] == v_only["input_ids"].shape[1] + n["audio_features"] and n["audio_features"] > 0
+    gen = lmm.generate_until(
+        [_Inst("q", {"max_new_tokens": 3, "until": []}, lambda d: d["v"], 0, "av", "test")]
+    )
+    assert len(gen) == 1 and isinstance(gen[0], str)
+
+
+def test_audio_plus_video_without_a_video_modality_refused():
+    from harness_merge.harness.modality_serving import Modality, route
+
+    mods = {
+        "vision": Modality("vision", None, object(), None, "<image>", frozenset({"image"})),
+        "audio": Modality("audio", None, object(), None, "<image>", frozenset({"audio"})),
+    }
     with pytest.raises(BackendError, match=r"audio \+ video inputs, which no modality"):
-        lmm.loglikelihood([_Inst("q", " yes", lambda d: d["v"], 0, "av", "test")])
+        route(mods, {"audio", "video"}, "av")
+    assert route(mods, {"audio"}, "a") is mods["audio"] and route(mods, set(), "t") is mods["vision"]
 
 
 def test_audio_to_a_backend_without_the_flag_refused(lmm):
