@@ -157,3 +157,13 @@ def avqa_doc_to_target(doc):
 def avqa_process_results(doc, results):
     picked = parse_option(results[0], doc, _avqa_choices(doc))
     return {"exact_match": float(picked == avqa_doc_to_target(doc))}
+
+
+# -------------------------------------------------------------- audio-visual: the clip and its audio track
+def music_avqa_doc_to_av(doc):
+    """``[video path, audio dict]``: both inputs of the audio-visual question."""
+    return music_avqa_doc_to_visual(doc) + music_avqa_doc_to_audio(doc)
+
+
+def avqa_doc_to_av(doc):
+    return avqa_doc_to_visual(doc) + avqa_doc_to_audio(doc)

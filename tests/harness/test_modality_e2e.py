@@ -57,16 +57,17 @@ def test_image_audio_video_tasks_of_one_modality_merge_through_lmms_eval(run_cli
     shutil.copytree(mm_tasks, inc / "image", dirs_exist_ok=True)
     spec = ",".join(f"{m}={p}" for m, p in models.items())
     ma = f"pretrained={base},modalities={{{spec}}},method=ta,scaling=0.5,cache_dir={root / 'cache'}"
-    av = "hm_clotho_aqa,hm_nextqa_mc,hm_music_avqa,hm_music_avqa_audio,hm_music_avqa_mc_mini"
+    av = "hm_clotho_aqa,hm_nextqa_mc,hm_music_avqa,hm_music_avqa_audio,hm_music_avqa_av,hm_music_avqa_mc_mini"
     res_dir = hw / "lmms_modality_av"
     p = _lmms(run_cli, ma, f"hm_pope_mc_mini,{av}", inc, res_dir)
     assert p.returncode == 0, _explain(p)
     results, samples = find_results(res_dir)
-    for t in ("hm_clotho_aqa", "hm_nextqa_mc", "hm_music_avqa", "hm_music_avqa_audio"):
+    for t in ("hm_clotho_aqa", "hm_nextqa_mc", "hm_music_avqa", "hm_music_avqa_audio", "hm_music_avqa_av"):
         assert 0.0 <= results["results"][t]["exact_match,none"] <= 1.0
         assert len(samples[t]) == 2, t
     rec = results["config"]["merge"]
     assert rec["mode"] == "modality" and rec["manifest"]["method"] == "ta"
+    assert rec["composed"] == "video+audio"  # hm_music_avqa_av: clip + audio track in one request
     assert {n: m["kinds"] for n, m in rec["modalities"].items()} == {
         "vision": ["image"],
         "audio": ["audio"],

@@ -129,7 +129,8 @@ _MC_VIDEO = _MC_AUDIO.replace("hm_music_avqa_audio_mc_mini", "hm_music_avqa_mc_m
 
 def build_av_tasks(root: Path, hf_home: Path) -> Path:
     """An lmms-eval include folder with the modality task configs on tiny parquet
-    (``hm_clotho_aqa``, ``hm_nextqa_mc``, ``hm_music_avqa``, ``hm_music_avqa_audio``)
+    (``hm_clotho_aqa``, ``hm_nextqa_mc``, ``hm_music_avqa``, ``hm_music_avqa_audio``,
+    ``hm_music_avqa_av``)
     and the MC minis ``hm_music_avqa_audio_mc_mini`` (MUSIC-AVQA clips' audio) and
     ``hm_music_avqa_mc_mini`` (their video); the clips go under ``hf_home``."""
     import datasets
@@ -162,6 +163,7 @@ def build_av_tasks(root: Path, hf_home: Path) -> Path:
     _rewrite(d / "hm_nextqa_mc.yaml", nextqa)
     _rewrite(d / "hm_music_avqa.yaml", mavqa)
     _rewrite(d / "hm_music_avqa_audio.yaml", mavqa)
+    _rewrite(d / "hm_music_avqa_av.yaml", mavqa)
     (d / "hm_music_avqa_audio_mc_mini.yaml").write_text(_MC_AUDIO.format(data=mavqa))
     (d / "hm_music_avqa_mc_mini.yaml").write_text(_MC_VIDEO.format(data=mavqa))
     return root

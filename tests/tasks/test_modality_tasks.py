@@ -93,7 +93,7 @@ def test_nextqa_missing_clip_names_the_path(load_local_task, hf_home):
         t.visual(t.docs[0])
 
 
-@pytest.mark.parametrize("task", ["hm_music_avqa", "hm_music_avqa_audio"])
+@pytest.mark.parametrize("task", ["hm_music_avqa", "hm_music_avqa_audio", "hm_music_avqa_av"])
 def test_music_avqa(load_local_task, hf_home, task):
     row = {
         "video_id": "m0",
@@ -109,7 +109,12 @@ def test_music_avqa(load_local_task, hf_home, task):
     t = load_local_task(FOLDER, task, [row], feats)
     d = t.docs[0]
     assert t.text(d) == "Is the cello louder than the piano?\nAnswer the question using a single word."
-    (v,) = t.visual(d)
+    if task == "hm_music_avqa_av":  # the clip, then its audio track
+        v, a = t.visual(d)
+        assert v == str(hf_home / "music_avqa" / "videos" / "m0.mp4") and a["sampling_rate"] == 16000
+        v = a
+    else:
+        (v,) = t.visual(d)
     if task == "hm_music_avqa":
         assert v == str(hf_home / "music_avqa" / "videos" / "m0.mp4")
     else:  # the clip's audio track: a 440 Hz tone, 0.5 s at 16 kHz
@@ -121,7 +126,7 @@ def test_music_avqa(load_local_task, hf_home, task):
     assert t.results(d, "no")["exact_match"] == 0.0
 
 
-@pytest.mark.parametrize("task", ["hm_avqa", "hm_avqa_audio"])
+@pytest.mark.parametrize("task", ["hm_avqa", "hm_avqa_audio", "hm_avqa_av"])
 def test_avqa(load_local_task, hf_home, task):
     row = {
         "id": 183,
@@ -142,7 +147,12 @@ def test_avqa(load_local_task, hf_home, task):
         "What happened in the video?\nA. motorboat\nB. Yacht consignment\nC. Sailboat set sail\n"
         "D. Consignment car\nAnswer with the option's letter from the given choices directly."
     )
-    (v,) = t.visual(d)
+    if task == "hm_avqa_av":
+        v, a = t.visual(d)
+        assert v == str(hf_home / "avqa" / "videos" / "-HG3Omg_89c_000030.mp4")
+        v = a
+    else:
+        (v,) = t.visual(d)
     if task == "hm_avqa":
         assert v == str(hf_home / "avqa" / "videos" / "-HG3Omg_89c_000030.mp4")
     else:
@@ -164,8 +174,10 @@ def test_group_lists_the_tasks():
         "hm_nextqa_mc",
         "hm_music_avqa",
         "hm_music_avqa_audio",
+        "hm_music_avqa_av",
         "hm_avqa",
         "hm_avqa_audio",
+        "hm_avqa_av",
     }
 
 
