@@ -22,7 +22,8 @@ Audio and video tasks: a visual that is an audio dict (``{"array",
 the text, as lmms-eval's qwen2_audio / video classes build them). A
 modality merge (``modalities={...}``, or ``pretrained=`` a modality-merged
 artifact with ``method=none``) loads one backend per modality and routes each
-request to the modality its inputs need (see :mod:`.modality_serving`)::
+request to the modality its inputs need (see :mod:`.modality_serving`; audio +
+video in one request: the composed model of :mod:`.modality_compose`)::
 
     lmms_eval --model merged \
       --model_args pretrained=LLM,modalities={vision=/m/v,audio=/m/a,video=/m/vid},method=ties \

@@ -15,8 +15,9 @@ activitynetqa give ``get_video(...)``):
 - video  -> the first modality whose model takes videos;
 - no visual -> the ``vision`` modality (any: they share the merged LLM).
 
-A request mixing kinds that no single modality model takes (audio + video, as
-AVQA's) is refused with the kinds and the modalities available.
+A request mixing kinds that no single modality model takes is refused here
+with the kinds and the modalities available; model 'merged' answers audio +
+video (MUSIC-AVQA / AVQA) with the composed model of :mod:`.modality_compose`.
 """
 
 from __future__ import annotations
