@@ -20,7 +20,11 @@ The artifact is one folder holding one servable model per modality,
 ``<out>/<modality>/`` (the modality's own config, processor and encoder/connector
 weights, with the merged LLM), and ``harness_merge.json`` recording the method,
 the shared and the kept tensors per modality. Each modality is served through
-the merged LLM by pointing a backend at its folder (``pretrained=<out>/vision``).
+the merged LLM by pointing a backend at its folder (``pretrained=<out>/vision``);
+lmms-eval's model ``merged`` serves all of them at once, each request routed to
+the modality its inputs need (``pretrained=<out>,method=none``, or
+``modalities={...}`` merged on load; :mod:`harness_merge.harness.modality_serving`).
+CLI: ``harness-merge merge-modalities --base LLM --modality vision=DIR ... --method M --out OUT``.
 """
 
 from __future__ import annotations

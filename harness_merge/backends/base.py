@@ -48,7 +48,10 @@ class GenRequest:
     messages, rendered with the base model's chat template plus the generation
     prompt) is set. A message's ``content`` is a string or a list of items
     ``{"type": "text", "text": ...}`` / ``{"type": "image"}``; ``images`` holds
-    the PIL images for the image items, in order.
+    the PIL images for the image items, in order. Likewise ``audios`` (one
+    ``(waveform 1-D float array, sampling_rate)`` per ``{"type": "audio"}`` item)
+    and ``videos`` (one video file path or sequence of RGB frames per
+    ``{"type": "video"}`` item), for backends whose model has that encoder.
 
     ``until``: stop strings; the answer is cut at the first occurrence of any.
     ``max_new_tokens`` None means the backend's default. ``temperature`` 0 (or
@@ -59,6 +62,8 @@ class GenRequest:
     messages: tuple[dict, ...] | None = None
     images: tuple[Any, ...] = ()
     until: tuple[str, ...] = ()
+    audios: tuple[Any, ...] = ()
+    videos: tuple[Any, ...] = ()
     max_new_tokens: int | None = None
     temperature: float = 0.0
     do_sample: bool = False
@@ -69,6 +74,8 @@ class GenRequest:
             raise ValueError("GenRequest: set exactly one of prompt / messages")
         object.__setattr__(self, "until", tuple(self.until or ()))
         object.__setattr__(self, "images", tuple(self.images or ()))
+        object.__setattr__(self, "audios", tuple(self.audios or ()))
+        object.__setattr__(self, "videos", tuple(self.videos or ()))
         if self.messages is not None:
             object.__setattr__(self, "messages", tuple(self.messages))
 
@@ -83,18 +90,23 @@ class LLRequest:
 
     The context is ``context`` (raw text) or ``messages`` (rendered with the
     chat template and the generation prompt, so the continuation is scored
-    as the assistant's answer). ``images`` as in :class:`GenRequest`.
+    as the assistant's answer). ``images`` / ``audios`` / ``videos`` as in
+    :class:`GenRequest`.
     """
 
     continuation: str
     context: str | None = None
     messages: tuple[dict, ...] | None = None
     images: tuple[Any, ...] = ()
+    audios: tuple[Any, ...] = ()
+    videos: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.context is None) == (self.messages is None):
             raise ValueError("LLRequest: set exactly one of context / messages")
         object.__setattr__(self, "images", tuple(self.images or ()))
+        object.__setattr__(self, "audios", tuple(self.audios or ()))
+        object.__setattr__(self, "videos", tuple(self.videos or ()))
         if self.messages is not None:
             object.__setattr__(self, "messages", tuple(self.messages))
 

@@ -10,6 +10,13 @@
 - processor: ``AutoProcessor``; where that fails offline (transformers 5's
   Qwen2-VL processor wants a torchvision video processor), the model family's
   processor is built from the tokenizer and the image processor alone.
+- audio / video (requests' ``audios`` / ``videos``): a model with an audio
+  encoder (``config.audio_config``, e.g. Qwen2-Audio) gets the waveforms through
+  its processor (``audio=``, resampled to the feature extractor's rate); a
+  model with a video token (``config.video_token_index``, e.g. Video-LLaVA)
+  gets ``num_frames`` (default 8) uniformly sampled frames per video, through
+  the processor's video processor where one loads, else through its image
+  processor (the same CLIP transform for Video-LLaVA; torchvision-free).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ OPTIONS = (
     "revision",
     "subfolder",
     "chat_template",
+    "num_frames",
 )
 EOS_FROM = ("generation_config", "tokenizer")
 _DTYPES = {
@@ -112,17 +120,27 @@ def _resolve_device(device: str | None) -> str:
 
 
 def is_multimodal_config(config) -> bool:
-    return getattr(config, "vision_config", None) is not None
+    return getattr(config, "vision_config", None) is not None or has_audio_encoder(config)
+
+
+def has_audio_encoder(config) -> bool:
+    return getattr(config, "audio_config", None) is not None
+
+
+def has_video_input(config) -> bool:
+    return getattr(config, "video_token_index", getattr(config, "video_token_id", None)) is not None
 
 
 def model_class_for(config):
     """The auto class for this config (image-text-to-text or causal LM)."""
     import transformers
 
-    if is_multimodal_config(config):
+    if getattr(config, "vision_config", None) is not None:
         from transformers import AutoModelForImageTextToText
 
         candidates = [AutoModelForImageTextToText]
+    elif has_audio_encoder(config):  # audio-language (Qwen2-Audio): no auto class, the architecture's own
+        candidates = []
     else:
         from transformers import AutoModelForCausalLM
 
@@ -170,7 +188,7 @@ def load_processor(
 
     try:
         proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code, **hub, **image_kwargs)
-        if hasattr(proc, "image_processor"):
+        if hasattr(proc, "image_processor") or hasattr(proc, "feature_extractor"):
             return proc, getattr(proc, "tokenizer", tok)
         first_error: Exception | None = None
     except Exception as e:  # noqa: BLE001 - fall back below, re-raise if that fails too
@@ -343,6 +361,7 @@ class HFBackend:
         revision: str | None = None,
         subfolder: str | None = None,
         chat_template: str | None = None,
+        num_frames: int | None = None,
     ) -> None:
         from transformers import AutoConfig
 
@@ -367,7 +386,10 @@ class HFBackend:
             raise
         except Exception as e:  # noqa: BLE001
             raise BackendError(f"cannot load the base model {base!r}: {type(e).__name__}: {e}") from e
-        self.supports_images = is_multimodal_config(config)
+        self.supports_images = getattr(config, "vision_config", None) is not None
+        self.supports_audio = has_audio_encoder(config)
+        self.supports_video = has_video_input(config) and self.supports_images
+        self.num_frames = int(num_frames) if num_frames else 8
         kind = getattr(artifact, "kind", None)
         model_path = str(artifact.path) if kind == "full" else base
         try:
@@ -444,6 +466,17 @@ class HFBackend:
         return render_prompt(req, self.processor, self.tokenizer, self.system_prompt)
 
     def _check_images(self, reqs) -> None:
+        for what, ok, example in (
+            ("audios", self.supports_audio, "Qwen2-Audio"),
+            ("videos", self.supports_video, "Video-LLaVA"),
+        ):
+            k = sum(len(getattr(r, what, ())) for r in reqs)
+            if k and not ok:
+                raise BackendError(
+                    f"the model {self.base} has no {what[:-1]} encoder but the task sent {k} {what}; "
+                    f"serve {what[:-1]} tasks with a {what[:-1]}-language model ({example}, or the "
+                    f"'{what[:-1]}' folder of a modality-merged artifact)"
+                )
         n = sum(len(r.images) for r in reqs)
         if n and not self.supports_images:
             raise BackendError(
@@ -452,9 +485,11 @@ class HFBackend:
                 f"or pick text-only tasks"
             )
 
-    def _encode(self, texts: list[str], images: list, padding_side: str = "left"):
+    def _encode(self, texts: list[str], images: list, padding_side: str = "left", audios=(), videos=()):
         """Batch inputs (dict of tensors on the device)."""
-        if self.processor is not None:
+        if self.processor is not None and (audios or videos):
+            enc = self._encode_av(texts, images, padding_side, list(audios), list(videos))
+        elif self.processor is not None:
             tok = self.processor.tokenizer
             tok.padding_side = padding_side
             enc = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
@@ -466,6 +501,59 @@ class HFBackend:
             add = not (bos and texts and texts[0].startswith(bos))
             enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=add)
         return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in enc.items()}
+
+    def _encode_av(self, texts, images, padding_side, audios, videos):
+        """Inputs with audio clips and/or videos (see the module docstring)."""
+        from .media import audio_waveform, video_frames
+
+        proc = self.processor
+        proc.tokenizer.padding_side = padding_side
+        kw: dict[str, Any] = {}
+        if audios:
+            fe = proc.feature_extractor
+            kw["audio"] = [audio_waveform(a, fe.sampling_rate) for a in audios]
+            kw["sampling_rate"] = fe.sampling_rate
+        if images:
+            kw["images"] = images
+        if not videos:
+            return proc(text=texts, padding=True, return_tensors="pt", **kw)
+        clips = [video_frames(v, self.num_frames) for v in videos]
+        vp = getattr(proc, "video_processor", None)
+        if vp is not None:
+            import numpy as np
+
+            return proc(
+                text=texts,
+                videos=[np.stack([np.asarray(f) for f in c]) for c in clips],
+                padding=True,
+                return_tensors="pt",
+                **kw,
+            )
+        # no video processor (torchvision missing): frames through the image processor,
+        # each video placeholder expanded as the processor's own replace_video_token does
+        ip = getattr(proc, "image_processor", None)
+        if ip is None or not hasattr(proc, "replace_video_token") or not getattr(proc, "video_token", None):
+            raise BackendError(
+                f"the model {self.base}: video inputs need its processor's video processor, which did not load "
+                f"(transformers' video processors need torchvision); install torchvision or serve video with a "
+                f"model whose frames go through its image processor (Video-LLaVA)"
+            )
+        pv = [ip(images=c, return_tensors="pt")["pixel_values"] for c in clips]  # (T, 3, H, W) each
+        token, out_texts, k = proc.video_token, [], 0
+        for t in texts:
+            parts = t.split(token)
+            pieces = [parts[0]]
+            for rest in parts[1:]:
+                if k >= len(pv):
+                    raise BackendError(f"more {token} placeholders than videos ({len(pv)})")
+                pieces.append(proc.replace_video_token({"pixel_values_videos": [pv[k].numpy()]}, 0) + rest)
+                k += 1
+            out_texts.append("".join(pieces))
+        if k != len(pv):
+            raise BackendError(f"{len(pv)} video(s) but {k} {token} placeholder(s) in the prompts")
+        enc = dict(proc(text=out_texts, padding=True, return_tensors="pt", **kw))
+        enc["pixel_values_videos"] = torch.stack(pv)
+        return enc
 
     # -- generate ----------------------------------------------------------
     @torch.inference_mode()
@@ -487,7 +575,13 @@ class HFBackend:
                 chunk = idxs[s : s + self.batch_size]
                 texts = [self.render(requests[i]) for i in chunk]
                 images = [im for i in chunk for im in requests[i].images]
-                enc = self._encode(texts, images, "left")
+                enc = self._encode(
+                    texts,
+                    images,
+                    "left",
+                    audios=[a for i in chunk for a in requests[i].audios],
+                    videos=[v for i in chunk for v in requests[i].videos],
+                )
                 kw: dict[str, Any] = dict(
                     max_new_tokens=int(max_new),
                     pad_token_id=self.tokenizer.pad_token_id,
@@ -567,7 +661,7 @@ class HFBackend:
                 continue
             ctx_text = self.render(r)
             if r.images or self.processor is not None:
-                enc = self._encode([ctx_text], list(r.images), "right")
+                enc = self._encode([ctx_text], list(r.images), "right", audios=r.audios, videos=r.videos)
                 ctx_ids = enc["input_ids"]
                 cont_t = torch.tensor([cont], dtype=ctx_ids.dtype, device=ctx_ids.device)
                 enc["input_ids"] = torch.cat([ctx_ids, cont_t], dim=1)

@@ -5,6 +5,11 @@ Everything is built from configs: no model hub. The tokenizer is byte-level
 text. Models are saved with their tokenizer and an image processor that does
 not need torchvision (``Qwen2VLImageProcessorPil`` / ``CLIPImageProcessorPil``).
 
+Modality models sharing one text LLM (:func:`build_tiny_modality_models`):
+LLaVA (vision), Qwen2-Audio (audio, with a Whisper feature extractor) and
+Video-LLaVA (video, frames through a PIL CLIP image processor);
+:func:`write_tiny_clip` writes a tiny MP4 (optionally with a sine-tone track).
+
 Loading a saved tiny Qwen2-VL folder::
 
     processor = AutoProcessor.from_pretrained(path)   # Qwen2VLProcessor
@@ -737,7 +742,8 @@ def _share_llm(model_dir, base_llm_dir, seed: int, rel_std: float) -> None:
 def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     """A tiny random ``Qwen2AudioForConditionalGeneration`` (Whisper-style audio
     encoder d_model 32, 16 mel bins; the same Qwen2 text model as
-    :func:`build_tiny_text_lm`), saved with the tokenizer."""
+    :func:`build_tiny_text_lm`), saved with its ``Qwen2AudioProcessor``
+    (:func:`build_audio_processor`)."""
     from transformers import (
         Qwen2AudioConfig,
         Qwen2AudioEncoderConfig,
@@ -761,18 +767,184 @@ def build_tiny_audio_lm(out_dir, seed: int = 0) -> Path:
     )
     model = Qwen2AudioForConditionalGeneration(cfg)
     model.generation_config = _generation_config(tok)
-    return save_model(model, tok, out_dir)
+    return save_model(model, build_audio_processor(tok), out_dir)
 
 
-def build_tiny_modality_models(base_llm_dir, root, *, seed: int = 0, rel_std: float = 0.2) -> dict[str, Path]:
-    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio}, each with its own
-    encoder and connector and a language model fine-tuned (seeded noise) from
-    the text LLM at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+def build_tiny_modality_models(
+    base_llm_dir,
+    root,
+    *,
+    seed: int = 0,
+    rel_std: float = 0.2,
+    modalities: tuple[str, ...] = ("vision", "audio"),
+) -> dict[str, Path]:
+    """{"vision": tiny LLaVA, "audio": tiny Qwen2-Audio, "video": tiny
+    Video-LLaVA} (those named in ``modalities``), each with its own encoder and
+    connector and a language model fine-tuned (seeded noise) from the text LLM
+    at ``base_llm_dir`` (:func:`build_tiny_text_lm`)."""
+    builders = {"vision": build_tiny_llava, "audio": build_tiny_audio_lm, "video": build_tiny_video_lm}
+    unknown = [m for m in modalities if m not in builders]
+    if unknown:
+        raise ValueError(f"build_tiny_modality_models: unknown modalities {unknown}; known: {list(builders)}")
     root = Path(root)
-    out = {
-        "vision": build_tiny_llava(root / "vision", seed=seed + 1),
-        "audio": build_tiny_audio_lm(root / "audio", seed=seed + 2),
-    }
-    for i, d in enumerate(out.values()):
-        _share_llm(d, base_llm_dir, seed=seed + 10 + i, rel_std=rel_std)
+    offsets = {"vision": 1, "audio": 2, "video": 3}
+    out = {m: builders[m](root / m, seed=seed + offsets[m]) for m in modalities}
+    for m, d in out.items():
+        _share_llm(d, base_llm_dir, seed=seed + 9 + offsets[m], rel_std=rel_std)
     return out
+
+
+# ---------------------------------------------------------------------------
+# modality processors and the video-language model (Video-LLaVA)
+# ---------------------------------------------------------------------------
+def _modality_chat_template(kind: str, placeholder: str) -> str:
+    """CHAT_TEMPLATE with ``kind`` items ("audio" / "video") rendered as ``placeholder``."""
+    return CHAT_TEMPLATE.replace(
+        "{%- elif 'text' in item -%}",
+        "{%- elif item['type'] == '" + kind + "' -%}{{- '" + placeholder + "' -}}{%- elif 'text' in item -%}",
+    )
+
+
+AUDIO_SAMPLING_RATE = 16000
+
+
+def build_audio_processor(tok=None):
+    """``Qwen2AudioProcessor``: a Whisper feature extractor (16 mel bins, 1 s
+    chunks -> 100 frames, what :func:`build_tiny_audio_lm`'s encoder takes) and
+    the tokenizer; the audio placeholder is ``<|vision_start|><|video_pad|><|vision_end|>``
+    (bos, audio token, eos), expanded by the processor to the clip's length."""
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tok = tok or build_tokenizer()
+    fe = WhisperFeatureExtractor(
+        feature_size=16, sampling_rate=AUDIO_SAMPLING_RATE, hop_length=160, chunk_length=1, n_fft=400
+    )
+    return Qwen2AudioProcessor(
+        feature_extractor=fe,
+        tokenizer=tok,
+        chat_template=_modality_chat_template("audio", "<|vision_start|><|video_pad|><|vision_end|>"),
+        audio_token="<|video_pad|>",
+        audio_bos_token="<|vision_start|>",
+        audio_eos_token="<|vision_end|>",
+    )
+
+
+def build_video_processor(tok=None):
+    """``VideoLlavaProcessor`` with a PIL CLIP image processor (28 px); a video
+    item renders as one ``<|video_pad|>`` (the hf backend expands it per frame).
+
+    transformers 5.x video processors need torchvision, which our CPU torch
+    cannot import: the processor is built without one (as the image-only
+    Qwen2-VL processor) and saved as a plain ``VideoLlavaProcessor`` with a
+    video processor entry; the hf backend then sends video frames through the
+    image processor (Video-LLaVA's video and image preprocessing are the same
+    CLIP transform)."""
+    from transformers import CLIPImageProcessorPil, ProcessorMixin, VideoLlavaProcessor
+
+    tok = tok or build_tokenizer()
+
+    class VideoLlavaImageOnlyProcessor(VideoLlavaProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.patch_size = 14
+            self.num_additional_image_tokens = 1
+            self.vision_feature_select_strategy = "default"
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return VideoLlavaImageOnlyProcessor(
+        image_processor=ip, tokenizer=tok, chat_template=_modality_chat_template("video", "<|video_pad|>")
+    )
+
+
+def build_tiny_video_lm(out_dir, seed: int = 0) -> Path:
+    """A tiny random ``VideoLlavaForConditionalGeneration`` (CLIP video/image
+    towers 28 px / patch 14 -> 5 tokens a frame; the same Qwen2 text model as
+    :func:`build_tiny_text_lm`), saved with the tokenizer and its processor."""
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    tok = build_tokenizer()
+    ids = _ids(tok)
+    _seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    cfg = VideoLlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=tiny_text_config(tok).to_dict(),
+        image_token_index=ids["<|image_pad|>"],
+        video_token_index=ids["<|video_pad|>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=4,
+        video_seq_length=5 * 2,
+        tie_word_embeddings=True,
+    )
+    model = VideoLlavaForConditionalGeneration(cfg)
+    model.generation_config = _generation_config(tok)
+    out = save_model(model, build_video_processor(tok), out_dir)
+    pc = out / "processor_config.json"
+    d = json.loads(pc.read_text())
+    d.update(
+        processor_class="VideoLlavaProcessor",
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+    )
+    ip = d["image_processor"]
+    d["video_processor"] = {
+        "video_processor_type": "VideoLlavaVideoProcessor",
+        **{k: ip[k] for k in ("size", "crop_size", "image_mean", "image_std") if k in ip},
+    }
+    pc.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def write_tiny_clip(
+    path, colors=((200, 30, 30), (30, 30, 200)), *, size: int = 32, fps: int = 4, tone_hz: float | None = None
+) -> Path:
+    """Write a tiny MP4 (MPEG-4 video, ``size`` px, one frame per colour in
+    ``colors``), with an AAC mono audio track of a ``tone_hz`` sine at 16 kHz
+    as long as the video when ``tone_hz`` is given. Uses PyAV."""
+    import av
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("mpeg4", rate=fps)
+        vs.width = vs.height = size
+        vs.pix_fmt = "yuv420p"
+        aus = None
+        if tone_hz is not None:
+            aus = c.add_stream("aac", rate=AUDIO_SAMPLING_RATE)
+            aus.layout = "mono"
+        for col in colors:
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), col, dtype=np.uint8), format="rgb24")
+            for pkt in vs.encode(frame):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        if aus is not None:
+            n = int(AUDIO_SAMPLING_RATE * len(colors) / fps)
+            t = np.arange(n) / AUDIO_SAMPLING_RATE
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)[None]
+            step = 1024
+            for i in range(0, n, step):
+                af = av.AudioFrame.from_ndarray(wave[:, i : i + step].copy(), format="fltp", layout="mono")
+                af.sample_rate = AUDIO_SAMPLING_RATE
+                for pkt in aus.encode(af):
+                    c.mux(pkt)
+            for pkt in aus.encode():
+                c.mux(pkt)
+    return path

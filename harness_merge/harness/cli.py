@@ -77,6 +77,29 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_merge_modalities(args) -> int:
+    """Modality merging (:mod:`harness_merge.modality`): only the shared LLM is merged."""
+    from ..modality import merge_modalities
+
+    models = {}
+    for it in args.modality:
+        name, sep, path = it.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise MergeError(f"--modality expects NAME=DIR (e.g. vision=/m/llava), got {it!r}")
+        if name.strip() in models:
+            raise MergeError(f"--modality {name.strip()} is given twice")
+        models[name.strip()] = path.strip()
+    rec = merge_modalities(
+        args.base, models, args.method, _parse_kv(args.param), out=args.out, progress=not args.quiet
+    )
+    print(f"wrote modality artifact to {args.out} ({rec['shared_tensors']} shared LLM tensors merged)")
+    for name, m in rec["modalities"].items():
+        print(
+            f"  {name}: {args.out}/{name}  kept {m['kept_tensors']} tensors ({', '.join(m['kept_prefixes'])})"
+        )
+    return 0
+
+
 def cmd_methods(args) -> int:
     from .. import methods
 
@@ -147,6 +170,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a merge the cost pre-check refuses (estimated beyond $HARNESS_MERGE_MAX_SECONDS)",
     )
     m.set_defaults(func=cmd_merge)
+
+    mm = sub.add_parser(
+        "merge-modalities",
+        help="merge the shared LLM of vision/audio/video-language models; each keeps its encoder and connector",
+    )
+    mm.add_argument("--base", required=True, help="the text LLM every modality model was fine-tuned from")
+    mm.add_argument(
+        "--modality",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a modality model (repeatable, two or more), e.g. vision=/m/llava audio=/m/qwen2audio",
+    )
+    mm.add_argument("--method", required=True, help="merge method (see `harness-merge methods`)")
+    mm.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
+    mm.add_argument("--out", required=True, help="output folder: one servable model folder per modality")
+    mm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    mm.set_defaults(func=cmd_merge_modalities)
 
     ms = sub.add_parser("methods", help="list merge methods, their parameters and defaults")
     ms.set_defaults(func=cmd_methods)

@@ -16,6 +16,19 @@ log-likelihood request; the doc is ``self.task_dict[task][split][doc_id]``.
 
 What was merged (method, params, adapter hashes, artifact, cache hit) is
 logged to stderr and stored under ``config.merge`` in the results JSON.
+
+Audio and video tasks: a visual that is an audio dict (``{"array",
+"sampling_rate"}``) or a video file path is sent as the request's ``audios`` /
+``videos`` (message items ``{"type": "audio"}`` / ``{"type": "video"}`` before
+the text, as lmms-eval's qwen2_audio / video classes build them). A
+modality merge (``modalities={...}``, or ``pretrained=`` a modality-merged
+artifact with ``method=none``) loads one backend per modality and routes each
+request to the modality its inputs need (see :mod:`.modality_serving`; audio +
+video in one request: the composed model of :mod:`.modality_compose`)::
+
+    lmms_eval --model merged \
+      --model_args pretrained=LLM,modalities={vision=/m/v,audio=/m/a,video=/m/vid},method=ties \
+      --tasks pope,clotho_aqa,nextqa_mc_test
 """
 
 from __future__ import annotations
@@ -126,7 +139,15 @@ class MergedLMM(lmms):
             hargs = replace(
                 hargs, backend_opts={k: v for k, v in hargs.backend_opts.items() if k != "system_prompt"}
             )
-        loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
+        self.modalities = None
+        from .modality_serving import modality_manifest
+
+        if self.hargs.modalities or (
+            self.hargs.method == "none" and modality_manifest(self.hargs.pretrained)
+        ):
+            loaded = self._load_modalities()
+        else:
+            loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
         self.backend = loaded.backend
         self.artifact = loaded.artifact
         self.merge_record = loaded.record
@@ -151,6 +172,37 @@ class MergedLMM(lmms):
 
         self._rank, _, self._world_size = dist_env()
         self.merge_record["world_size"] = self._world_size
+
+    def _load_modalities(self):
+        """One backend per modality of the (merged on load, cached) artifact;
+        ``self.backend`` / ``self.profile`` are the text/image default's."""
+        from dataclasses import replace
+
+        from . import Loaded
+        from .modality_serving import load_modalities, route
+
+        def loader(h, prof):
+            h = replace(h, backend_opts={k: v for k, v in h.backend_opts.items() if k != "system_prompt"})
+            return load_merged(h, extra_opts=prof.backend_opts())
+
+        art, man, self.modalities = load_modalities(
+            self.hargs, profile_of, loader, conv_templates.image_token_of
+        )
+        default = route(self.modalities, set(), "")
+        self.profile = default.profile
+        record = {
+            "model_name": f"{art.name}__modality-{man.get('method')}",
+            "mode": "modality",
+            "base": self.hargs.pretrained,
+            "backend": self.hargs.backend,
+            "artifact": {"path": str(art), "kind": "modality"},
+            "manifest": man,
+            "modalities": {
+                n: {"folder": str(m.folder), "kinds": sorted(m.kinds), "prompt_profile": m.profile.name}
+                for n, m in self.modalities.items()
+            },
+        }
+        return Loaded(backend=default.backend, artifact=None, record=record)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -219,30 +271,126 @@ class MergedLMM(lmms):
             )
         return tok.apply_chat_template(hist, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _record_first(self, req) -> None:
+    def _record_first(self, req, backend=None) -> None:
         if self.merge_record.get("first_prompt") is None:
             try:
-                self.merge_record["first_prompt"] = self.backend.render(req)
+                self.merge_record["first_prompt"] = (backend or self.backend).render(req)
             except Exception as e:  # noqa: BLE001 - the record must not break the run
                 self.merge_record["first_prompt"] = f"<not rendered: {type(e).__name__}: {e}>"
 
     # -- request translation ------------------------------------------------
-    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+    def _media(self, doc_to_visual, doc_id, task, split) -> tuple[list, list, list]:
+        """(images, audios, videos) of one request (see the module docstring)."""
+        from ..backends.media import as_audio_dict, is_audio, is_video
+
         if doc_to_visual is None:
-            return []
-        visuals = _as_list(doc_to_visual(self.task_dict[task][split][doc_id]))
-        for v in visuals:
-            if not hasattr(v, "convert"):  # PIL images only
+            return [], [], []
+        images, audios, videos = [], [], []
+        for v in _as_list(doc_to_visual(self.task_dict[task][split][doc_id])):
+            if hasattr(v, "convert"):
+                images.append(v)
+            elif is_audio(v):
+                audios.append(as_audio_dict(v))
+            elif is_video(v):
+                videos.append(str(v))
+            else:
                 raise BackendError(
-                    f"task {task}: visual of type {type(v).__name__} (video/audio/path) is not supported by "
-                    f"model 'merged'; only image tasks are"
+                    f"task {task}: visual of type {type(v).__name__} ({str(v)[:80]!r}) is not supported by model "
+                    f"'merged'; it takes PIL images, audio dicts {{'array', 'sampling_rate'}} and video file paths"
                 )
-        if visuals and not getattr(self.backend, "supports_images", False):
+        return images, audios, videos
+
+    def _target(self, kinds: set, task: str):
+        """(backend, profile, image token, conv template) that serve a request with inputs ``kinds``."""
+        if self.modalities is None:
+            return self.backend, self.profile, self._image_token, self.conv
+        from .modality_serving import route
+
+        try:
+            m = route(self.modalities, kinds, task)
+        except BackendError:
+            if kinds != {"audio", "video"}:
+                raise
+            return self._composed_av(task), self._composed_profile, self._image_token, self.conv
+        return m.backend, m.profile, m.image_token, self.conv
+
+    def _composed_av(self, task: str):
+        """The composed audio+video model over the merge's video and audio modalities
+        (see :mod:`.modality_compose`), built once."""
+        if getattr(self, "_composed", None) is None:
+            from .modality_compose import ComposedAV
+
+            vid = [m for m in self.modalities.values() if "video" in m.kinds]
+            aud = [m for m in self.modalities.values() if "audio" in m.kinds]
+            if not vid or not aud or self.hargs.backend != "hf":
+                raise BackendError(
+                    f"task {task}: audio + video requests need a video and an audio modality served by "
+                    f"backend=hf (modalities: {sorted(self.modalities)}, backend={self.hargs.backend})"
+                )
+            self._composed = ComposedAV(vid[0].backend, aud[0].backend)
+            self._composed_profile = vid[0].profile
+            self.merge_record.setdefault("composed", f"{vid[0].name}+{aud[0].name}")
+        return self._composed
+
+    @staticmethod
+    def _audio_chunks(backend, audios: list) -> list:
+        """Each clip resampled to the backend's feature extractor rate and split into
+        its ``n_samples`` chunks, one audio item each (lmms-eval qwen2_audio's handling)."""
+        from ..backends.media import audio_waveform, split_audio
+
+        fe = getattr(getattr(backend, "processor", None), "feature_extractor", None)
+        if fe is None or not audios:
+            return audios
+        sr, n = int(fe.sampling_rate), int(getattr(fe, "n_samples", 0) or 0)
+        out = []
+        for a in audios:
+            w = audio_waveform(a, sr)
+            out.extend({"array": c, "sampling_rate": sr} for c in (split_audio(w, n) if n else [w]))
+        return out
+
+    def _av_messages(self, profile, ctx: str, images, audios, videos, task: str) -> tuple[dict, ...]:
+        if self.conv is not None or self._templated:
+            raise BackendError(
+                f"task {task}: audio/video inputs are rendered with the model's chat template; drop "
+                f"{'conv_template' if self.conv is not None else '--apply_chat_template'}"
+            )
+        msgs: list[dict] = []
+        if profile.system_prompt:
+            msgs.append({"role": "system", "content": profile.system_prompt})
+        text = ctx  # as lmms-eval's qwen2_audio / video classes: the context as is, media items first
+        for ph in ("<image>", "<video>", "<audio>"):  # a task's own placeholder: the items stand for it
+            if ph in text:
+                text = text.replace(ph, "").strip()
+        content = (
+            [{"type": "image"} for _ in images]
+            + [{"type": "video"} for _ in videos]
+            + [{"type": "audio"} for _ in audios]
+            + [{"type": "text", "text": text}]
+        )
+        msgs.append({"role": "user", "content": content})
+        return tuple(msgs)
+
+    def _check_av_support(self, audios, videos, task, backend) -> None:
+        """Audio/video only to a backend that says it takes them (a backend without
+        the flags, e.g. vLLM's today, would drop them silently)."""
+        for what, xs in (("audio", audios), ("video", videos)):
+            if xs and not getattr(backend, f"supports_{what}", False):
+                raise BackendError(
+                    f"task {task} sends {what} inputs but the model {getattr(backend, 'base', self.hargs.pretrained)} "
+                    f"(backend={getattr(backend, 'name', self.hargs.backend)}) takes none; serve {what} tasks with "
+                    f"backend=hf and a {what}-language model, or a modality merge that has one"
+                )
+
+    def _check_image_support(self, visuals, task, backend) -> list:
+        if visuals and not getattr(backend, "supports_images", False):
             raise BackendError(
                 f"task {task} sends images but the base model {self.hargs.pretrained} is text-only (no vision "
                 f"tower); use a vision-language base (Qwen2-VL, LLaVA, ...) or text-only tasks"
             )
         return [v.convert("RGB") for v in visuals]
+
+    def _kinds(self, images, audios, videos) -> set:
+        return {k for k, xs in (("image", images), ("audio", audios), ("video", videos)) if xs}
 
     def _templated_ctx(self, task: str, n_images: int) -> bool:
         if self._templated and n_images:
@@ -255,46 +403,92 @@ class MergedLMM(lmms):
 
     @_guard("lmms-eval model 'merged': generate_until")
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        reqs = []
+        reqs, targets = [], []
         for inst in requests:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args[:6]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
-            if self.conv is not None:  # an original-repo conversation template decides over the profile
+            images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
+            backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
+            images = self._check_image_support(images, task, backend)
+            self._check_av_support(audios, videos, task, backend)
+            targets.append((backend, profile))
+            audios = self._audio_chunks(backend, audios)
+            if audios or videos:
+                ims = P.prepare_images(profile, images)
+                reqs.append(
+                    GenRequest(
+                        messages=self._av_messages(profile, ctx, ims, audios, videos, task),
+                        images=tuple(ims),
+                        audios=tuple(audios),
+                        videos=tuple(videos),
+                        **P.gen_params(profile, gen_kwargs),
+                    )
+                )
+            elif conv is not None:  # an original-repo conversation template decides over the profile
                 reqs.append(
                     conv_templates.gen_request(
-                        self.conv, ctx, P.gen_params(self.profile, gen_kwargs), images, self._image_token
+                        conv, ctx, P.gen_params(profile, gen_kwargs), images, image_token
                     )
                 )
             elif self._templated_ctx(task, len(images)):
-                reqs.append(GenRequest(prompt=ctx, **P.gen_params(self.profile, gen_kwargs)))
+                reqs.append(GenRequest(prompt=ctx, **P.gen_params(profile, gen_kwargs)))
             else:
-                reqs.append(P.gen_request(self.profile, ctx, gen_kwargs, images, self._image_token))
+                reqs.append(P.gen_request(profile, ctx, gen_kwargs, images, image_token))
         if reqs:
-            self._record_first(reqs[0])
-        out = [P.finish(self.profile, a) for a in self.backend.generate(reqs)]
+            self._record_first(reqs[0], targets[0][0])
+        out = [
+            P.finish(prof, a) for a, (_, prof) in zip(self._per_backend(reqs, targets, "generate"), targets)
+        ]
         for inst, ans in zip(requests, out):
             self.cache_hook.add_partial("generate_until", (inst.args[0], inst.args[1]), ans)
         return out
 
     @_guard("lmms-eval model 'merged': loglikelihood")
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        reqs = []
+        reqs, targets = [], []
         for inst in requests:
             ctx, target, doc_to_visual, doc_id, task, split = inst.args[:6]
             if callable(target):  # output_type "loglikelihood" passes task.doc_to_target itself
                 target = target(self.task_dict[task][split][doc_id])
             if isinstance(target, (list, tuple)):
                 target = target[0]
-            images = self._visuals(doc_to_visual, doc_id, task, split)
-            if self.conv is not None:
-                reqs.append(conv_templates.ll_request(self.conv, ctx, str(target), images, self._image_token))
+            images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
+            backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
+            images = self._check_image_support(images, task, backend)
+            self._check_av_support(audios, videos, task, backend)
+            targets.append((backend, profile))
+            audios = self._audio_chunks(backend, audios)
+            if audios or videos:
+                ims = P.prepare_images(profile, images)
+                reqs.append(
+                    LLRequest(
+                        continuation=str(target),
+                        messages=self._av_messages(profile, ctx, ims, audios, videos, task),
+                        images=tuple(ims),
+                        audios=tuple(audios),
+                        videos=tuple(videos),
+                    )
+                )
+            elif conv is not None:
+                reqs.append(conv_templates.ll_request(conv, ctx, str(target), images, image_token))
             elif self._templated_ctx(task, len(images)):
                 reqs.append(LLRequest(continuation=str(target), context=ctx))
             else:
-                reqs.append(P.ll_request(self.profile, ctx, str(target), images, self._image_token))
+                reqs.append(P.ll_request(profile, ctx, str(target), images, image_token))
         if reqs:
-            self._record_first(reqs[0])
-        return [self._ll_result(r) for r in self.backend.loglikelihood(reqs)]
+            self._record_first(reqs[0], targets[0][0])
+        return [self._ll_result(r) for r in self._per_backend(reqs, targets, "loglikelihood")]
+
+    def _per_backend(self, reqs: list, targets: list, call: str) -> list:
+        """``backend.<call>`` on each backend's share of ``reqs``; results in request order."""
+        groups: dict[int, list[int]] = {}
+        for i, (be, _) in enumerate(targets):
+            groups.setdefault(id(be), []).append(i)
+        out: list = [None] * len(reqs)
+        for idxs in groups.values():
+            be = targets[idxs[0]][0]
+            for i, r in zip(idxs, getattr(be, call)([reqs[i] for i in idxs])):
+                out[i] = r
+        return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
         e = NotImplementedError("model 'merged' does not support multi-round generation tasks")

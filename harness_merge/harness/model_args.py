@@ -25,6 +25,13 @@ The string is parsed once into typed parts (:class:`HarnessArgs`):
   weights), ``device_map``, ``attn_implementation``; vLLM pass-throughs
   ``tensor_parallel_size``, ``data_parallel_size``, ``gpu_memory_utilization``,
   ``max_model_len``, ``enforce_eager``, ``max_lora_rank``.
+- modality merging (:mod:`harness_merge.modality`): ``modalities={vision=/m/llava,
+  audio=/m/qwen2audio,video=/m/videollava}`` with ``pretrained=`` the shared text
+  LLM and ``method=`` any method: only the shared LLM is merged, each
+  modality keeps its encoder and connector, and model 'merged' routes image /
+  audio / video requests to the matching modality. ``pretrained=`` a
+  modality-merged artifact folder with ``method=none`` serves it as is;
+  ``num_frames`` (hf): frames sampled per video (default 8).
 - ``conv_template``: render requests with an original-repo conversation
   template (``vicuna_v1``: LLaVA-1.5's) instead of the profile's chat template.
 
@@ -58,6 +65,7 @@ BACKEND_KEYS = (
     "revision",
     "subfolder",
     "chat_template",
+    "num_frames",
 )
 VLLM_KEYS = (
     "tensor_parallel_size",
@@ -68,8 +76,8 @@ VLLM_KEYS = (
     "max_lora_rank",
 )
 # keys of backend=hf only
-HF_ONLY_KEYS = ("fold", "device_map", "attn_implementation", "subfolder")
-MERGE_KEYS = ("pretrained", "adapters", "method", "params", "format", "rank", "cache_dir")
+HF_ONLY_KEYS = ("fold", "device_map", "attn_implementation", "subfolder", "num_frames")
+MERGE_KEYS = ("pretrained", "adapters", "method", "params", "format", "rank", "cache_dir", "modalities")
 # A method parameter whose name is also one of the keys above (wudi's ``device``,
 # wudi2's ``rank``) can only be set inside ``params={...}``: a flat key always
 # means the serving / artifact key.
@@ -110,11 +118,17 @@ class HarnessArgs:
     backend_opts: dict[str, Any] = field(default_factory=dict)
     prompt_profile: str | None = None
     conv_template: str | None = None
+    modalities: dict[str, str] | None = None
 
     def merge_spec(self):
         """The merge to run, or None for ``method=none`` (the base alone)."""
         from ..api import MergeSpec
 
+        if self.modalities:
+            raise ModelArgsError(
+                "model_args: modalities={...} is a modality merge (harness_merge.modality), served by "
+                "lmms-eval's model 'merged' only; it has no adapter merge spec"
+            )
         if self.method == NO_MERGE:
             return None
         return MergeSpec(
@@ -290,9 +304,24 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     if not pretrained:
         raise ModelArgsError("model_args: pretrained=<base model folder or hub id> is required")
     adapters = parse_list(raw.pop("adapters", None))
+    modalities = None
+    if "modalities" in raw:
+        modalities = {k: str(v).strip() for k, v in parse_params(raw.pop("modalities")).items()}
+        if spec is None:
+            raise ModelArgsError(
+                f"model_args: modalities={{...}} merges the modality models' shared LLM; give a method "
+                f"(method={NO_MERGE} serves one model: point pretrained= at a modality-merged artifact instead)"
+            )
+        if adapters:
+            raise ModelArgsError("model_args: give either adapters=... or modalities={...}, not both")
+        if len(modalities) < 2 or not all(modalities.values()):
+            raise ModelArgsError(
+                f"model_args: modalities needs two or more name=folder entries, e.g. "
+                f"modalities={{vision=/m/llava,audio=/m/audio}}; got {modalities}"
+            )
     if spec is None and adapters:
         raise ModelArgsError(f"model_args: method={NO_MERGE} serves the base model alone; drop adapters=...")
-    if spec is not None and not adapters:
+    if spec is not None and not adapters and not modalities:
         raise ModelArgsError(
             "model_args: adapters is required, e.g. adapters=[/ad/a,/ad/b] or adapters=/ad/a;/ad/b"
         )
@@ -356,6 +385,8 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         raise ModelArgsError(
             f"model_args: min_pixels={opts['min_pixels']} is above max_pixels={opts['max_pixels']}"
         )
+    if "num_frames" in raw:
+        opts["num_frames"] = _to_int("num_frames", raw.pop("num_frames"), minimum=1)
     for k in ("device_map", "attn_implementation", "revision", "subfolder", "chat_template"):
         if k in raw:
             v = str(raw.pop(k)).strip()
@@ -407,6 +438,7 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
         backend_opts=opts,
         prompt_profile=profile,
         conv_template=conv_template,
+        modalities=modalities,
     )
 
 
