@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import dtypes
 from .base import (
     BackendError,
     BackendInfo,
@@ -56,14 +57,6 @@ OPTIONS = (
     "chat_template",
 )
 EOS_FROM = ("generation_config", "tokenizer")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
@@ -96,7 +89,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None):
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return dtypes.torch_dtype(dtype)
     except KeyError:
         raise BackendError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
