@@ -21,6 +21,9 @@ SAFETENSORS: dict[str, str] = {
     "I16": "int16",
     "I8": "int8",
     "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
     "BOOL": "bool",
 }
 """safetensors header dtype code -> torch dtype name."""
