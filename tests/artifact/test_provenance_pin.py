@@ -111,10 +111,39 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("case", ["lora_ta", "lora_ties_rank"])
+# computed at commit be01966 (the package exported by git archive, same spec and code version)
+EXPECTED["dora_ta"] = {
+    "key": "7466820af627f947f8cf5f787c40c45164bb087eb987a56d5dde3cf2d83505f6",
+    "manifest": {
+        "adapters": [
+            {"ref": None, "sha256": "2b9dbadfc57b86e1636c6d8e71f5dbc1d94cf0e92d2f07ecbb53573e746d98b8"},
+            {"ref": None, "sha256": "dd99f27feabed42ca37bc6e606774d5d24443b2560ddc5b757944cd93654a637"},
+        ],
+        "base": {"ref": None, "sha256": None},
+        "code_version": "0.0.0+pinned",
+        "dora": {
+            "direction": "the method on the LoRA factors (s_n B_n A_n)",
+            "magnitude": "mean_n m_n (the 1-D tensor policy)",
+            "peft_variant": "dora",
+            "weight": "m * (W0 + dV) / ||W0 + dV||_row",
+        },
+        "dtype": "float32",
+        "format": "lora",
+        "inputs_kind": "lora",
+        "method": "ta",
+        "params": {"nonlinear": "average", "scaling": 1.0, "weights": None},
+        "rank_requested": None,
+        "reference_url": "https://arxiv.org/abs/2212.04089",
+    },
+}
+
+
+@pytest.mark.parametrize("case", ["lora_ta", "lora_ties_rank", "dora_ta"])
 def test_cache_key_and_manifest_are_pinned(tmp_path, tiny_base, pinned_code_version, case):
-    ads = [str(_adapter(tmp_path / f"ad{i}", i)) for i in range(2)]
-    if case == "lora_ta":
+    ads = [str(_adapter(tmp_path / f"ad{i}", i, dora=case.startswith("dora"))) for i in range(2)]
+    if case == "dora_ta":
+        spec = MergeSpec(adapters=tuple(ads), method="ta", base=str(tiny_base), format="lora")
+    elif case == "lora_ta":
         spec = MergeSpec(adapters=tuple(ads), method="ta", params={"scaling": "0.5"})
     else:
         spec = MergeSpec(
