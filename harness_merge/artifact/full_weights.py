@@ -29,6 +29,7 @@ from ..dtypes import SAFETENSORS
 from ..errors import InputError
 from ..inputs.files import resolve_ref
 from ..inputs.fit import meta_model
+from ..inputs.headers import safetensors_layout
 from ..types import Dense, DoRAUpdate, MergeResult, Replacement
 
 log = logging.getLogger("harness_merge")
@@ -48,16 +49,7 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise InputError(
-                f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})"
-            ) from None
-        self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
+        header, self.metadata, self.data_start = safetensors_layout(self.path)  # the one header parser
         self.entries: dict[str, dict] = header
         for name, e in header.items():
             if e.get("dtype") not in _ST_TO_TORCH:

@@ -46,31 +46,51 @@ class ModuleShape:
     rank: int
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorMeta]:
-    """``{tensor key: TensorMeta}`` of a safetensors file (``__metadata__`` left
-    out), in the file's key order. A short or garbled header is an
-    ``InputError`` naming the file."""
+def safetensors_layout(path: str | Path) -> tuple[dict[str, dict], dict, int]:
+    """The raw header of a safetensors file: ``({key: {"dtype", "shape",
+    "data_offsets"}}, __metadata__, offset of the data)``. A short or garbled
+    header is an ``InputError`` naming the file."""
     p = Path(path)
+
+    def bad(why: str) -> InputError:
+        return InputError(f"{p}: cannot read weights (not a readable safetensors file: {why})")
+
     try:
         with open(p, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise InputError(f"{p}: cannot read weights (truncated safetensors header)")
+                raise bad(f"{len(head)}-byte file, truncated header")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise InputError(f"{p}: cannot read weights (safetensors header of {n} bytes)")
+                raise bad(f"header of {n} bytes")
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"{p}: cannot read weights ({type(e).__name__}: {e})") from None
+    if len(raw) != n:
+        raise bad(f"header of {n} bytes, file ends after {len(raw)}")
     try:
         header = json.loads(raw)
+    except ValueError as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + n
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorMeta]:
+    """``{tensor key: TensorMeta}`` of a safetensors file (``__metadata__`` left
+    out), in the file's key order."""
+    entries, _, _ = safetensors_layout(path)
+    try:
         return {
             k: TensorMeta(from_safetensors(str(v["dtype"])), tuple(int(x) for x in v["shape"]))
-            for k, v in header.items()
-            if k != "__metadata__"
+            for k, v in entries.items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{p}: cannot read weights (bad safetensors header: {e})") from None
+        raise InputError(
+            f"{path}: cannot read weights (not a readable safetensors file: bad tensor entry {e})"
+        ) from None
 
 
 def tensor_metas(path: str | Path) -> dict[str, TensorMeta]:
@@ -213,5 +233,6 @@ __all__ = [
     "peft_module_name",
     "read_adapter_config",
     "read_safetensors_header",
+    "safetensors_layout",
     "tensor_metas",
 ]
