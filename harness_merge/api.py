@@ -16,21 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__, methods
+from . import methods
 from .artifact import fsio
-from .artifact.cache import (
-    MANIFEST,
-    FileHasher,
-    MergeCache,
-    cache_key,
-    code_version,
-    read_files_record,
-)
+from .artifact.cache import MANIFEST, FileHasher, MergeCache, read_files_record
+from .artifact.provenance import Provenance
 from .artifact.publish import check_out_dir, publish, publish_built
 from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
 from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
-from .inputs import open_inputs, resolve_ref
+from .inputs import open_inputs
+from .inputs.fit import check_lora_fits
 from .merge_loop import iter_merged, validate_plan
 
 log = logging.getLogger("harness_merge")
@@ -123,11 +118,15 @@ def merge(
     use_cache: bool = True,
     progress: bool = True,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> Artifact:
     """Merge ``spec.adapters`` with ``spec.method``; see ``MergeSpec``.
 
     Everything checkable is checked before any tensor is read; on error nothing
     is written. With ``out``, the artifact is (also) published there.
+    LoRA inputs are checked to fit ``spec.base`` when one is given
+    (:func:`harness_merge.inputs.fit.check_lora_fits`, the base built on the
+    meta device; ``trust_remote_code`` for its config).
     A merge estimated beyond ``HARNESS_MERGE_MAX_SECONDS`` is refused before it
     starts (:mod:`harness_merge.cost`) unless ``force`` (or a cache hit).
     """
@@ -139,87 +138,108 @@ def merge(
     inputs = open_inputs(spec.adapters, base=spec.base)
     validate_plan(inputs, mspec, params)
     fmt = _resolve_format(spec, inputs, mspec, params)
+    if spec.base is not None:
+        check_lora_fits(inputs, spec.base, trust_remote_code=trust_remote_code)
     dtype = spec.dtype or inputs.weight_dtype()
     say = _stage if progress else (lambda msg: None)
 
     cache = MergeCache(cache_dir) if use_cache else None
-    hasher = cache.hasher if cache is not None else FileHasher(None)
     n_bytes = sum(p.stat().st_size for files in inputs.files for p in files)
     say(
         f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
         f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)"
     )
-    adapter_hashes = [hasher.many(files) for files in inputs.files]
-    base_hash = None
-    if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
-        base_dir = resolve_ref(spec.base)
-        base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-        base_hash = hasher.many(base_files)
-    record = {
-        "code_version": code_version(),
-        "method": mspec.name,
-        "params": params.as_dict(),
-        "inputs_kind": inputs.kind,
-        "adapters": adapter_hashes,
-        "base": base_hash,
-        "format": fmt,
-        "rank": spec.rank,
-        "dtype": dtype,
-    }
-    dora = bool(getattr(inputs, "dora", False))
-    if dora:
-        from .merge_dora import RECORD as DORA_RECORD
+    prov = Provenance.build(
+        inputs=inputs,
+        mspec=mspec,
+        params=params,
+        fmt=fmt,
+        dtype=dtype,
+        base=spec.base,
+        rank=spec.rank,
+        hasher=cache.hasher if cache is not None else FileHasher(None),
+    )
+    build = _Build(spec, inputs, mspec, params, fmt, dtype, prov, progress)
+    doing = "writing the merge"
+    try:
+        if cache is not None:
+            key = prov.cache_key()
+            if cache.lookup(key) is None:  # a hit is never refused for its cost
+                check_cost(inputs, mspec, params, fmt, force=force)
+            doing = f"writing the merge cache entry under {cache.merges}"
+            path, hit = cache.get_or_build(key, build)
+            if out_path is not None:
+                doing = f"publishing {out_path}"
+                path = _publish_entry(cache, key, path, out_path, build)
+        else:
+            check_cost(inputs, mspec, params, fmt, force=force)
+            parent = out_path.parent if out_path is not None else Path.cwd()
+            doing = f"writing the merge in {parent}"
+            path, hit = _build_uncached(parent, build), False
+            if out_path is not None:
+                doing = f"publishing {out_path}"
+                publish_built(path, out_path)
+                path = out_path
+        final_manifest = json.loads((path / MANIFEST).read_text())
+    except Exception as e:
+        if _is_io_error(e):
+            raise _io_error(e, doing) from None
+        raise
+    log.info("merge %s (%s): %s%s", mspec.name, fmt, path, " [cache hit]" if hit else "")
+    return Artifact(path=path, kind=fmt, manifest=final_manifest, cache_hit=hit)
 
-        record["dora"] = DORA_RECORD
-    manifest = {
-        "harness_merge_version": __version__,
-        "method": mspec.name,
-        "params": params.as_dict(),
-        "reference_url": mspec.reference_url,
-        "inputs_kind": inputs.kind,
-        "adapters": [{"ref": r, "sha256": h} for r, h in zip(inputs.refs, adapter_hashes)],
-        "base": {"ref": spec.base, "sha256": base_hash} if spec.base else None,
-        "format": fmt,
-        "rank_requested": spec.rank,
-        "dtype": dtype,
-        "code_version": record["code_version"],
-    }
-    if dora:
-        manifest["dora"] = DORA_RECORD
-    non_lora = list(getattr(inputs, "non_lora_names", None) or [])
-    if non_lora:
-        from .merge_non_lora import RECORD as NON_LORA_RECORD
 
-        manifest["non_lora"] = {**NON_LORA_RECORD, "tensors": non_lora, "layout": "llava_repo"}
+@dataclass(frozen=True)
+class _Build:
+    """``build(tmp)``: stream the merge into ``tmp`` and write the manifest last."""
 
-    def build(tmp: Path) -> None:
-        t0 = time.perf_counter()
-        if dora:
+    spec: MergeSpec
+    inputs: Any
+    mspec: Any
+    params: Any
+    fmt: str
+    dtype: str
+    prov: Provenance
+    progress: bool
+
+    def _results(self):
+        inputs, mspec, params, progress = self.inputs, self.mspec, self.params, self.progress
+        if getattr(inputs, "dora", False):
             from .merge_dora import iter_merged_dora
 
             results = iter_merged_dora(inputs, mspec, params, progress=progress)
         else:
             results = iter_merged(inputs, mspec, params, progress=progress)
-        if non_lora:
+        if self.prov.non_lora is not None:
             import itertools
 
             from .merge_non_lora import iter_non_lora
 
             results = itertools.chain(results, iter_non_lora(inputs))
-        if fmt == "lora":
+        return results
+
+    def _write(self, tmp: Path) -> dict:
+        spec, inputs, mspec, params = self.spec, self.inputs, self.mspec, self.params
+        results = self._results()
+        if self.fmt == "lora":
             base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
-            info = write_lora(results, tmp, dtype=dtype, rank=spec.rank, base_model_name=base_name)
-        elif inputs.kind == "lora":
+            return write_lora(results, tmp, dtype=self.dtype, rank=spec.rank, base_model_name=base_name)
+        if inputs.kind == "lora":
             # The writer drives the merge in the base's storage order (streamed, shard by shard);
             # DoRA weights and replaced tensors come as one stream the writer places as they come.
+            replaced = list(self.prov.non_lora["tensors"]) if self.prov.non_lora else []
             merged = (
                 results
-                if (dora or non_lora)
-                else (lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names))
+                if (getattr(inputs, "dora", False) or replaced)
+                else (lambda names: iter_merged(inputs, mspec, params, progress=self.progress, names=names))
             )
-            info = write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=non_lora)
-        else:
-            info = write_full_from_checkpoints(results, inputs, tmp)
+            return write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=replaced)
+        return write_full_from_checkpoints(results, inputs, tmp)
+
+    def __call__(self, tmp: Path) -> None:
+        t0 = time.perf_counter()
+        info = self._write(tmp)
+        manifest = self.prov.manifest()
         manifest["result"] = info
         manifest["merge_seconds"] = round(time.perf_counter() - t0, 3)
         if "svd_rel_error" in info:
@@ -232,47 +252,28 @@ def merge(
             )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    doing = "writing the merge"
+
+def _publish_entry(cache: MergeCache, key: str, entry: Path, out_path: Path, build: _Build) -> Path:
+    """Copy a cache entry to ``out_path``; an entry damaged after it verified is
+    moved aside, rebuilt and copied again (never served)."""
     try:
-        if cache is not None:
-            key = cache_key(record)
-            if cache.lookup(key) is None:  # a hit is never refused for its cost
-                check_cost(inputs, mspec, params, fmt, force=force)
-            doing = f"writing the merge cache entry under {cache.merges}"
-            path, hit = cache.get_or_build(key, build)
-            final_manifest = json.loads((path / MANIFEST).read_text())
-            if out_path is not None:
-                doing = f"publishing {out_path}"
-                try:
-                    publish(path, out_path, files=read_files_record(path))
-                except fsio.CopyMismatch as e:  # damaged after it verified: never serve it
-                    cache.move_aside(key, str(e))
-                    path, hit = cache.get_or_build(key, build)
-                    final_manifest = json.loads((path / MANIFEST).read_text())
-                    publish(path, out_path, files=read_files_record(path))
-                path = out_path
-        else:
-            check_cost(inputs, mspec, params, fmt, force=force)
-            parent = out_path.parent if out_path is not None else Path.cwd()
-            doing = f"writing the merge in {parent}"
-            parent.mkdir(parents=True, exist_ok=True)
-            fsio.clean_stale(parent, ".hm-build-")  # builds of killed --no-cache merges
-            tmp = fsio.make_temp_dir(parent, ".hm-build-")
-            try:
-                build(tmp)
-                fsio.fault("build.written")
-            except BaseException:
-                fsio.rmtree(tmp)
-                raise
-            path, hit = tmp, False
-            final_manifest = json.loads((path / MANIFEST).read_text())
-            if out_path is not None:
-                doing = f"publishing {out_path}"
-                publish_built(tmp, out_path)
-                path = out_path
-    except Exception as e:
-        if _is_io_error(e):
-            raise _io_error(e, doing) from None
+        publish(entry, out_path, files=read_files_record(entry))
+    except fsio.CopyMismatch as e:
+        cache.move_aside(key, str(e))
+        entry, _ = cache.get_or_build(key, build)
+        publish(entry, out_path, files=read_files_record(entry))
+    return out_path
+
+
+def _build_uncached(parent: Path, build: _Build) -> Path:
+    """``--no-cache``: build in a temp folder under ``parent`` (removed on failure)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    fsio.clean_stale(parent, ".hm-build-")  # builds of killed --no-cache merges
+    tmp = fsio.make_temp_dir(parent, ".hm-build-")
+    try:
+        build(tmp)
+        fsio.fault("build.written")
+    except BaseException:
+        fsio.rmtree(tmp)
         raise
-    log.info("merge %s (%s): %s%s", mspec.name, fmt, path, " [cache hit]" if hit else "")
-    return Artifact(path=path, kind=fmt, manifest=final_manifest, cache_hit=hit)
+    return tmp

@@ -1,7 +1,8 @@
 """Content-addressed merge cache.
 
 Key = sha256 of (code version, method, params, the input files' sha256, the
-base's sha256 when the output contains base weights, format, rank, dtype).
+base's sha256 when the output contains base weights, format, rank, dtype),
+the record of :class:`.provenance.Provenance`.
 An entry is a folder ``<root>/merges/<key>/`` that appears only by an atomic
 rename of a finished, fsync'ed temp folder, under a file lock: a crash or a
 concurrent merge never leaves a half-written entry, and a second merge of the
@@ -52,7 +53,7 @@ def code_version() -> str:
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(__version__.encode())
-    for sub in ("methods", "inputs", "artifact", "merge_loop.py", "types.py"):
+    for sub in ("methods", "inputs", "artifact", "merge_loop.py", "types.py", "dtypes.py"):
         p = root / sub
         for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(f.relative_to(root).as_posix().encode())

@@ -25,35 +25,19 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import SAFETENSORS
 from ..errors import InputError
 from ..inputs.files import resolve_ref
+from ..inputs.fit import meta_model
+from ..inputs.headers import safetensors_layout
 from ..types import Dense, DoRAUpdate, MergeResult, Replacement
 
 log = logging.getLogger("harness_merge")
 
 INDEX = "model.safetensors.index.json"
 
-_ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _st, _attr in (
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-):
-    if hasattr(torch, _attr):
-        _ST_TO_TORCH[_st] = getattr(torch, _attr)
+# safetensors code -> torch dtype, from the one table (codes this torch lacks are left out)
+_ST_TO_TORCH = {st: getattr(torch, name) for st, name in SAFETENSORS.items() if hasattr(torch, name)}
 _TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
 
 MergeModules = Callable[[list[str]], Iterable[tuple[str, "MergeResult | None"]]]
@@ -65,16 +49,7 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, ValueError) as e:
-            raise InputError(
-                f"{self.path}: not a readable safetensors file ({type(e).__name__}: {e})"
-            ) from None
-        self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
+        header, self.metadata, self.data_start = safetensors_layout(self.path)  # the one header parser
         self.entries: dict[str, dict] = header
         for name, e in header.items():
             if e.get("dtype") not in _ST_TO_TORCH:
@@ -204,35 +179,6 @@ def _shard_files(base_dir: Path) -> list[str]:
         if not (base_dir / fn).is_file():
             raise InputError(f"{base_dir}: shard {fn} listed in {INDEX} is missing")
     return files
-
-
-def meta_model(base_dir: Path):
-    """The base's model class built on the meta device (module names and shapes
-    as transformers loads it; no weights read)."""
-    import transformers
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(base_dir))
-    except Exception as e:  # noqa: BLE001 (any failure: the config is unreadable)
-        raise InputError(
-            f"{base_dir}: cannot read the base model's config ({type(e).__name__}: {e})"
-        ) from None
-    classes = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
-    last = None
-    for cls in classes + [
-        transformers.AutoModelForImageTextToText,
-        transformers.AutoModelForCausalLM,
-        transformers.AutoModel,
-    ]:
-        try:
-            with torch.device("meta"):
-                if hasattr(cls, "from_config"):
-                    return cls.from_config(config)
-                return cls._from_config(config)
-        except Exception as e:  # noqa: BLE001 (try the next class)
-            last = e
-    raise InputError(f"{base_dir}: no transformers class builds this base ({type(last).__name__}: {last})")
 
 
 def loaded_names(model, checkpoint_keys: Iterable[str]) -> dict[str, tuple[str, bool]]:

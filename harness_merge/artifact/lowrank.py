@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import torch
 
-
-def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Singular values above ``s_max * max(m, n) * eps(float32)``."""
-    if s.numel() == 0 or s[0] <= 0:
-        return 0
-    tol = s[0] * max(shape) * torch.finfo(torch.float32).eps
-    return int((s > tol).sum())
+from ..methods._lowrank import numerical_rank  # the one definition (threshold max(m, n) * eps32 * s_max)
 
 
 def factor_dense(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -19,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from .. import dtypes
 from ..errors import ArtifactError
 from ..types import Dense, DoRAUpdate, LowRank
 from .full_weights import save_tensors as save_file  # streamed, no bytes copy
@@ -26,22 +27,15 @@ from .lowrank import factor_dense, truncate_factors
 
 log = logging.getLogger("harness_merge")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "harness_merge.json"}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[
-            name.replace("torch.", "")
-            .lower()
-            .replace("fp16", "float16")
-            .replace("bf16", "bfloat16")
-            .replace("fp32", "float32")
-        ]
+        return dtypes.torch_dtype(name)
     except KeyError:
-        raise ArtifactError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}") from None
+        raise ArtifactError(f"dtype must be one of {', '.join(dtypes.WEIGHT_DTYPES)}, got {name!r}") from None
 
 
 def write_lora(

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import dtypes
 from .base import (
     BackendError,
     BackendInfo,
@@ -64,14 +65,6 @@ OPTIONS = (
     "num_frames",
 )
 EOS_FROM = ("generation_config", "tokenizer")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
@@ -104,7 +97,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None):
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[str(dtype).lower()]
+        return dtypes.torch_dtype(dtype)
     except KeyError:
         raise BackendError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
 
@@ -255,84 +248,6 @@ def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
     if "video_processor" in sig:
         kwargs["video_processor"] = None
     return image_only(image_processor=image_processor, tokenizer=tok, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# fit check: does a LoRA adapter fit the base? (no weights loaded)
-# ---------------------------------------------------------------------------
-def check_lora_fits(base: str, adapter_dirs: Sequence[str], trust_remote_code: bool = False) -> None:
-    """Raise ``InputError`` naming the adapter, module and shapes when a PEFT LoRA
-    adapter targets a module the base does not have or has other shapes.
-
-    The base is instantiated on the meta device from its config (no weights
-    read); adapters that are not PEFT LoRA folders are skipped.
-    """
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    from ..errors import InputError
-
-    lora_dirs = [Path(a) for a in adapter_dirs if (Path(a) / "adapter_config.json").is_file()]
-    if not lora_dirs:
-        return
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = None
-        for cls in model_class_for(config):
-            try:
-                model = (
-                    cls.from_config(config, trust_remote_code=trust_remote_code)
-                    if hasattr(cls, "from_config")
-                    else cls(config)
-                )
-                break
-            except (ValueError, KeyError, TypeError):
-                continue
-    if model is None:
-        return  # cannot instantiate offline: leave it to the loader's own errors
-    modules = dict(model.named_modules())
-    for ad in lora_dirs:
-        files = sorted(ad.glob("adapter_model*.safetensors"))
-        if not files:
-            continue
-        for f in files:
-            with safe_open(str(f), framework="pt") as sf:
-                for key in sf.keys():
-                    part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
-                    if part is None:
-                        continue
-                    mod_name = key.split(part)[0]
-                    if mod_name.startswith("base_model.model."):
-                        mod_name = mod_name[len("base_model.model.") :]
-                    mod = modules.get(mod_name)
-                    if mod is None:
-                        # PEFT may save under the checkpoint's key layout: try suffix matches
-                        hits = [
-                            n for n in modules if n.endswith("." + mod_name) or mod_name.endswith("." + n)
-                        ]
-                        mod = modules[hits[0]] if len(hits) == 1 else None
-                    if mod is None:
-                        raise InputError(
-                            f"adapter {ad}: targets module {mod_name!r}, which the base {base} does not have "
-                            f"(is this adapter for another model?)"
-                        )
-                    w = getattr(mod, "weight", None)
-                    if w is None or w.dim() != 2:
-                        continue
-                    d_out, d_in = w.shape
-                    shape = tuple(sf.get_slice(key).get_shape())
-                    if part == ".lora_A." and shape[1] != d_in:
-                        raise InputError(
-                            f"adapter {ad}: shape mismatch at {mod_name}: lora_A is {list(shape)} "
-                            f"(in_features {shape[1]}) but the base weight is {[d_out, d_in]} "
-                            f"(in_features {d_in}); the adapter was trained for another model size"
-                        )
-                    if part == ".lora_B." and shape[0] != d_out:
-                        raise InputError(
-                            f"adapter {ad}: shape mismatch at {mod_name}: lora_B is {list(shape)} "
-                            f"(out_features {shape[0]}) but the base weight is {[d_out, d_in]} "
-                            f"(out_features {d_out}); the adapter was trained for another model size"
-                        )
 
 
 # ---------------------------------------------------------------------------
@@ -713,4 +628,4 @@ class HFBackend:
             torch.cuda.empty_cache()
 
 
-__all__ = ["HFBackend", "OPTIONS", "check_lora_fits", "load", "load_processor"]
+__all__ = ["HFBackend", "OPTIONS", "load", "load_processor"]

@@ -132,16 +132,13 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
             f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
             f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}"
         )
-        try:
-            from ..backends.hf import check_lora_fits
-
-            check_lora_fits(
-                spec.base, spec.adapters, bool(hargs.backend_opts.get("trust_remote_code", False))
-            )
-        except ImportError:  # transformers missing: the merge layer's own checks still run
-            pass
         spec = _dora_for_backend(spec, hargs.backend)
-        art = merge(spec, cache_dir=hargs.cache_dir, progress=merge_progress())
+        art = merge(  # checks that the adapters fit the base (inputs.fit) before any tensor is read
+            spec,
+            cache_dir=hargs.cache_dir,
+            progress=merge_progress(),
+            trust_remote_code=bool(hargs.backend_opts.get("trust_remote_code", False)),
+        )
         m = art.manifest
         hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
         _say(

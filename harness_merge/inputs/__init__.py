@@ -5,24 +5,57 @@ LoRA folders, ``DoRASet`` for PEFT DoRA folders, ``LlavaRepoSet`` for
 checkpoints in the original LLaVA repo's layout, ``CheckpointSet`` for full fine-tuned checkpoints) that lists
 module names and shapes *without reading tensors*, and yields one
 ``ModuleInputs`` per module on demand.
+
+:mod:`.headers` lists names, shapes and dtypes from file headers alone;
+:mod:`.fit` checks them against the base model. The readers are imported on
+first use, so ``harness_merge.inputs.headers`` works without loading torch.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import InputError
-from .checkpoint import CheckpointSet, is_checkpoint_dir
-from .dora import DoRASet, is_dora_dir
-from .files import resolve_ref
-from .llava_repo import LlavaRepoSet, is_llava_repo_dir
-from .peft_lora import LoRASet, is_lora_dir
 
-InputSet = LoRASet | DoRASet | LlavaRepoSet | CheckpointSet
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointSet
+    from .dora import DoRASet
+    from .llava_repo import LlavaRepoSet
+    from .peft_lora import LoRASet
+
+    InputSet = LoRASet | DoRASet | LlavaRepoSet | CheckpointSet
+
+_LAZY = {
+    "CheckpointSet": ".checkpoint",
+    "DoRASet": ".dora",
+    "LlavaRepoSet": ".llava_repo",
+    "LoRASet": ".peft_lora",
+    "resolve_ref": ".files",
+}
+
+
+def __getattr__(name: str):
+    if name == "InputSet":
+        from .checkpoint import CheckpointSet
+        from .dora import DoRASet
+        from .llava_repo import LlavaRepoSet
+        from .peft_lora import LoRASet
+
+        return LoRASet | DoRASet | LlavaRepoSet | CheckpointSet
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_inputs(refs: Sequence[str], base: str | None = None) -> InputSet:
     """Open adapters (all PEFT LoRA) or checkpoints (all full), never a mix."""
+    from .checkpoint import CheckpointSet, is_checkpoint_dir
+    from .dora import DoRASet, is_dora_dir
+    from .files import resolve_ref
+    from .llava_repo import LlavaRepoSet, is_llava_repo_dir
+    from .peft_lora import LoRASet, is_lora_dir
+
     if not refs:
         raise InputError("no adapters given: pass at least one adapter folder")
     dirs = [resolve_ref(r) for r in refs]

@@ -14,23 +14,21 @@ module adds the magnitude vectors. How a merge combines them is
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
 from .files import checked_float
-from .peft_lora import CONFIG, LoRAAdapter, LoRASet
-
-MAGNITUDE = ".lora_magnitude_vector"
+from .headers import MAGNITUDE, read_adapter_config
+from .peft_lora import LoRAAdapter, LoRASet
 
 
 def is_dora_dir(d: Path) -> bool:
     """A PEFT adapter folder whose config says ``use_dora: true``."""
     try:
-        return bool(json.loads((Path(d) / CONFIG).read_text()).get("use_dora"))
-    except (OSError, json.JSONDecodeError):
+        return bool(read_adapter_config(d).get("use_dora"))
+    except InputError:
         return False
 
 
@@ -40,8 +38,8 @@ class DoRAAdapter(LoRAAdapter):
     allows_dora = True
 
     def __init__(self, ref: str, path: Path):
-        self._mag_keys: dict[str, str] = {}
         super().__init__(ref, path)
+        self._mag_keys = self.header.magnitude_keys
         missing = sorted(set(self.modules) - set(self._mag_keys))
         if missing:
             raise InputError(
@@ -55,19 +53,13 @@ class DoRAAdapter(LoRAAdapter):
                 f"{self.weights_file}: magnitude vector for {extra[0]}, which has no lora_A/lora_B"
             )
         for m, key in self._mag_keys.items():
-            shape = self._file.shape(key)
+            shape = self.header.tensors[key].shape
             if shape != (self.modules[m].d_out,):
                 raise InputError(
                     f"{self.weights_file}: module {m}: {MAGNITUDE.lstrip('.')} has shape {list(shape)}, "
                     f"expected [{self.modules[m].d_out}] (one entry per output feature; only Linear DoRA "
                     f"is supported)"
                 )
-
-    def _extra_key(self, key: str) -> bool:
-        if key.endswith((MAGNITUDE, MAGNITUDE + ".weight")):
-            self._mag_keys[self._module_of(key, MAGNITUDE)] = key
-            return True
-        return False
 
     def read_magnitude(self, module: str) -> torch.Tensor:
         return checked_float(

@@ -10,9 +10,9 @@ from typing import Iterable
 
 import torch
 
+from ..dtypes import from_safetensors
 from ..errors import InputError
 
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -70,7 +70,7 @@ class TensorFile:
         """torch dtype name (``float16``, ``bfloat16``, ``float32``, ...)."""
         if self._st is not None:
             st = str(self._st.get_slice(key).get_dtype())
-            return _ST_DTYPES.get(st, st.lower())
+            return from_safetensors(st)
         return str(self._sd[key].dtype).replace("torch.", "")
 
     def get(self, key: str) -> torch.Tensor:

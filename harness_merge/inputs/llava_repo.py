@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 from .files import checked_float
-from .peft_lora import _PREFIX, CONFIG, LoRAAdapter, LoRASet
+from .peft_lora import CONFIG, LoRAAdapter, LoRASet
 
 NON_LORA = "non_lora_trainables.bin"
 
@@ -85,10 +85,8 @@ class LlavaRepoAdapter(LoRAAdapter):
     def files(self) -> list[Path]:
         return [*super().files, self.path / NON_LORA]
 
-    def _module_of(self, key: str, marker: str) -> str:  # type: ignore[override]
-        m = key.split(marker)[0]
-        m = m.removeprefix(_PREFIX)
-        return to_llava_hf(m, str(self.weights_file))
+    def _module_name(self, peft_name: str) -> str:
+        return to_llava_hf(peft_name, str(self.weights_file))
 
     @property
     def non_lora_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -1,5 +1,8 @@
 """PEFT LoRA adapter folders -> per-module ``LoRAFactors``.
 
+Names, shapes and dtypes come from :func:`.headers.lora_header` (no tensor read);
+this module refuses what a LoRA merge cannot hold and reads the factors.
+
 Per target module: ``A (r x d_in)``, ``B (d_out x r)`` and the effective scale
 ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with
 PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` resolved by PEFT's own
@@ -9,31 +12,20 @@ matcher. The rank is read from the tensor shapes. Nothing is loaded until
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..types import LoRAFactors, ModuleInputs
 from .files import TensorFile, checked_float
+from .headers import CONFIG, WEIGHT_FILES, LoraHeader, ModuleShape, lora_header, read_adapter_config
 
-CONFIG = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_PREFIX = "base_model.model."
 log = logging.getLogger("harness_merge")
 
 
 def is_lora_dir(d: Path) -> bool:
     return (Path(d) / CONFIG).is_file()
-
-
-@dataclass(frozen=True)
-class ModuleShape:
-    d_out: int
-    d_in: int
-    rank: int
 
 
 class LoRAAdapter:
@@ -48,15 +40,13 @@ class LoRAAdapter:
     def __init__(self, ref: str, path: Path):
         self.ref, self.path = ref, Path(path)
         cfg_path = self.path / CONFIG
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"{cfg_path}: unreadable adapter config ({e})") from None
+        self.config = read_adapter_config(self.path)
         self._check_config(cfg_path)
         wf = next((self.path / f for f in WEIGHT_FILES if (self.path / f).is_file()), None)
         if wf is None:
             raise InputError(f"{ref}: no {' or '.join(WEIGHT_FILES)} in {self.path}")
         self.weights_file = wf
+        self.header: LoraHeader = lora_header(self.path, self._module_name, config=self.config)
         self._file = TensorFile(wf)
         self.modules: dict[str, ModuleShape] = self._index()
         self._check_ranks(cfg_path)
@@ -92,41 +82,28 @@ class LoRAAdapter:
                 raise InputError(f"{cfg_path}: missing {k!r}")
 
     def _index(self) -> dict[str, ModuleShape]:
-        a_keys: dict[str, str] = {}
-        b_keys: dict[str, str] = {}
-        for key in self._file.keys():
-            if ".lora_A." in key and key.endswith("weight"):
-                a_keys[self._module_of(key, ".lora_A.")] = key
-            elif ".lora_B." in key and key.endswith("weight"):
-                b_keys[self._module_of(key, ".lora_B.")] = key
-            elif "lora_embedding_" in key:
+        """The header's modules, after refusing what a LoRA merge would drop."""
+        h = self.header
+        refused = list(h.other) + ([] if self.allows_dora else list(h.magnitude_keys.values()))
+        for key in sorted(refused):
+            if "lora_embedding_" in key:
                 raise InputError(f"{self.weights_file}: {key}: LoRA on embeddings is not supported")
-            elif self._extra_key(key):
-                continue
-            elif "lora_magnitude_vector" in key:
+            if "lora_magnitude_vector" in key:
                 raise InputError(f"{self.weights_file}: {key}: DoRA weights are not supported")
-            else:
-                raise InputError(
-                    f"{self.weights_file}: unexpected tensor {key!r} (not a LoRA factor); "
-                    f"merging would drop it"
-                )
-        if not a_keys:
+            raise InputError(
+                f"{self.weights_file}: unexpected tensor {key!r} (not a LoRA factor); merging would drop it"
+            )
+        if not h.a_keys:
             raise InputError(f"{self.weights_file}: no lora_A/lora_B tensors found")
-        if set(a_keys) != set(b_keys):
-            odd = sorted(set(a_keys) ^ set(b_keys))[:3]
+        if set(h.a_keys) != set(h.b_keys):
+            odd = sorted(set(h.a_keys) ^ set(h.b_keys))[:3]
             raise InputError(f"{self.weights_file}: modules with only one of lora_A/lora_B: {odd}")
-        self._a_keys, self._b_keys = a_keys, b_keys
-        out = {}
-        for m in sorted(a_keys):
-            sa, sb = self._file.shape(a_keys[m]), self._file.shape(b_keys[m])
-            if len(sa) != 2 or len(sb) != 2:
-                raise InputError(
-                    f"{self.weights_file}: module {m}: only Linear LoRA is supported, got A{sa} B{sb}"
-                )
-            if sa[0] != sb[1]:
-                raise InputError(f"{self.weights_file}: module {m}: rank mismatch A{sa} vs B{sb}")
-            out[m] = ModuleShape(d_out=sb[0], d_in=sa[1], rank=sa[0])
-        return out
+        self._a_keys, self._b_keys = h.a_keys, h.b_keys
+        for m in sorted(h.a_keys):
+            why = h.bad_factor(m)
+            if why is not None:
+                raise InputError(f"{self.weights_file}: module {m}: {why}")
+        return dict(h.modules)
 
     def config_rank(self, module: str) -> int:
         """``r`` of ``module`` as PEFT reads it (``rank_pattern`` resolved)."""
@@ -156,14 +133,9 @@ class LoRAAdapter:
                     f"'r' / 'rank_pattern' in adapter_config.json"
                 )
 
-    def _extra_key(self, key: str) -> bool:
-        """Whether a subclass reads ``key`` itself (DoRA magnitude vectors)."""
-        return False
-
-    @staticmethod
-    def _module_of(key: str, marker: str) -> str:
-        m = key.split(marker)[0]
-        return m[len(_PREFIX) :] if m.startswith(_PREFIX) else m
+    def _module_name(self, peft_name: str) -> str:
+        """The module name used downstream for a PEFT module name (a subclass maps layouts)."""
+        return peft_name
 
     def scale(self, module: str) -> float:
         """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) with the per-module patterns."""
@@ -184,11 +156,11 @@ class LoRAAdapter:
         return LoRAFactors(A=A, B=B, scale=self.scale(module))
 
     def weight_dtype(self) -> str:
-        return self._file.dtype(next(iter(self._a_keys.values())))
+        return self.header.tensors[next(iter(self._a_keys.values()))].dtype
 
     def dtypes(self) -> set[str]:
         """Every dtype among the adapter's factors (read from the file header)."""
-        return {self._file.dtype(k) for keys in (self._a_keys, self._b_keys) for k in keys.values()}
+        return {self.header.tensors[k].dtype for keys in (self._a_keys, self._b_keys) for k in keys.values()}
 
 
 class LoRASet:

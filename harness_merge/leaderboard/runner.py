@@ -544,7 +544,8 @@ def share_vllm_engine(grid: Grid, rows: list[Row]) -> list[Row]:
         spec = h.merge_spec()
         if spec is None:
             continue
-        art = merge(spec, cache_dir=h.cache_dir, progress=False)
+        trc = bool(h.backend_opts.get("trust_remote_code", False))  # for the fit check's base config
+        art = merge(spec, cache_dir=h.cache_dir, progress=False, trust_remote_code=trc)
         (loras.append(art) if art.kind == "lora" else full.add(r.label))
     from ..harness.lmms_model import serving_opts
 

@@ -126,19 +126,22 @@ def test_base_that_does_not_load(tmp_path):
 
 
 def test_fit_check_names_adapter_and_module(qwen2vl, text_lm):
-    from harness_merge.backends.hf import check_lora_fits
+    # the one fit check (inputs.fit, run by api.merge) replaces backends.hf.check_lora_fits
+    from harness_merge.inputs import open_inputs
+    from harness_merge.inputs.fit import check_lora_fits
 
-    check_lora_fits(str(qwen2vl[0]), [str(a) for a in qwen2vl[1]])  # fits: no error
+    check_lora_fits(open_inputs([str(a) for a in qwen2vl[1]]), str(qwen2vl[0]))  # fits: no error
     with pytest.raises(InputError, match=r"does not have"):
-        check_lora_fits(str(qwen2vl[0]), [str(text_lm[1][0])])
+        check_lora_fits(open_inputs([str(text_lm[1][0])]), str(qwen2vl[0]))
 
 
 def test_fit_check_shape_mismatch(hw, text_lm):
     """An adapter for a wider model: same module names, other shapes."""
     import json
 
-    from harness_merge.backends.hf import check_lora_fits
     from harness_merge.demo.tiny import random_lora
+    from harness_merge.inputs import open_inputs
+    from harness_merge.inputs.fit import check_lora_fits
 
     wide = hw / "textlm_wide"
     if not wide.exists():
@@ -152,7 +155,7 @@ def test_fit_check_shape_mismatch(hw, text_lm):
                 (wide / f).write_text((text_lm[0] / f).read_text())
     ad = random_lora(wide, hw / "wide_lora", rank=4, alpha=8, seed=3)
     with pytest.raises(InputError, match=r"shape mismatch at .*q_proj.*in_features 128.*in_features 64"):
-        check_lora_fits(str(text_lm[0]), [str(ad)])
+        check_lora_fits(open_inputs([str(ad)]), str(text_lm[0]))
     json  # noqa: B018
 
 

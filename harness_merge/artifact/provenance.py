@@ -1,0 +1,138 @@
+"""Where a merge comes from: one frozen record, built once, that yields both the
+cache key and the manifest written beside the artifact.
+
+The cache key is the sha256 of :meth:`Provenance.record` (code version,
+method, params, input kind, the inputs' sha256, the base's sha256 when the
+output holds base weights, format, rank, dtype, the DoRA rule); the manifest
+(:meth:`Provenance.manifest`) adds what a reader wants but what does not change
+the result (references, the method's URL, the package version). Keys are
+byte-for-byte those of the dicts ``api.merge`` built before this class
+existed (pinned in ``tests/artifact/test_provenance_pin.py``), so existing
+cache entries stay valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import cache as _cache
+
+
+@dataclass(frozen=True)
+class Provenance:
+    code_version: str
+    package_version: str
+    method: str
+    params: dict[str, Any]
+    reference_url: str | None
+    inputs_kind: str
+    adapter_refs: tuple[str, ...]
+    adapter_hashes: tuple[str, ...]
+    base_ref: str | None
+    base_hash: str | None  # only when the output holds base weights (format full, or checkpoints)
+    format: str
+    rank: int | None
+    dtype: str
+    dora: dict | None = None  # the DoRA merge rule (merge_dora.RECORD) for DoRA inputs
+    non_lora: dict | None = None  # LLaVA-repo replaced tensors: manifest only, as before
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        inputs,
+        mspec,
+        params,
+        fmt: str,
+        dtype: str,
+        base: str | None,
+        rank: int | None,
+        hasher: _cache.FileHasher,
+    ) -> Provenance:
+        """Hash the inputs (and the base when the output holds its weights) and
+        collect the fields; ``inputs`` is an opened input set, ``mspec`` /
+        ``params`` the method and its validated parameters."""
+        from .. import __version__
+        from ..inputs import resolve_ref
+
+        adapter_hashes = tuple(hasher.many(files) for files in inputs.files)
+        base_hash = None
+        if base is not None and (fmt == "full" or inputs.kind == "dense"):
+            base_dir = Path(resolve_ref(base))
+            base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != _cache.MANIFEST)
+            base_hash = hasher.many(base_files)
+        dora = None
+        if getattr(inputs, "dora", False):
+            from ..merge_dora import RECORD as DORA_RECORD
+
+            dora = DORA_RECORD
+        non_lora = None
+        tensors = list(getattr(inputs, "non_lora_names", None) or [])
+        if tensors:
+            from ..merge_non_lora import RECORD as NON_LORA_RECORD
+
+            non_lora = {**NON_LORA_RECORD, "tensors": tensors, "layout": "llava_repo"}
+        return cls(
+            code_version=_cache.code_version(),
+            package_version=__version__,
+            method=mspec.name,
+            params=params.as_dict(),
+            reference_url=mspec.reference_url,
+            inputs_kind=inputs.kind,
+            adapter_refs=tuple(inputs.refs),
+            adapter_hashes=adapter_hashes,
+            base_ref=base,
+            base_hash=base_hash,
+            format=fmt,
+            rank=rank,
+            dtype=dtype,
+            dora=dora,
+            non_lora=non_lora,
+        )
+
+    def record(self) -> dict:
+        """What the result depends on: the input of :meth:`cache_key`."""
+        rec = {
+            "code_version": self.code_version,
+            "method": self.method,
+            "params": self.params,
+            "inputs_kind": self.inputs_kind,
+            "adapters": list(self.adapter_hashes),
+            "base": self.base_hash,
+            "format": self.format,
+            "rank": self.rank,
+            "dtype": self.dtype,
+        }
+        if self.dora is not None:
+            rec["dora"] = self.dora
+        return rec
+
+    def cache_key(self) -> str:
+        return _cache.cache_key(self.record())
+
+    def manifest(self) -> dict:
+        """The manifest written as ``harness_merge.json`` (before the build adds
+        ``result`` and ``merge_seconds``); a fresh dict on every call."""
+        man = {
+            "harness_merge_version": self.package_version,
+            "method": self.method,
+            "params": self.params,
+            "reference_url": self.reference_url,
+            "inputs_kind": self.inputs_kind,
+            "adapters": [{"ref": r, "sha256": h} for r, h in zip(self.adapter_refs, self.adapter_hashes)],
+            "base": {"ref": self.base_ref, "sha256": self.base_hash} if self.base_ref else None,
+            "format": self.format,
+            "rank_requested": self.rank,
+            "dtype": self.dtype,
+            "code_version": self.code_version,
+        }
+        if self.dora is not None:
+            man["dora"] = self.dora
+        if self.non_lora is not None:
+            man["non_lora"] = self.non_lora
+        return man
+
+
+__all__ = ["Provenance"]
