@@ -18,11 +18,20 @@ does to a request (checked on lmms-eval 0.7.3):
     spaces) as one string message, rendered with the tokenizer's chat template;
     stop at the tokenizer's EOS; 1024 new tokens by default; stop strings are
     not applied (the class ignores ``until``).
-``vllm`` (lmms-eval ``vllm``) and ``plain``
+``vllm`` (lmms-eval ``vllm``, ``simple/vllm.py``, its defaults)
+    no system message; the context sent as is (``<image>`` kept, not stripped)
+    as the first content item, the images after it (``image_first=False``);
+    ``max_new_tokens`` is the larger of the task's and 1024; stop strings are
+    not applied (the class gives vLLM none); the model's generation config
+    decides EOS; the answer is vLLM's own output text (its incremental
+    detokenizer holds back a trailing incomplete UTF-8 character, so a
+    trailing U+FFFD is dropped). Images whose shorter
+    side is under 28 px are scaled up to 28 (bicubic) when the model path
+    names ``qwen2-vl`` / ``qwen2.5-vl``, as the class does.
+``plain``
     no system message; ``<image>`` removed and the context stripped; images
     first, then the text; the model's generation config decides EOS. This is
-    what ``merged`` did before profiles existed; with ``backend=vllm`` it was
-    measured equal to lmms-eval's ``vllm`` class (48/48 answers).
+    what ``merged`` did before profiles existed.
 
 The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
 ``llava`` -> ``llava_hf``, anything else -> ``plain``); ``prompt_profile=`` in
@@ -52,7 +61,8 @@ class PromptProfile:
     reproduces: str  # the harness model class this profile renders as
     system_prompt: str | None = None
     strip_context: bool = True  # ctx.strip() after removing "<image>"
-    layout: str = "items"  # "items": image items then text; "image_tokens": "<image>\n" + text
+    # "items": image items then text; "image_tokens": "<image>\n" + text; "text_first": text then images
+    layout: str = "items"
     jpeg_quality: int | None = None  # re-encode every image as JPEG of this quality
     qwen_resize: bool = False  # qwen_vl_utils.fetch_image resize (multiples of 28)
     min_pixels: int | None = None
@@ -61,6 +71,13 @@ class PromptProfile:
     apply_until: bool = True  # cut answers at the task's stop strings
     strip_answer: bool = False
     eos_from: str = "generation_config"  # "generation_config" | "tokenizer"
+    max_new_tokens_floor: int | None = None  # max_new_tokens = max(task's, this)
+    upscale_path_patterns: tuple[str, ...] = ()  # model paths whose small images are scaled up
+    upscale_min_side: int | None = None  # the shorter side images are scaled up to (resolved per path)
+    upscale_to: int = 28
+    # drop a trailing U+FFFD: vLLM's incremental detokenizer (what lmms-eval's vllm class
+    # returns) holds back bytes that do not complete a UTF-8 character at the end
+    drop_incomplete_tail: bool = False
 
     def backend_opts(self) -> dict[str, Any]:
         """What the backend must know to render and decode as the harness class does."""
@@ -106,7 +123,17 @@ PROFILES: dict[str, PromptProfile] = {
         apply_until=False,
         eos_from="tokenizer",
     ),
-    "vllm": PromptProfile(name="vllm", reproduces="lmms-eval vllm (lmms_eval/models/simple/vllm.py)"),
+    "vllm": PromptProfile(
+        name="vllm",
+        reproduces="lmms-eval vllm (lmms_eval/models/simple/vllm.py), generate_until",
+        strip_context=False,
+        layout="text_first",
+        default_max_new_tokens=1024,
+        max_new_tokens_floor=1024,
+        apply_until=False,
+        upscale_path_patterns=("qwen2-vl", "qwen2.5-vl"),
+        drop_incomplete_tail=True,
+    ),
     "plain": PromptProfile(name="plain", reproduces="none: the base's chat template, images first"),
 }
 BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "llava": "llava_hf"}
@@ -123,9 +150,12 @@ def get_profile(
     system_prompt: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    pretrained: str | None = None,
 ) -> PromptProfile:
     """The profile ``name`` (or the default for ``model_type`` when None), with
-    the user's overrides applied."""
+    the user's overrides applied. ``pretrained``: the model path or hub id
+    (the ``vllm`` profile scales small images up only for Qwen-VL paths, as
+    lmms-eval's class decides from the path)."""
     if name is None or name == "auto":
         name = BY_MODEL_TYPE.get(str(model_type or ""), "plain")
     if name not in PROFILES:
@@ -138,6 +168,12 @@ def get_profile(
         over["min_pixels"] = int(min_pixels)
     if max_pixels is not None:
         over["max_pixels"] = int(max_pixels)
+    if (
+        p.upscale_path_patterns
+        and pretrained
+        and any(k in str(pretrained).lower() for k in p.upscale_path_patterns)
+    ):
+        over["upscale_min_side"] = p.upscale_to
     return replace(p, **over) if over else p
 
 
@@ -193,6 +229,10 @@ def prepare_images(profile: PromptProfile, images: Sequence[Any]) -> list:
             im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
             im.load()
         im = _to_rgb(im)
+        side = profile.upscale_min_side
+        if side and min(im.size) < side:  # lmms-eval vllm: _maybe_resize_image
+            scale = side / min(im.size)
+            im = im.resize(tuple(int(d * scale) for d in im.size), Image.BICUBIC)
         if profile.qwen_resize:
             w, h = im.size
             rh, rw = qwen_smart_resize(h, w, 28, profile.min_pixels or 3136, profile.max_pixels or 602112)
@@ -218,6 +258,10 @@ def messages(
             text = text.replace("<image>", image_token)
         msgs.append({"role": "user", "content": text})
         return tuple(msgs)
+    if profile.layout == "text_first":  # the context verbatim, then the images
+        content = [{"type": "text", "text": ctx}] + [{"type": "image"} for _ in range(n_images)]
+        msgs.append({"role": "user", "content": content})
+        return tuple(msgs)
     text = ctx.replace("<image>", "") if n_images else ctx
     if profile.strip_context and n_images:
         text = text.strip()
@@ -234,6 +278,8 @@ def gen_params(profile: PromptProfile, gen_kwargs: dict | None) -> dict:
     temperature = float(gk.get("temperature", 0.0) or 0.0)
     do_sample = bool(gk.get("do_sample", temperature > 0))
     mnt = gk.get("max_new_tokens") or profile.default_max_new_tokens
+    if mnt and profile.max_new_tokens_floor:
+        mnt = max(int(mnt), profile.max_new_tokens_floor)
     return dict(
         until=tuple(until) if profile.apply_until else (),
         max_new_tokens=int(mnt) if mnt else None,
@@ -268,6 +314,9 @@ def ll_request(
 
 
 def finish(profile: PromptProfile, answer: str) -> str:
+    """The answer as the harness class returns it."""
+    if profile.drop_incomplete_tail:
+        answer = answer.rstrip("\ufffd")
     return answer.strip() if profile.strip_answer else answer
 
 
