@@ -99,6 +99,8 @@ COMMON_OPTIONS = (
     "eos_from",
     "min_pixels",
     "max_pixels",
+    "min_patches",
+    "max_patches",
     "revision",
     "chat_template",
 )
@@ -114,6 +116,8 @@ VLLM_OPTIONS = (
 EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
 DEFAULT_MAX_NEW_TOKENS = 256
+# image-processor keys passed to vLLM as mm_processor_kwargs (pixel bounds: Qwen2-VL; patches: InternVL)
+_MM_KEYS = ("min_pixels", "max_pixels", "min_patches", "max_patches")
 
 # module names of vision towers / connectors in the model families we serve
 _TOWER_RE = re.compile(
@@ -361,7 +365,7 @@ def _engine_opts(opts: dict) -> dict:
     ``eos_from="tokenizer"`` -> ``generation_config="vllm"`` (vLLM's defaults:
     stop at the tokenizer's EOS only, not the model's generation config)."""
     opts = dict(opts)
-    pix = {k: int(opts.pop(k)) for k in ("min_pixels", "max_pixels") if opts.get(k) is not None}
+    pix = {k: int(opts.pop(k)) for k in _MM_KEYS if opts.get(k) is not None}
     if pix:
         opts["mm_processor_kwargs"] = pix
     if opts.pop("eos_from", None) == "tokenizer":
@@ -693,6 +697,8 @@ class VLLMBackend:
         eos_from: str = "generation_config",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        min_patches: int | None = None,
+        max_patches: int | None = None,
         revision: str | None = None,
         chat_template: str | None = None,
         **engine_opts: Any,
@@ -703,7 +709,9 @@ class VLLMBackend:
                 f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}"
             )
         pix = {
-            k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+            k: int(v)
+            for k, v in zip(_MM_KEYS, (min_pixels, max_pixels, min_patches, max_patches))
+            if v is not None
         }
         # engine options, translated by _engine_opts (so prepare_engine(**same opts) finds this engine)
         engine_opts.update(pix, eos_from=eos_from)

@@ -28,13 +28,26 @@ does to a request (checked on lmms-eval 0.7.3):
     trailing U+FFFD is dropped). Images whose shorter
     side is under 28 px are scaled up to 28 (bicubic) when the model path
     names ``qwen2-vl`` / ``qwen2.5-vl``, as the class does.
+``internvl`` (lmms-eval ``internvl_hf_chat``, ``chat/internvl_hf.py``, the class
+    for transformers' native ``InternVLForConditionalGeneration``)
+    lmms-eval builds its chat request itself (``_auto_doc_to_messages``): the
+    images, then ``doc_to_text`` verbatim (``<image>`` kept, not stripped),
+    rendered with the processor's chat template (so the checkpoint's own
+    system message, if its template has one); bfloat16 weights (the class
+    hard-codes them; ``dtype=`` overrides); stop at the tokenizer's EOS; 1024
+    new tokens by default; stop strings are not applied; the answer is not
+    stripped. The class gives the processor ``min_patches=1, max_patches=12``
+    (over the checkpoint's config), and so does the profile. No loglikelihood
+    (the class has none).
+    lmms-eval's other InternVL classes (``internvl2``, ``internvl3``, ...) load
+    the remote-code checkpoints and are not reproduced.
 ``plain``
     no system message; ``<image>`` removed and the context stripped; images
     first, then the text; the model's generation config decides EOS. This is
     what ``merged`` did before profiles existed.
 
 The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
-``llava`` -> ``llava_hf``, anything else -> ``plain``); ``prompt_profile=`` in
+``llava`` -> ``llava_hf``, ``internvl`` -> ``internvl``, anything else -> ``plain``); ``prompt_profile=`` in
 ``model_args`` overrides it. ``system_prompt=``, ``max_pixels=`` and
 ``min_pixels=`` override the profile's values, as they do for lmms-eval's class.
 
@@ -78,10 +91,19 @@ class PromptProfile:
     # drop a trailing U+FFFD: vLLM's incremental detokenizer (what lmms-eval's vllm class
     # returns) holds back bytes that do not complete a UTF-8 character at the end
     drop_incomplete_tail: bool = False
+    keep_image_token: bool = False  # "items" layout: the context verbatim ("<image>" kept, not stripped)
+    dtype: str | None = None  # the weights' dtype the harness class loads (under the user's dtype=)
+    min_patches: int | None = None  # InternVL tiling bounds the harness class gives the processor
+    max_patches: int | None = None
 
     def backend_opts(self) -> dict[str, Any]:
         """What the backend must know to render and decode as the harness class does."""
         opts: dict[str, Any] = {"eos_from": self.eos_from}
+        if self.dtype is not None:
+            opts["dtype"] = self.dtype
+        for k in ("min_patches", "max_patches"):
+            if getattr(self, k) is not None:
+                opts[k] = int(getattr(self, k))
         if self.min_pixels is not None:
             opts["min_pixels"] = int(self.min_pixels)
         if self.max_pixels is not None:
@@ -97,6 +119,7 @@ class PromptProfile:
             "max_pixels": self.max_pixels,
             "jpeg_quality": self.jpeg_quality,
             "eos_from": self.eos_from,
+            "dtype": self.dtype,
         }
 
 
@@ -134,9 +157,21 @@ PROFILES: dict[str, PromptProfile] = {
         upscale_path_patterns=("qwen2-vl", "qwen2.5-vl"),
         drop_incomplete_tail=True,
     ),
+    "internvl": PromptProfile(
+        name="internvl",
+        reproduces="lmms-eval internvl_hf_chat (lmms_eval/models/chat/internvl_hf.py), generate_until",
+        strip_context=False,
+        keep_image_token=True,
+        default_max_new_tokens=1024,
+        apply_until=False,
+        eos_from="tokenizer",
+        dtype="bfloat16",
+        min_patches=1,
+        max_patches=12,
+    ),
     "plain": PromptProfile(name="plain", reproduces="none: the base's chat template, images first"),
 }
-BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "llava": "llava_hf"}
+BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "llava": "llava_hf", "internvl": "internvl"}
 
 
 class ProfileError(MergeError):
@@ -262,7 +297,7 @@ def messages(
         content = [{"type": "text", "text": ctx}] + [{"type": "image"} for _ in range(n_images)]
         msgs.append({"role": "user", "content": content})
         return tuple(msgs)
-    text = ctx.replace("<image>", "") if n_images else ctx
+    text = ctx.replace("<image>", "") if n_images and not profile.keep_image_token else ctx
     if profile.strip_context and n_images:
         text = text.strip()
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]

@@ -123,3 +123,22 @@ def test_vllm_profile_text_first_verbatim_and_lmms_vllm_defaults():
     assert P.get_profile("vllm", pretrained="/m/llava-1.5").upscale_min_side is None
     assert P.finish(p, "ab\ufffd\ufffd") == "ab" and P.finish(p, " a\ufffdb ") == " a\ufffdb "
     assert P.finish(P.get_profile("plain"), "ab\ufffd") == "ab\ufffd"
+
+
+def test_internvl_profile_images_then_verbatim_context_and_class_settings():
+    """lmms-eval's internvl_hf_chat: its task's chat builder puts the images, then
+    doc_to_text as is; bfloat16, patches 1..12, tokenizer EOS, 1024 tokens, no stops."""
+    p = P.get_profile(None, "internvl")
+    assert p.name == "internvl"
+    assert P.messages(p, "<image>\nWhat colour? ", 1) == (
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>\nWhat colour? "}]},
+    )
+    assert p.backend_opts() == {
+        "eos_from": "tokenizer",
+        "dtype": "bfloat16",
+        "min_patches": 1,
+        "max_patches": 12,
+    }
+    g = P.gen_params(p, {"until": ["\n"]})
+    assert g["max_new_tokens"] == 1024 and g["until"] == ()
+    assert P.finish(p, " yes ") == " yes "
