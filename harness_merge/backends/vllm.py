@@ -113,7 +113,19 @@ VLLM_OPTIONS = (
     "max_lora_rank",
 )
 # vllm-only extras (Python callers: bench, leaderboard; not model_args keys)
-EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
+EXTRA_OPTIONS = (
+    "max_loras",
+    "max_images",
+    "seed",
+    "max_num_seqs",
+    "engine",
+    "share",
+    "decode",
+    "skip_special_tokens",
+)
+# decode="vllm": the answer is vLLM's own output text (its incremental detokenizer), as
+# lm-eval's vllm class returns it; skip_special_tokens=False keeps special tokens in it
+# (lm-eval's vllm class: skip_special_tokens=False, spaces_between_special_tokens=False)
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
 DEFAULT_MAX_NEW_TOKENS = 256
 # image-processor keys passed to vLLM as mm_processor_kwargs (pixel bounds: Qwen2-VL; patches: InternVL)
@@ -701,6 +713,8 @@ class VLLMBackend:
         max_patches: int | None = None,
         revision: str | None = None,
         chat_template: str | None = None,
+        decode: str = "tokenizer",
+        skip_special_tokens: bool = True,
         **engine_opts: Any,
     ) -> None:
         t0 = time.perf_counter()
@@ -724,6 +738,9 @@ class VLLMBackend:
         self.kind = _kind(artifact)
         self.lora_info = lora
         self.system_prompt = system_prompt
+        if decode not in ("tokenizer", "vllm"):
+            raise BackendError(f"backend=vllm: decode must be tokenizer or vllm, got {decode!r}")
+        self.decode, self.skip_special_tokens = decode, bool(skip_special_tokens)
         self.default_max_new_tokens = int(max_new_tokens) if max_new_tokens else DEFAULT_MAX_NEW_TOKENS
         if device and str(device).startswith("cuda") and _on_cpu():
             log.warning("backend=vllm: device=%s asked for but this vLLM build runs on the CPU", device)
@@ -838,6 +855,8 @@ class VLLMBackend:
                 "max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
                 "stop": [s for s in r.until if s] or None,
             }
+            if not self.skip_special_tokens:
+                kw.update(skip_special_tokens=False, spaces_between_special_tokens=False)
             if r.greedy:
                 kw["temperature"] = 0.0
             else:
@@ -850,8 +869,12 @@ class VLLMBackend:
         # holds back incomplete UTF-8 (byte-level vocabularies), batch_decode does not.
         return [
             cut_at_stop(
-                self.tokenizer.decode(
-                    list(o.outputs[0].token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+                o.outputs[0].text
+                if self.decode == "vllm"
+                else self.tokenizer.decode(
+                    list(o.outputs[0].token_ids),
+                    skip_special_tokens=self.skip_special_tokens,
+                    clean_up_tokenization_spaces=False,
                 ),
                 r.until,
             )

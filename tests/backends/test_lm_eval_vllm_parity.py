@@ -53,8 +53,11 @@ QA = [
 GEN = [
     ("Q: is the sky blue\nA:", {"until": ["\n"], "max_gen_toks": 12, "do_sample": False}),
     ("Q: is ice hot\nA:", {"until": ["\n\n", "Q:"], "max_gen_toks": 20, "temperature": 0}),
-    ("can fish fly", {"max_gen_toks": 8}),
-    ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", {"until": [], "max_gen_toks": 16}),
+    ("can fish fly", {"max_gen_toks": 8, "do_sample": False}),
+    (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        {"until": [], "max_gen_toks": 16, "temperature": 0},
+    ),
 ]
 
 
@@ -64,9 +67,22 @@ def _inst(kind, args, i):
 
 @pytest.fixture(scope="module")
 def base(work):
+    """The tiny text LM with every matrix re-drawn (std 1.5/sqrt(fan_in)): with the
+    default init its greedy answers repeat one character, whatever the prompt."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     from .conftest import build_text_lm
 
-    return str(build_text_lm(work / "lm_eval_parity_text"))
+    out = build_text_lm(work / "lm_eval_parity_text")
+    model = Qwen2ForCausalLM.from_pretrained(out)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p.shape[-1] ** 0.5)
+    model.save_pretrained(out)
+    return str(out)
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +119,15 @@ def test_loglikelihood_equals_lm_eval_vllm(merged, reference):
     assert len(ours) == len(reference["ll"]) == len(QA)
     for (lo, go), (lr, gr), a in zip(ours, reference["ll"], QA):
         # the same token ids and vLLM's float32 prompt logprobs summed in the same order; vLLM
-        # schedules our requests in one batch and lm-eval's one by one, which may change the
-        # last float32 bits of the logits: 1e-4 nats is far below any difference of prompt
+        # schedules our requests in one batch and lm-eval's one by one, which changes the last
+        # float32 bits of the logits (measured: at most 7.6e-6 nats on sums of -80..-520):
+        # 1e-4 nats is far below any difference a prompt or token change makes
         assert lo == pytest.approx(lr, abs=1e-4), a
         assert go == gr, a
 
 
 def test_generate_until_equals_lm_eval_vllm(merged, reference):
     ref = reference["gen"]
-    assert sum(bool(r) for r in ref) >= 2, ref  # not trivially empty
+    assert len(set(ref)) == len(ref) and all(len(set(r)) > 2 for r in ref), ref  # prompt-dependent
     ours = merged.generate_until([_inst("generate_until", (c, dict(g)), i) for i, (c, g) in enumerate(GEN)])
     assert ours == ref
