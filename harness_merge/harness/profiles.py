@@ -17,7 +17,11 @@ does to a request (checked on lmms-eval 0.7.3):
     the text ``"<image>\\n" + context`` (one ``<image>`` per image, joined by
     spaces) as one string message, rendered with the tokenizer's chat template;
     stop at the tokenizer's EOS; 1024 new tokens by default; stop strings are
-    not applied (the class ignores ``until``).
+    not applied (the class ignores ``until``). Loglikelihood: the context as
+    the class renders it (``"<image>\n"`` per image, a bare ``"\n"`` without
+    images), scored as the sum of the continuation's log-probabilities; the
+    class's own number (its mean loss) is not copied (README, "Comparing with
+    published scores").
 ``vllm`` (lmms-eval ``vllm``, ``simple/vllm.py``, its defaults)
     no system message; the context sent as is (``<image>`` kept, not stripped)
     as the first content item, the images after it (``image_first=False``);
@@ -343,6 +347,10 @@ def ll_request(
     profile: PromptProfile, ctx: str, target: str, images: Sequence[Any], image_token: str = "<image>"
 ) -> LLRequest:
     ims = prepare_images(profile, images)
+    if profile.layout == "image_tokens" and "<image>" not in ctx and not ims:
+        # llava_hf's loglikelihood writes f"{' '.join(['<image>'] * n)}\n{context}" for every
+        # request, so a request without images gets a leading newline
+        ctx = "\n" + ctx
     return LLRequest(
         continuation=str(target), messages=messages(profile, ctx, len(ims), image_token), images=tuple(ims)
     )

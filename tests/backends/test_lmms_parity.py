@@ -6,6 +6,7 @@ answers the harness's class gives on the same tiny base, request for request.
   backend=vllm.
 - the profile matters: ``prompt_profile=plain`` (what ``merged`` did before)
   gives different prompts, and the test says so.
+- lmms-eval ``vllm`` (its defaults) vs ``merged backend=vllm prompt_profile=vllm``.
 
 lmms-eval's ``qwen2_vl`` module needs torchvision (transformers' Qwen2-VL
 processor) and imports ``decord`` at module level. The test runs where

@@ -142,3 +142,13 @@ def test_internvl_profile_images_then_verbatim_context_and_class_settings():
     g = P.gen_params(p, {"until": ["\n"]})
     assert g["max_new_tokens"] == 1024 and g["until"] == ()
     assert P.finish(p, " yes ") == " yes "
+
+
+def test_llava_hf_loglikelihood_context_as_the_class_writes_it():
+    """llava_hf.loglikelihood: f"{' '.join(['<image>'] * n)}\\n{context}" for every request."""
+    p = P.get_profile("llava_hf")
+    r = P.ll_request(p, "Is it red?", " yes", [_img(28, 28)])
+    assert r.messages == ({"role": "user", "content": "<image>\nIs it red?"},)
+    assert P.ll_request(p, "Is it red?", " yes", []).messages == (
+        {"role": "user", "content": "\nIs it red?"},
+    )
