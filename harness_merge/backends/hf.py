@@ -57,6 +57,8 @@ OPTIONS = (
     "eos_from",
     "min_pixels",
     "max_pixels",
+    "min_patches",
+    "max_patches",
     "device_map",
     "attn_implementation",
     "revision",
@@ -271,6 +273,8 @@ class HFBackend:
         eos_from: str = "generation_config",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        min_patches: int | None = None,
+        max_patches: int | None = None,
         device_map: str | None = None,
         attn_implementation: str | None = None,
         revision: str | None = None,
@@ -293,7 +297,13 @@ class HFBackend:
         try:
             config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
             self.processor, self.tokenizer = load_processor(
-                base, trust_remote_code, min_pixels=min_pixels, max_pixels=max_pixels, **hub
+                base,
+                trust_remote_code,
+                min_pixels=min_pixels,
+                max_pixels=max_pixels,
+                min_patches=min_patches,  # InternVL's tiling bounds (lmms-eval's internvl_hf_chat)
+                max_patches=max_patches,
+                **hub,
             )
             if chat_template:
                 set_chat_template(self.processor, self.tokenizer, chat_template)

@@ -99,6 +99,8 @@ COMMON_OPTIONS = (
     "eos_from",
     "min_pixels",
     "max_pixels",
+    "min_patches",
+    "max_patches",
     "revision",
     "chat_template",
 )
@@ -111,9 +113,23 @@ VLLM_OPTIONS = (
     "max_lora_rank",
 )
 # vllm-only extras (Python callers: bench, leaderboard; not model_args keys)
-EXTRA_OPTIONS = ("max_loras", "max_images", "seed", "max_num_seqs", "engine", "share")
+EXTRA_OPTIONS = (
+    "max_loras",
+    "max_images",
+    "seed",
+    "max_num_seqs",
+    "engine",
+    "share",
+    "decode",
+    "skip_special_tokens",
+)
+# decode="vllm": the answer is vLLM's own output text (its incremental detokenizer), as
+# lm-eval's vllm class returns it; skip_special_tokens=False keeps special tokens in it
+# (lm-eval's vllm class: skip_special_tokens=False, spaces_between_special_tokens=False)
 OPTIONS = COMMON_OPTIONS + VLLM_OPTIONS + EXTRA_OPTIONS
 DEFAULT_MAX_NEW_TOKENS = 256
+# image-processor keys passed to vLLM as mm_processor_kwargs (pixel bounds: Qwen2-VL; patches: InternVL)
+_MM_KEYS = ("min_pixels", "max_pixels", "min_patches", "max_patches")
 
 # module names of vision towers / connectors in the model families we serve
 _TOWER_RE = re.compile(
@@ -361,7 +377,7 @@ def _engine_opts(opts: dict) -> dict:
     ``eos_from="tokenizer"`` -> ``generation_config="vllm"`` (vLLM's defaults:
     stop at the tokenizer's EOS only, not the model's generation config)."""
     opts = dict(opts)
-    pix = {k: int(opts.pop(k)) for k in ("min_pixels", "max_pixels") if opts.get(k) is not None}
+    pix = {k: int(opts.pop(k)) for k in _MM_KEYS if opts.get(k) is not None}
     if pix:
         opts["mm_processor_kwargs"] = pix
     if opts.pop("eos_from", None) == "tokenizer":
@@ -693,8 +709,12 @@ class VLLMBackend:
         eos_from: str = "generation_config",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        min_patches: int | None = None,
+        max_patches: int | None = None,
         revision: str | None = None,
         chat_template: str | None = None,
+        decode: str = "tokenizer",
+        skip_special_tokens: bool = True,
         **engine_opts: Any,
     ) -> None:
         t0 = time.perf_counter()
@@ -703,7 +723,9 @@ class VLLMBackend:
                 f"backend=vllm: eos_from must be generation_config or tokenizer, got {eos_from!r}"
             )
         pix = {
-            k: int(v) for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None
+            k: int(v)
+            for k, v in zip(_MM_KEYS, (min_pixels, max_pixels, min_patches, max_patches))
+            if v is not None
         }
         # engine options, translated by _engine_opts (so prepare_engine(**same opts) finds this engine)
         engine_opts.update(pix, eos_from=eos_from)
@@ -716,6 +738,9 @@ class VLLMBackend:
         self.kind = _kind(artifact)
         self.lora_info = lora
         self.system_prompt = system_prompt
+        if decode not in ("tokenizer", "vllm"):
+            raise BackendError(f"backend=vllm: decode must be tokenizer or vllm, got {decode!r}")
+        self.decode, self.skip_special_tokens = decode, bool(skip_special_tokens)
         self.default_max_new_tokens = int(max_new_tokens) if max_new_tokens else DEFAULT_MAX_NEW_TOKENS
         if device and str(device).startswith("cuda") and _on_cpu():
             log.warning("backend=vllm: device=%s asked for but this vLLM build runs on the CPU", device)
@@ -830,6 +855,8 @@ class VLLMBackend:
                 "max_tokens": int(r.max_new_tokens or self.default_max_new_tokens),
                 "stop": [s for s in r.until if s] or None,
             }
+            if not self.skip_special_tokens:
+                kw.update(skip_special_tokens=False, spaces_between_special_tokens=False)
             if r.greedy:
                 kw["temperature"] = 0.0
             else:
@@ -842,8 +869,12 @@ class VLLMBackend:
         # holds back incomplete UTF-8 (byte-level vocabularies), batch_decode does not.
         return [
             cut_at_stop(
-                self.tokenizer.decode(
-                    list(o.outputs[0].token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+                o.outputs[0].text
+                if self.decode == "vllm"
+                else self.tokenizer.decode(
+                    list(o.outputs[0].token_ids),
+                    skip_special_tokens=self.skip_special_tokens,
+                    clean_up_tokenization_spaces=False,
                 ),
                 r.until,
             )

@@ -55,7 +55,14 @@ class MergedLM(LM):
                     "model_args: prompt_profile applies to lmms-eval only; lm-eval's requests are raw text, "
                     "scored as lm-eval's hf model does (use --apply_chat_template for chat models)"
                 )
-            loaded = load_merged(self.hargs)
+            # backend=vllm answers as lm-eval's own vllm class: vLLM's output text, special
+            # tokens kept (skip_special_tokens=False); hf decodes as lm-eval's hf model does
+            loaded = load_merged(
+                self.hargs,
+                extra_opts={"decode": "vllm", "skip_special_tokens": False}
+                if self.hargs.backend == "vllm"
+                else None,
+            )
         except Exception as e:
             report_failure(e, "lm-eval model 'merged': load")
             raise
@@ -129,6 +136,12 @@ class MergedLM(LM):
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, o)
         return out
 
+    def _eos_text(self) -> str | None:
+        tok = getattr(self.backend, "tokenizer", None)
+        if tok is None or tok.eos_token_id is None:
+            return None
+        return tok.decode(tok.eos_token_id) or getattr(tok, "eos_token", None)
+
     def generate_until(self, requests) -> list[str]:
         reqs = []
         for r in requests:
@@ -136,6 +149,9 @@ class MergedLM(LM):
             until = gk.get("until") or []
             if isinstance(until, str):
                 until = [until]
+            eos = self._eos_text()
+            if eos and eos not in until:  # as lm-eval's handle_stop_sequences (hf and vllm)
+                until = [*until, eos]
             temperature = float(gk.get("temperature", 0.0) or 0.0)
             do_sample = bool(gk.get("do_sample", False)) and temperature > 0
             mnt = gk.get("max_gen_toks", gk.get("max_new_tokens"))

@@ -108,6 +108,7 @@ def profile_of(hargs) -> P.PromptProfile:
         system_prompt=bo.get("system_prompt"),
         min_pixels=bo.get("min_pixels"),
         max_pixels=bo.get("max_pixels"),
+        pretrained=hargs.pretrained,
     )
 
 

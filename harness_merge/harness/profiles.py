@@ -17,15 +17,41 @@ does to a request (checked on lmms-eval 0.7.3):
     the text ``"<image>\\n" + context`` (one ``<image>`` per image, joined by
     spaces) as one string message, rendered with the tokenizer's chat template;
     stop at the tokenizer's EOS; 1024 new tokens by default; stop strings are
-    not applied (the class ignores ``until``).
-``vllm`` (lmms-eval ``vllm``) and ``plain``
+    not applied (the class ignores ``until``). Loglikelihood: the context as
+    the class renders it (``"<image>\n"`` per image, a bare ``"\n"`` without
+    images), scored as the sum of the continuation's log-probabilities; the
+    class's own number (its mean loss) is not copied (README, "Comparing with
+    published scores").
+``vllm`` (lmms-eval ``vllm``, ``simple/vllm.py``, its defaults)
+    no system message; the context sent as is (``<image>`` kept, not stripped)
+    as the first content item, the images after it (``image_first=False``);
+    ``max_new_tokens`` is the larger of the task's and 1024; stop strings are
+    not applied (the class gives vLLM none); the model's generation config
+    decides EOS; the answer is vLLM's own output text (its incremental
+    detokenizer holds back a trailing incomplete UTF-8 character, so a
+    trailing U+FFFD is dropped). Images whose shorter
+    side is under 28 px are scaled up to 28 (bicubic) when the model path
+    names ``qwen2-vl`` / ``qwen2.5-vl``, as the class does.
+``internvl`` (lmms-eval ``internvl_hf_chat``, ``chat/internvl_hf.py``, the class
+    for transformers' native ``InternVLForConditionalGeneration``)
+    lmms-eval builds its chat request itself (``_auto_doc_to_messages``): the
+    images, then ``doc_to_text`` verbatim (``<image>`` kept, not stripped),
+    rendered with the processor's chat template (so the checkpoint's own
+    system message, if its template has one); bfloat16 weights (the class
+    hard-codes them; ``dtype=`` overrides); stop at the tokenizer's EOS; 1024
+    new tokens by default; stop strings are not applied; the answer is not
+    stripped. The class gives the processor ``min_patches=1, max_patches=12``
+    (over the checkpoint's config), and so does the profile. No loglikelihood
+    (the class has none).
+    lmms-eval's other InternVL classes (``internvl2``, ``internvl3``, ...) load
+    the remote-code checkpoints and are not reproduced.
+``plain``
     no system message; ``<image>`` removed and the context stripped; images
     first, then the text; the model's generation config decides EOS. This is
-    what ``merged`` did before profiles existed; with ``backend=vllm`` it was
-    measured equal to lmms-eval's ``vllm`` class (48/48 answers).
+    what ``merged`` did before profiles existed.
 
 The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
-``llava`` -> ``llava_hf``, anything else -> ``plain``); ``prompt_profile=`` in
+``llava`` -> ``llava_hf``, ``internvl`` -> ``internvl``, anything else -> ``plain``); ``prompt_profile=`` in
 ``model_args`` overrides it. ``system_prompt=``, ``max_pixels=`` and
 ``min_pixels=`` override the profile's values, as they do for lmms-eval's class.
 
@@ -52,7 +78,8 @@ class PromptProfile:
     reproduces: str  # the harness model class this profile renders as
     system_prompt: str | None = None
     strip_context: bool = True  # ctx.strip() after removing "<image>"
-    layout: str = "items"  # "items": image items then text; "image_tokens": "<image>\n" + text
+    # "items": image items then text; "image_tokens": "<image>\n" + text; "text_first": text then images
+    layout: str = "items"
     jpeg_quality: int | None = None  # re-encode every image as JPEG of this quality
     qwen_resize: bool = False  # qwen_vl_utils.fetch_image resize (multiples of 28)
     min_pixels: int | None = None
@@ -61,10 +88,26 @@ class PromptProfile:
     apply_until: bool = True  # cut answers at the task's stop strings
     strip_answer: bool = False
     eos_from: str = "generation_config"  # "generation_config" | "tokenizer"
+    max_new_tokens_floor: int | None = None  # max_new_tokens = max(task's, this)
+    upscale_path_patterns: tuple[str, ...] = ()  # model paths whose small images are scaled up
+    upscale_min_side: int | None = None  # the shorter side images are scaled up to (resolved per path)
+    upscale_to: int = 28
+    # drop a trailing U+FFFD: vLLM's incremental detokenizer (what lmms-eval's vllm class
+    # returns) holds back bytes that do not complete a UTF-8 character at the end
+    drop_incomplete_tail: bool = False
+    keep_image_token: bool = False  # "items" layout: the context verbatim ("<image>" kept, not stripped)
+    dtype: str | None = None  # the weights' dtype the harness class loads (under the user's dtype=)
+    min_patches: int | None = None  # InternVL tiling bounds the harness class gives the processor
+    max_patches: int | None = None
 
     def backend_opts(self) -> dict[str, Any]:
         """What the backend must know to render and decode as the harness class does."""
         opts: dict[str, Any] = {"eos_from": self.eos_from}
+        if self.dtype is not None:
+            opts["dtype"] = self.dtype
+        for k in ("min_patches", "max_patches"):
+            if getattr(self, k) is not None:
+                opts[k] = int(getattr(self, k))
         if self.min_pixels is not None:
             opts["min_pixels"] = int(self.min_pixels)
         if self.max_pixels is not None:
@@ -80,6 +123,7 @@ class PromptProfile:
             "max_pixels": self.max_pixels,
             "jpeg_quality": self.jpeg_quality,
             "eos_from": self.eos_from,
+            "dtype": self.dtype,
         }
 
 
@@ -106,10 +150,32 @@ PROFILES: dict[str, PromptProfile] = {
         apply_until=False,
         eos_from="tokenizer",
     ),
-    "vllm": PromptProfile(name="vllm", reproduces="lmms-eval vllm (lmms_eval/models/simple/vllm.py)"),
+    "vllm": PromptProfile(
+        name="vllm",
+        reproduces="lmms-eval vllm (lmms_eval/models/simple/vllm.py), generate_until",
+        strip_context=False,
+        layout="text_first",
+        default_max_new_tokens=1024,
+        max_new_tokens_floor=1024,
+        apply_until=False,
+        upscale_path_patterns=("qwen2-vl", "qwen2.5-vl"),
+        drop_incomplete_tail=True,
+    ),
+    "internvl": PromptProfile(
+        name="internvl",
+        reproduces="lmms-eval internvl_hf_chat (lmms_eval/models/chat/internvl_hf.py), generate_until",
+        strip_context=False,
+        keep_image_token=True,
+        default_max_new_tokens=1024,
+        apply_until=False,
+        eos_from="tokenizer",
+        dtype="bfloat16",
+        min_patches=1,
+        max_patches=12,
+    ),
     "plain": PromptProfile(name="plain", reproduces="none: the base's chat template, images first"),
 }
-BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "llava": "llava_hf"}
+BY_MODEL_TYPE = {"qwen2_vl": "qwen2_vl", "llava": "llava_hf", "internvl": "internvl"}
 
 
 class ProfileError(MergeError):
@@ -123,9 +189,12 @@ def get_profile(
     system_prompt: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    pretrained: str | None = None,
 ) -> PromptProfile:
     """The profile ``name`` (or the default for ``model_type`` when None), with
-    the user's overrides applied."""
+    the user's overrides applied. ``pretrained``: the model path or hub id
+    (the ``vllm`` profile scales small images up only for Qwen-VL paths, as
+    lmms-eval's class decides from the path)."""
     if name is None or name == "auto":
         name = BY_MODEL_TYPE.get(str(model_type or ""), "plain")
     if name not in PROFILES:
@@ -138,6 +207,12 @@ def get_profile(
         over["min_pixels"] = int(min_pixels)
     if max_pixels is not None:
         over["max_pixels"] = int(max_pixels)
+    if (
+        p.upscale_path_patterns
+        and pretrained
+        and any(k in str(pretrained).lower() for k in p.upscale_path_patterns)
+    ):
+        over["upscale_min_side"] = p.upscale_to
     return replace(p, **over) if over else p
 
 
@@ -193,6 +268,10 @@ def prepare_images(profile: PromptProfile, images: Sequence[Any]) -> list:
             im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
             im.load()
         im = _to_rgb(im)
+        side = profile.upscale_min_side
+        if side and min(im.size) < side:  # lmms-eval vllm: _maybe_resize_image
+            scale = side / min(im.size)
+            im = im.resize(tuple(int(d * scale) for d in im.size), Image.BICUBIC)
         if profile.qwen_resize:
             w, h = im.size
             rh, rw = qwen_smart_resize(h, w, 28, profile.min_pixels or 3136, profile.max_pixels or 602112)
@@ -218,7 +297,11 @@ def messages(
             text = text.replace("<image>", image_token)
         msgs.append({"role": "user", "content": text})
         return tuple(msgs)
-    text = ctx.replace("<image>", "") if n_images else ctx
+    if profile.layout == "text_first":  # the context verbatim, then the images
+        content = [{"type": "text", "text": ctx}] + [{"type": "image"} for _ in range(n_images)]
+        msgs.append({"role": "user", "content": content})
+        return tuple(msgs)
+    text = ctx.replace("<image>", "") if n_images and not profile.keep_image_token else ctx
     if profile.strip_context and n_images:
         text = text.strip()
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
@@ -234,6 +317,8 @@ def gen_params(profile: PromptProfile, gen_kwargs: dict | None) -> dict:
     temperature = float(gk.get("temperature", 0.0) or 0.0)
     do_sample = bool(gk.get("do_sample", temperature > 0))
     mnt = gk.get("max_new_tokens") or profile.default_max_new_tokens
+    if mnt and profile.max_new_tokens_floor:
+        mnt = max(int(mnt), profile.max_new_tokens_floor)
     return dict(
         until=tuple(until) if profile.apply_until else (),
         max_new_tokens=int(mnt) if mnt else None,
@@ -262,12 +347,19 @@ def ll_request(
     profile: PromptProfile, ctx: str, target: str, images: Sequence[Any], image_token: str = "<image>"
 ) -> LLRequest:
     ims = prepare_images(profile, images)
+    if profile.layout == "image_tokens" and "<image>" not in ctx and not ims:
+        # llava_hf's loglikelihood writes f"{' '.join(['<image>'] * n)}\n{context}" for every
+        # request, so a request without images gets a leading newline
+        ctx = "\n" + ctx
     return LLRequest(
         continuation=str(target), messages=messages(profile, ctx, len(ims), image_token), images=tuple(ims)
     )
 
 
 def finish(profile: PromptProfile, answer: str) -> str:
+    """The answer as the harness class returns it."""
+    if profile.drop_incomplete_tail:
+        answer = answer.rstrip("\ufffd")
     return answer.strip() if profile.strip_answer else answer
 
 

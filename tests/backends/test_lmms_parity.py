@@ -6,6 +6,7 @@ answers the harness's class gives on the same tiny base, request for request.
   backend=vllm.
 - the profile matters: ``prompt_profile=plain`` (what ``merged`` did before)
   gives different prompts, and the test says so.
+- lmms-eval ``vllm`` (its defaults) vs ``merged backend=vllm prompt_profile=vllm``.
 
 lmms-eval's ``qwen2_vl`` module needs torchvision (transformers' Qwen2-VL
 processor) and imports ``decord`` at module level. The test runs where
@@ -49,7 +50,8 @@ def base(tmp_path_factory):
         for _, p in model.named_parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p.shape[-1] ** 0.5)
-    return str(save_model(model, proc, tmp_path_factory.mktemp("parity") / "qwen2vl"))
+    # the folder's name says qwen2-vl: lmms-eval's vllm class decides its image resize from the path
+    return str(save_model(model, proc, tmp_path_factory.mktemp("parity") / "tiny-qwen2-vl"))
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,35 @@ def test_merged_vllm_equals_lmms_qwen2_vl_sample_for_sample(base, docs, referenc
     m = _merged(base, backend="vllm", dtype="float32", max_model_len=2048)
     try:
         assert _answers(m, docs) == reference
+    finally:
+        m.backend.close()
+
+
+# --------------------------------------------------------------- lmms-eval's own vllm class
+@pytest.mark.vllm
+def test_merged_vllm_profile_equals_lmms_vllm_class_sample_for_sample(base, docs):
+    """lmms-eval ``vllm`` (its defaults: text first, images after, 1024 new tokens
+    at least, no stop strings, small images scaled up for a qwen2-vl path) vs
+    ``merged backend=vllm prompt_profile=vllm``, both on vLLM in this process."""
+    pytest.importorskip("vllm")
+    import gc
+
+    from lmms_eval.models.simple.vllm import VLLM
+    from PIL import Image
+
+    docs = docs + [{"image": Image.new("RGB", (40, 20), (10, 200, 10)), "question": "Small?"}]
+    ref_model = VLLM(model=base, dtype="float32", max_model_len=2048, disable_log_stats=True)
+    try:
+        ref = _answers(ref_model, docs)
+    finally:
+        del ref_model.client
+        del ref_model
+        gc.collect()
+    assert len(ref) == len(docs) and len(set(ref)) >= 3, ref
+    m = _merged(base, backend="vllm", prompt_profile="vllm", dtype="float32", max_model_len=2048)
+    try:
+        assert m.profile.upscale_min_side == 28  # the path names qwen2-vl
+        assert _answers(m, docs) == ref
     finally:
         m.backend.close()
 

@@ -100,3 +100,55 @@ def test_llava_hf_image_tokens_use_the_models_placeholder():
     assert m == ({"role": "user", "content": "<|image_pad|>\nIs it red?"},)
     m = P.messages(P.get_profile("llava_hf"), "<image>\nIs it red?", 1, image_token="<|image_pad|>")
     assert m[0]["content"] == "<|image_pad|>\nIs it red?"
+
+
+def test_vllm_profile_text_first_verbatim_and_lmms_vllm_defaults():
+    """lmms-eval's vllm class: the context as is, then the images; max(task's, 1024)
+    new tokens; no stop strings; small images scaled up only for a Qwen-VL path."""
+    p = P.get_profile("vllm")
+    m = P.messages(p, "<image>\nWhat colour? ", 1)
+    assert m == (
+        {"role": "user", "content": [{"type": "text", "text": "<image>\nWhat colour? "}, {"type": "image"}]},
+    )
+    g = P.gen_params(p, {"max_new_tokens": 10, "until": ["\n"]})
+    assert g["max_new_tokens"] == 1024 and g["until"] == ()
+    assert P.gen_params(p, {"max_new_tokens": 2000})["max_new_tokens"] == 2000
+    assert P.gen_params(p, {})["max_new_tokens"] == 1024
+    small = Image.new("RGB", (40, 20), (1, 2, 3))
+    assert P.prepare_images(p, [small])[0].size == (40, 20)  # path unknown: left alone
+    q = P.get_profile("vllm", pretrained="/m/Qwen2-VL-7B-Instruct")
+    assert q.upscale_min_side == 28
+    assert P.prepare_images(q, [small])[0].size == (56, 28)  # int(40 * 28/20), 28
+    assert P.prepare_images(q, [_img(60, 45)])[0].size == (60, 45)
+    assert P.get_profile("vllm", pretrained="/m/llava-1.5").upscale_min_side is None
+    assert P.finish(p, "ab\ufffd\ufffd") == "ab" and P.finish(p, " a\ufffdb ") == " a\ufffdb "
+    assert P.finish(P.get_profile("plain"), "ab\ufffd") == "ab\ufffd"
+
+
+def test_internvl_profile_images_then_verbatim_context_and_class_settings():
+    """lmms-eval's internvl_hf_chat: its task's chat builder puts the images, then
+    doc_to_text as is; bfloat16, patches 1..12, tokenizer EOS, 1024 tokens, no stops."""
+    p = P.get_profile(None, "internvl")
+    assert p.name == "internvl"
+    assert P.messages(p, "<image>\nWhat colour? ", 1) == (
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<image>\nWhat colour? "}]},
+    )
+    assert p.backend_opts() == {
+        "eos_from": "tokenizer",
+        "dtype": "bfloat16",
+        "min_patches": 1,
+        "max_patches": 12,
+    }
+    g = P.gen_params(p, {"until": ["\n"]})
+    assert g["max_new_tokens"] == 1024 and g["until"] == ()
+    assert P.finish(p, " yes ") == " yes "
+
+
+def test_llava_hf_loglikelihood_context_as_the_class_writes_it():
+    """llava_hf.loglikelihood: f"{' '.join(['<image>'] * n)}\\n{context}" for every request."""
+    p = P.get_profile("llava_hf")
+    r = P.ll_request(p, "Is it red?", " yes", [_img(28, 28)])
+    assert r.messages == ({"role": "user", "content": "<image>\nIs it red?"},)
+    assert P.ll_request(p, "Is it red?", " yes", []).messages == (
+        {"role": "user", "content": "\nIs it red?"},
+    )

@@ -1,0 +1,221 @@
+"""Parity with lmms-eval's own ``llava_hf`` class (``lmms_eval/models/simple/llava_hf.py``):
+``merged method=none`` with the ``llava_hf`` profile (the default for a LLaVA base)
+on the same tiny LLaVA and the same ``Instance`` s, both classes' own
+``generate_until`` / ``loglikelihood`` called in-process.
+
+- generate_until: the answers are identical, sample for sample (contexts with and
+  without ``<image>``, trailing whitespace, a stop string the class ignores).
+- loglikelihood: the *context* is rendered identically (checked token for token
+  against the class's own rendering), but the numbers are not the same quantity
+  and ``merged`` does not copy them: lmms-eval 0.7.3's ``llava_hf`` returns the
+  model's mean cross-entropy (positive; higher = less likely) over every label
+  after the context's length measured *before* the image placeholder is
+  expanded, so it also scores part of the image placeholder and the template's
+  end-of-turn tokens, and its "greedy" flag compares logits with the tokens at
+  the same position (unshifted). ``merged`` returns the sum of the
+  continuation's log-probabilities, as every other lmms-eval and lm-eval class
+  does. Both are checked here against formulas written in the test, so a change
+  on either side fails.
+
+The tiny LLaVA uses ``<image>`` as its image token, as the llava-hf checkpoints
+do (the class writes ``<image>`` into the prompt). ``llava_hf.py`` imports
+``decord`` at module level; an empty module stands in when it is not installed
+(image requests never touch it). Runs in ``.venv`` (no torchvision needed).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+try:
+    import decord  # noqa: F401
+except ImportError:  # the smallest honest shim: llava_hf.py imports it at module level
+    _shim = types.ModuleType("decord")
+    _shim.VideoReader = _shim.cpu = None  # `from decord import VideoReader, cpu`; video only
+    sys.modules["decord"] = _shim
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+TASK, SPLIT = "hm_llava_parity", "test"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny LLaVA (CLIP 28 px / patch 14: 4 image tokens) whose image token is
+    ``<image>``; every matrix re-drawn with std 1.5/sqrt(fan_in) so answers depend
+    on the image and the prompt."""
+    import torch
+    from transformers import AddedToken, CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+    from harness_merge.demo import tiny as T
+
+    tok = T.build_tokenizer()
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    cfg = T.tiny_llava_config(tok)
+    cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5 / p.shape[-1] ** 0.5)
+    model.generation_config = T._generation_config(tok)
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}
+        ),
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=T.CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>"),
+    )
+    return str(T.save_model(model, proc, tmp_path_factory.mktemp("llava_parity") / "llava"))
+
+
+@pytest.fixture(scope="module")
+def docs():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    ims = [
+        Image.new("RGB", (56, 56), (200, 30, 30)),
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (84, 60, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)),
+    ]
+    qs = ["<image>\nIs the square red?", "What colour is it? ", "Describe the image.\n", "Count the dots."]
+    return [{"image": im, "question": q} for im, q in zip(ims, qs)]
+
+
+def _visual(doc):
+    return [doc["image"]]
+
+
+def _gen_requests(docs):
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(
+                d["question"],
+                {"max_new_tokens": 10, "until": ["\n\n"], "temperature": 0, "do_sample": False},
+                _visual,
+                i,
+                TASK,
+                SPLIT,
+            ),
+            idx=0,
+            metadata={"task": TASK, "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+
+
+# llava_hf's loglikelihood prepends "<image>\n" itself even when the context has
+# one (and then fails: two placeholders, one image), so these contexts have none
+LL_TARGETS = (" yes", " no", "red", " a dot")
+
+
+def _ll_requests(docs):
+    return [
+        Instance(
+            request_type="loglikelihood",
+            arguments=(d["question"].replace("<image>\n", ""), LL_TARGETS[i], _visual, i, TASK, SPLIT),
+            idx=0,
+            metadata={"task": TASK, "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(base):
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    return LlavaHf(pretrained=base, device="cpu", device_map="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def merged(base):
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    return MergedLMM.create_from_arg_string(f"pretrained={base},method=none,backend=hf", {"batch_size": 1})
+
+
+def _run(model, docs, what):
+    model.task_dict = {TASK: {SPLIT: docs}}
+    return getattr(model, what)(_gen_requests(docs) if what == "generate_until" else _ll_requests(docs))
+
+
+def test_merged_hf_equals_lmms_llava_hf_generate_until(merged, reference, docs):
+    ref = _run(reference, docs, "generate_until")
+    assert len(ref) == len(docs) and len(set(ref)) == len(docs), ref  # answers depend on the request
+    assert merged.profile.name == "llava_hf"  # chosen from the base's model_type
+    assert _run(merged, docs, "generate_until") == ref
+    assert merged.merge_record[
+        "first_prompt"
+    ] == "<|im_start|>user\n<image>\nIs the square red?<|im_end|>\n" + ("<|im_start|>assistant\n")
+
+
+def test_plain_profile_is_not_the_llava_hf_class(base, reference, docs):
+    """What merged renders without the profile (images as items, context
+    stripped, stop strings applied) is another prompt: the parity above can fail."""
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    m = MergedLMM.create_from_arg_string(f"pretrained={base},method=none,prompt_profile=plain", {})
+    assert _run(m, docs, "generate_until") != _run(reference, docs, "generate_until")
+
+
+def _oracle(base, docs):
+    """Per request: (lmms-eval llava_hf's number, sum of log p(continuation | context)),
+    computed here from the model's logits with the class's own prompt rendering."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(base)
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    out = []
+    for req in _ll_requests(docs):
+        ctx, cont, _, i, _, _ = req.args
+        user = [{"role": "user", "content": f"<image>\n{ctx}"}]
+        prompt = proc.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = proc.tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": cont}], tokenize=False
+        )
+        images = [docs[i]["image"]]
+        with torch.no_grad():
+            # lmms-eval: mean loss after len(prompt ids without the image expansion)
+            enc = proc(text=[full], images=images, return_tensors="pt")
+            n_masked = proc(text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+            ids = enc["input_ids"][0]
+            logp = torch.log_softmax(model(**enc).logits[0].float(), -1)
+            nll = -logp[:-1].gather(-1, ids[1:, None])[:, 0]
+            lmms = float(nll[n_masked - 1 :].mean())
+            # merged: the prompt with the image expanded, then the continuation's tokens
+            penc = proc(text=[prompt], images=images, return_tensors="pt")
+            cids = proc.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            seq = torch.cat([penc["input_ids"][0], torch.tensor(cids)])
+            lp = torch.log_softmax(
+                model(input_ids=seq[None], pixel_values=penc["pixel_values"]).logits[0].float(), -1
+            )
+            n = len(cids)
+            summed = float(lp[-n - 1 : -1].gather(-1, seq[-n:, None]).sum())
+        out.append((lmms, summed))
+    return out
+
+
+def test_loglikelihood_same_context_documented_scoring_difference(merged, reference, base, docs):
+    ref = _run(reference, docs, "loglikelihood")
+    ours = [getattr(r, "text", r) for r in _run(merged, docs, "loglikelihood")]
+    oracle = _oracle(base, docs)
+    for (lmms_ll, _), (mine, _), (o_lmms, o_sum) in zip(ref, ours, oracle):
+        assert lmms_ll == pytest.approx(o_lmms, rel=1e-5, abs=1e-5)  # the class: mean loss, as written above
+        assert mine == pytest.approx(o_sum, rel=1e-5, abs=1e-5)  # merged: the class's context, summed log p
+        assert lmms_ll > 0 > mine
