@@ -239,3 +239,62 @@ def test_llava_repo_merge_vicuna_v1_vllm_equals_hf(llava_repo, images):
     finally:
         for b in (vb, hb, v0):
             b.close()
+
+
+# --------------------------------------------------------------------------- through lmms-eval, vllm vs hf
+def _answers(res: dict, out: Path) -> dict:
+    """Per task, doc_id -> the filtered responses lmms-eval logged."""
+    got = {}
+    for f in out.rglob("*samples_*.jsonl"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                s = json.loads(line)
+                task = f.name.split("samples_", 1)[1].rsplit(".jsonl", 1)[0]
+                got.setdefault(task, {})[s["doc_id"]] = s["filtered_resps"]
+    return got
+
+
+def _same_answers(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for task in a:
+        assert a[task].keys() == b[task].keys() and a[task], task
+        for doc in a[task]:
+            ra, rb = a[task][doc], b[task][doc]
+            if ra and isinstance(ra[0], list):  # loglikelihood: [[ll, is_greedy], ...]
+                for (x, gx), (y, gy) in zip(ra, rb):
+                    assert abs(float(x) - float(y)) < 1e-3 * max(1.0, abs(float(y))) and gx == gy, (task, doc)
+            else:
+                assert ra == rb, (task, doc)
+
+
+def _vllm_vs_hf(work: Path, model_args: str, name: str) -> tuple[dict, dict]:
+    rv = _lmms(work, f"{model_args},backend=vllm,max_model_len=1024", work / f"lmms_{name}_vllm")
+    rh = _lmms(work, f"{model_args},backend=hf", work / f"lmms_{name}_hf")
+    _same_answers(_answers(rv, work / f"lmms_{name}_vllm"), _answers(rh, work / f"lmms_{name}_hf"))
+    return rv["config"]["merge"], rh["config"]["merge"]
+
+
+def test_internvl_through_lmms_eval_vllm_equals_hf(internvl, work):
+    base, cks, _ = internvl
+    mv, mh = _vllm_vs_hf(
+        work,
+        f"pretrained={base},adapters=[{','.join(map(str, cks))}],method=ta,scaling=0.5,dtype=float32,"
+        f"cache_dir={work / 'merge_cache_ivl'}",
+        "internvl",
+    )
+    assert mv["backend"] == "vllm" and mv["artifact"]["kind"] == "full"
+    assert mv["artifact"]["path"] == mh["artifact"]["path"]  # one merge, served by both
+    assert mv["prompt_profile"] == mh["prompt_profile"]
+
+
+def test_llava_repo_through_lmms_eval_vllm_equals_hf(llava_repo, work):
+    base, cks, _ = llava_repo
+    mv, mh = _vllm_vs_hf(
+        work,
+        f"pretrained={base},adapters=[{','.join(map(str, cks))}],method=copa,conv_template=vicuna_v1,"
+        f"dtype=float32,cache_dir={work / 'merge_cache_llava_repo'}",
+        "llava_repo",
+    )
+    assert mv["conv_template"] == mh["conv_template"] == "vicuna_v1"
+    assert mv["artifact"]["kind"] == "full" and mv["manifest"]["non_lora"]["layout"] == "llava_repo"
+    assert mv["artifact"]["path"] == mh["artifact"]["path"]
