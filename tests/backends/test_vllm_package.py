@@ -8,6 +8,7 @@ import gc
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -204,3 +205,15 @@ def test_inspect_lora_flags_dora(tmp_path):
     assert d.dora and not lo.dora and d.rank == lo.rank == 4
     with pytest.raises(BackendError, match="no adapter_config.json"):
         hv.inspect_lora(tmp_path)
+
+
+def test_internvl_without_video_processor_refused_before_vllm(tmp_path):
+    from harness_merge.backends import load_backend
+    from harness_merge.demo.tiny import build_tiny_internvl
+
+    base = build_tiny_internvl(tmp_path / "ivl")
+    with pytest.raises(BackendError, match="no video_preprocessor_config.json"):
+        load_backend("vllm", None, str(base))
+    full = SimpleNamespace(kind="full", path=base)
+    with pytest.raises(BackendError, match=r"cannot serve .*ivl.*InternVLVideoProcessor"):
+        load_backend("vllm", full, str(base))

@@ -25,9 +25,11 @@ process-wide default pool when none is given): see :mod:`.engine_pool`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .._common import is_multimodal_config, load_config, load_processor, sampling, set_chat_template
@@ -175,10 +177,31 @@ def load(artifact: Any, base: str, **opts: Any) -> VLLMBackend:
         else:
             check_lora_rank(info, opts.get("max_lora_rank"))  # before vllm is even imported
             check_lora_supported(base, bool(opts.get("trust_remote_code")))
+    check_processor_files(str(artifact.path) if kind in ("full",) or served else base)
     backend = VLLMBackend(artifact, base, info, **opts)
     if served:
         backend.info.extra["served"] = served
     return backend
+
+
+def check_processor_files(model: str) -> None:
+    """Refuse (before vLLM starts) a local InternVL folder without
+    ``video_preprocessor_config.json``: vLLM's InternVL processor loads the video
+    processor too and dies with "Can't load video processor" (vllm 0.32)."""
+    p = Path(model)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except ValueError:
+        return
+    if model_type == "internvl" and not (p / "video_preprocessor_config.json").is_file():
+        raise BackendError(
+            f"backend=vllm cannot serve {p}: vLLM's InternVL processor also loads the video processor, and the "
+            f"folder has no video_preprocessor_config.json (checkpoints converted for transformers have one). "
+            f"Save one there (transformers.InternVLVideoProcessor(...).save_pretrained(folder)) or use backend=hf."
+        )
 
 
 def fold_dora(artifact: Any, base: str, *, cache_dir: Any = None) -> tuple[Any, dict]:
