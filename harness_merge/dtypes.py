@@ -35,6 +35,8 @@ ALIASES: dict[str, str] = {
     "bf16": "bfloat16",
     "float16": "float16",
     "fp16": "float16",
+    "float": "float32",  # torch.float / torch.half
+    "half": "float16",
 }
 """User-facing float dtype names -> torch dtype name."""
 

@@ -21,16 +21,22 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .. import dtypes
+from ._common import (  # noqa: F401 - load_processor / set_chat_template are part of this module's API
+    dtype_name,
+    has_audio_encoder,
+    has_video_input,
+    is_multimodal_config,
+    load_config,
+    load_processor,
+    sampling,
+    set_chat_template,
+)
 from .base import (
     BackendError,
     BackendInfo,
@@ -94,14 +100,8 @@ def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None):
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return dtypes.torch_dtype(dtype)
-    except KeyError:
-        raise BackendError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+    name = dtype_name(dtype)
+    return "auto" if name == "auto" else getattr(torch, name)
 
 
 def _resolve_device(device: str | None) -> str:
@@ -112,18 +112,6 @@ def _resolve_device(device: str | None) -> str:
         log.warning("device=%s requested but CUDA is not available; using cpu", device)
         return "cpu"
     return device
-
-
-def is_multimodal_config(config) -> bool:
-    return getattr(config, "vision_config", None) is not None or has_audio_encoder(config)
-
-
-def has_audio_encoder(config) -> bool:
-    return getattr(config, "audio_config", None) is not None
-
-
-def has_video_input(config) -> bool:
-    return getattr(config, "video_token_index", getattr(config, "video_token_id", None)) is not None
 
 
 def model_class_for(config):
@@ -157,104 +145,16 @@ def _from_pretrained(candidates, path, **kw):
     raise BackendError(f"cannot load a model from {path}: " + " | ".join(errors))
 
 
-def load_processor(
-    base: str,
-    trust_remote_code: bool = False,
-    *,
-    revision: str | None = None,
-    subfolder: str | None = None,
-    **image_kwargs: Any,
-):
-    """``(processor or None, tokenizer)`` of a base model folder / hub id
-    (``revision`` / ``subfolder`` as in ``from_pretrained``). ``image_kwargs``
-    (e.g. ``min_pixels``, ``max_pixels``) go to the image processor, as
-    ``AutoProcessor.from_pretrained(base, **image_kwargs)`` does."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    hub = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
-    if subfolder and Path(base, subfolder).is_dir():  # a local folder: read the subfolder itself
-        base, hub = str(Path(base, subfolder)), {k: v for k, v in hub.items() if k != "subfolder"}
-    image_kwargs = {k: v for k, v in image_kwargs.items() if v is not None}
-    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
-    if not is_multimodal_config(config):
-        return None, tok
-    from transformers import AutoProcessor
-
-    try:
-        proc = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code, **hub, **image_kwargs)
-        if hasattr(proc, "image_processor") or hasattr(proc, "feature_extractor"):
-            return proc, getattr(proc, "tokenizer", tok)
-        first_error: Exception | None = None
-    except Exception as e:  # noqa: BLE001 - fall back below, re-raise if that fails too
-        first_error = e
-    try:
-        return _image_only_processor(base, config, tok, **image_kwargs), tok
-    except Exception as e:  # noqa: BLE001
-        raise BackendError(
-            f"cannot build the processor of {base}: AutoProcessor failed ({first_error}); "
-            f"image-only fallback failed ({e})"
-        ) from e
-
-
-def set_chat_template(processor, tokenizer, chat_template: str) -> None:
-    """``chat_template=``: a Jinja string or a path to a template file."""
-    text = chat_template
-    if "{" not in chat_template:
-        p = Path(chat_template)
-        if not p.is_file():
-            raise BackendError(f"chat_template={chat_template!r} is neither a template nor a file")
-        text = p.read_text()
-    for obj in (processor, tokenizer, getattr(processor, "tokenizer", None)):
-        if obj is not None:
-            obj.chat_template = text
-
-
-def _image_only_processor(base: str, config, tok, **image_kwargs: Any):
-    """The family's processor class built from tokenizer + image processor only
-    (its video processor, which needs torchvision, left out)."""
-    import transformers
-    from transformers import AutoImageProcessor
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-
-    proc_cfg: dict = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        p = Path(base) / name
-        if p.is_file():
-            data = json.loads(p.read_text())
-            if name == "processor_config.json":
-                proc_cfg = data
-            break
-    cls_name = proc_cfg.get("processor_class") or PROCESSOR_MAPPING_NAMES.get(config.model_type)
-    if isinstance(cls_name, (tuple, list)):
-        cls_name = cls_name[0]
-    proc_cls = getattr(transformers, cls_name)
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(base, **image_kwargs)
-    except Exception:  # noqa: BLE001 - e.g. a torchvision-backed fast class
-        image_processor = AutoImageProcessor.from_pretrained(base, use_fast=False, **image_kwargs)
-
-    from .._compat import image_only_processor_class
-
-    image_only = image_only_processor_class(proc_cls)
-    sig = inspect.signature(proc_cls.__init__).parameters
-    kwargs = {
-        k: v
-        for k, v in proc_cfg.items()
-        if k in sig and k not in ("image_processor", "tokenizer", "video_processor")
-    }
-    template = tok.chat_template
-    if (Path(base) / "chat_template.jinja").is_file():
-        template = (Path(base) / "chat_template.jinja").read_text()
-    kwargs["chat_template"] = template
-    if "video_processor" in sig:
-        kwargs["video_processor"] = None
-    return image_only(image_processor=image_processor, tokenizer=tok, **kwargs)
-
-
 # ---------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------
+def gen_kwargs(greedy: bool, temperature: float | None, top_p: float | None) -> dict[str, Any]:
+    """transformers ``generate`` keywords of a :class:`~._common.Sampling`."""
+    if greedy:
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return dict(do_sample=True, temperature=float(temperature), top_p=top_p)
+
+
 class HFBackend:
     name = "hf"
 
@@ -282,8 +182,6 @@ class HFBackend:
         chat_template: str | None = None,
         num_frames: int | None = None,
     ) -> None:
-        from transformers import AutoConfig
-
         t0 = time.perf_counter()
         if eos_from not in EOS_FROM:
             raise BackendError(f"backend=hf: eos_from must be one of {', '.join(EOS_FROM)}, got {eos_from!r}")
@@ -295,7 +193,7 @@ class HFBackend:
         self.device = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype)
         try:
-            config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **hub)
+            config = load_config(base, trust_remote_code, **hub)
             self.processor, self.tokenizer = load_processor(
                 base,
                 trust_remote_code,
@@ -489,13 +387,9 @@ class HFBackend:
         # group by generation settings, keep order inside a group, longest first is not needed on CPU
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            key = (
-                r.max_new_tokens or self.default_max_new_tokens,
-                r.greedy,
-                None if r.greedy else (r.temperature, r.top_p),
-            )
-            groups.setdefault(key, []).append(i)
-        for (max_new, greedy, sampling), idxs in groups.items():
+            sp = sampling(r, self.default_max_new_tokens)
+            groups.setdefault((sp.max_new_tokens, sp.greedy, sp.temperature, sp.top_p), []).append(i)
+        for (max_new, greedy, temp, top_p), idxs in groups.items():
             for s in range(0, len(idxs), self.batch_size):
                 chunk = idxs[s : s + self.batch_size]
                 texts = [self.render(requests[i]) for i in chunk]
@@ -512,11 +406,7 @@ class HFBackend:
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=self.eos_ids or None,
                 )
-                if greedy:
-                    kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-                else:
-                    temp, top_p = sampling
-                    kw.update(do_sample=True, temperature=float(temp), top_p=top_p)
+                kw.update(gen_kwargs(greedy, temp, top_p))
                 seqs = self.model.generate(**enc, **kw)
                 new = seqs[:, enc["input_ids"].shape[1] :]
                 decoded = self.tokenizer.batch_decode(

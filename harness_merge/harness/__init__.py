@@ -17,6 +17,7 @@ from .failures import FAILURES, report_failure
 from .serve import (
     Loaded,
     _dora_for_backend,  # noqa: F401  (tests/inputs/test_dora.py)
+    close_backends,
     dist_env,
     load_merged,
     merge_progress,
@@ -27,6 +28,7 @@ from .serve import (
 __all__ = [
     "FAILURES",
     "Loaded",
+    "close_backends",
     "dist_env",
     "load_merged",
     "merge_progress",

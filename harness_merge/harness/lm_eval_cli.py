@@ -15,6 +15,7 @@ def main() -> None:
 
     from . import (
         FAILURES,
+        close_backends,
         lm_eval_model,  # noqa: F401  (registers "merged")
     )
 
@@ -27,6 +28,8 @@ def main() -> None:
         if not FAILURES:
             raise
         code = 1
+    finally:
+        close_backends()
     if FAILURES:
         print("\n[harness-merge] the run failed:\n  " + "\n  ".join(FAILURES), file=sys.stderr, flush=True)
         sys.exit(code if isinstance(code, int) and code else 1)

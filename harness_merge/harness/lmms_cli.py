@@ -37,6 +37,8 @@ def main() -> int:
 
     watch_evaluations(_evaluation_failed)
 
+    from . import close_backends
+
     try:
         lmms_main()
         code: int | None = 0
@@ -44,6 +46,8 @@ def main() -> int:
         code = e.code if isinstance(e.code, int) or e.code is None else 1
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
+    finally:
+        close_backends()
     sys.exit(_finish(code))
 
 

@@ -124,6 +124,7 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
 
     spec = hargs.merge_spec()
     t0 = time.perf_counter()
+    served = None
     if spec is None:
         _say(f"serving the base model {hargs.pretrained} alone (method=none) with backend={hargs.backend}")
         art, m = None, {"method": "none", "adapters": []}
@@ -132,7 +133,13 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
             f"merging {len(spec.adapters)} adapter(s) onto {spec.base} with method={spec.method} "
             f"params={dict(spec.params) or '{}'} format={spec.format} backend={hargs.backend}"
         )
+        asked = spec.format
         spec = _dora_for_backend(spec, hargs.backend)
+        if spec.format != asked:
+            served = {
+                "as": "full",
+                "why": "DoRA adapters with backend=vllm: vLLM has no DoRA support, format=auto wrote full weights",
+            }
         art = merge(  # checks that the adapters fit the base (inputs.fit) before any tensor is read
             spec,
             cache_dir=hargs.cache_dir,
@@ -170,6 +177,9 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
         "load_seconds": round(t_load, 3),
         "manifest": m,
     }
+    served = served or (getattr(info, "extra", None) or {}).get("served")
+    if served:  # how the backend serves the merge when not as written (e.g. DoRA on vLLM: full weights)
+        record["served"] = served
     return Loaded(backend=backend, artifact=art, record=record)
 
 
@@ -186,3 +196,18 @@ def _dora_for_backend(spec, backend: str):
         _say("DoRA adapters with backend=vllm (no DoRA support there): writing full merged weights")
         return replace(spec, format="full")
     return spec
+
+
+def close_backends() -> None:
+    """Shut down the vLLM engines the run started (the vLLM backend's default
+    :class:`~harness_merge.backends.vllm.EnginePool`); called by the harness
+    CLIs when the evaluation ends. Imports nothing when vLLM was never used."""
+    mod = sys.modules.get("harness_merge.backends.vllm")
+    close = getattr(mod, "close_default_pool", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - the results are written; say it and go on
+            print(
+                f"[harness-merge] closing the vLLM engines failed: {type(e).__name__}: {e}", file=sys.stderr
+            )

@@ -85,6 +85,19 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("vllm_backend")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _merge_cache_root(work):
+    """The package's one cache root (merges, vLLM compat copies) in the test's
+    temp folder, for this process and the harness subprocesses it starts."""
+    old = os.environ.get("HARNESS_MERGE_CACHE")
+    os.environ["HARNESS_MERGE_CACHE"] = str(work / "hm_cache")
+    yield
+    if old is None:
+        os.environ.pop("HARNESS_MERGE_CACHE", None)
+    else:
+        os.environ["HARNESS_MERGE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def vl(work):
     """Tiny Qwen2-VL: base, two LM adapters (rank 4, all 7 LM linears), one

@@ -275,6 +275,31 @@ def test_engine_lifecycle(vl, images):
     assert full.engine.llm is None and full.engine not in hv.engines()
 
 
+def test_engine_pools_own_their_engines(vl, images):
+    """Two pools never share an engine; closing a pool shuts its engines down
+    and leaves none behind; its backends then refuse to restart one."""
+    r = GenRequest(messages=msg("Hi", 1), images=(images[0],), max_new_tokens=4)
+    opts = dict(OPTS, max_model_len=768)
+    default_before = list(hv.engines())
+    with hv.EnginePool() as p1:
+        with hv.EnginePool() as p2:
+            b1 = load_backend("vllm", None, vl["base"], pool=p1, **opts)
+            b2 = load_backend("vllm", None, vl["base"], pool=p2, **opts)
+            e1, e2 = b1.engine, b2.engine
+            assert e1 is not e2 and p1.engines() == [e1] and p2.engines() == [e2]
+            assert e1.llm is not None and e2.llm is not None
+            assert b1.generate([r]) == b2.generate([r])
+        assert e2.llm is None and p2.engines() == [] and e1.llm is not None  # p1's engine untouched
+        with pytest.raises(BackendError, match="EnginePool that was closed"):
+            b2.generate([r])
+        b1.close()  # close releases: the last user of an unprepared engine shuts it down
+        assert e1.llm is None and p1.engines() == []
+        b3 = load_backend("vllm", None, vl["base"], pool=p1, **opts)
+        assert b3.engine is not e1 and b3.engine.llm is not None
+    assert b3.engine.llm is None and p1.engines() == [] and p1.closed
+    assert hv.engines() == default_before  # the default pool was never involved
+
+
 # --------------------------------------------------------------------------- refusals
 def test_rank_above_max_refused_before_engine_start(vl, work):
     from harness_merge.demo.tiny import random_lora
