@@ -287,11 +287,11 @@ def test_hf_backend_builds_an_image_only_processor(tmp_path, strict):
     from PIL import Image
     from transformers import AutoConfig, AutoTokenizer
 
-    from harness_merge.backends import hf
+    from harness_merge.backends import _common
     from harness_merge.demo.tiny import build_tiny_qwen2vl
 
     base = build_tiny_qwen2vl(tmp_path / "qwen2vl")
-    proc = hf._image_only_processor(
+    proc = _common._image_only_processor(
         str(base), AutoConfig.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     )
     assert type(proc).__name__ == "Qwen2VLProcessorImageOnly"
