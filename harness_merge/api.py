@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, 
 from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs, resolve_ref
-from .merge_loop import iter_merged, validate_plan
+from .merge_loop import iter_merged, merge_threads, validate_plan
 
 log = logging.getLogger("harness_merge")
 
@@ -149,12 +150,16 @@ def merge(
         f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
         f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)"
     )
-    adapter_hashes = [hasher.many(files) for files in inputs.files]
-    base_hash = None
+    base_files = None
     if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
         base_dir = resolve_ref(spec.base)
         base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-        base_hash = hasher.many(base_files)
+    # One input per thread: hashlib and file reads release the GIL.
+    with ThreadPoolExecutor(merge_threads(), thread_name_prefix="harness-merge-hash") as ex:
+        jobs = [ex.submit(hasher.many, files) for files in inputs.files]
+        base_job = ex.submit(hasher.many, base_files) if base_files is not None else None
+        adapter_hashes = [j.result() for j in jobs]
+        base_hash = base_job.result() if base_job is not None else None
     record = {
         "code_version": code_version(),
         "method": mspec.name,
