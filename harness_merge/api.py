@@ -28,11 +28,16 @@ from .artifact.cache import (
     read_files_record,
 )
 from .artifact.publish import check_out_dir, publish, publish_built
-from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
+from .artifact.writer import (
+    write_full_base_free,
+    write_full_from_checkpoints,
+    write_full_from_lora,
+    write_lora,
+)
 from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs, resolve_ref
-from .merge_loop import iter_merged, merge_threads, validate_plan
+from .merge_loop import iter_merged, iter_merged_base_free, merge_threads, validate_plan
 
 log = logging.getLogger("harness_merge")
 
@@ -151,7 +156,9 @@ def merge(
         f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)"
     )
     base_files = None
-    if spec.base is not None and (fmt == "full" or inputs.kind == "dense"):
+    # wa (lambda 1) on checkpoints as full weights: the base is neither read nor hashed
+    base_free = inputs.kind == "dense" and fmt == "full" and not params.needs_base()
+    if spec.base is not None and (fmt == "full" or inputs.kind == "dense") and not base_free:
         base_dir = resolve_ref(spec.base)
         base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     # One input per thread: hashlib and file reads release the GIL.
@@ -223,6 +230,10 @@ def merge(
                 else (lambda names: iter_merged(inputs, mspec, params, progress=progress, names=names))
             )
             info = write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=non_lora)
+        elif base_free:
+            info = write_full_base_free(
+                iter_merged_base_free(inputs, mspec, params, progress=progress), inputs, tmp
+            )
         else:
             info = write_full_from_checkpoints(results, inputs, tmp)
         manifest["result"] = info

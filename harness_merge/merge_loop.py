@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import MethodParamError
 from .methods import MethodSpec, available, get, module_generator
 from .methods._params import MethodParams
-from .types import Dense, MergeResult
+from .types import Dense, MergeResult, ModuleInputs
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,37 @@ def iter_merged(
                 return spec.fn(mi, params, generator=module_generator(seed, key), **extra)
             return Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
 
+    yield from _drive(one, names, spec, progress, threads)
+
+
+def iter_merged_base_free(
+    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, threads=None
+) -> Iterator[tuple[str, MergeResult | None]]:
+    """Full checkpoints, a method with ``params.needs_base()`` False: the
+    method runs on the fine-tuned weights themselves (``theta_0 = 0``), so its
+    ``Dense`` result is the merged weight, not an update; the base is never
+    read. Yields ``(name, result)`` in the first checkpoint's layout; ``None``
+    where every checkpoint holds the same tensor (written as stored)."""
+    if params.needs_base() or inputs.kind != "dense":
+        raise MethodParamError(f"{spec.name}: this merge reads the base (theta_0)")
+    seed = int(getattr(params, "seed", 0))
+    names = inputs.layout_names()
+
+    def one(name: str) -> MergeResult | None:
+        with torch.no_grad():
+            thetas = inputs.read_fine_tuned(name)
+            if all(torch.equal(thetas[0], t) for t in thetas[1:]):
+                return None
+            mi = ModuleInputs(name=name, task_vectors=thetas)
+            if inputs.is_matrix(name) or params.nonlinear == "method":
+                key = name.removesuffix(".weight")
+                return spec.fn(mi, params, generator=module_generator(seed, key))
+            return Dense(torch.stack(thetas).mean(dim=0), info={"policy": "average"})
+
+    yield from _drive(one, names, spec, progress, threads)
+
+
+def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:
     # On stderr from the first module on: the bar names the module whose result
     # is awaited, so a slow module shows which it is.
     bar = tqdm(
