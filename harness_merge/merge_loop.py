@@ -89,23 +89,21 @@ def collect_stats(inputs, passes, names: list[str], *, progress: bool = True) ->
 
 
 def merge_threads() -> int:
-    """Modules merged at once by :func:`iter_merged`: ``HARNESS_MERGE_THREADS``,
-    else the usable CPUs (at most 4). Torch releases the GIL in its kernels, so
-    the modules' reads and methods overlap; 1 merges one module at a time."""
+    """Modules merged at once by :func:`iter_merged` (and input files hashed at
+    once): ``HARNESS_MERGE_THREADS`` (default 1). Torch releases the GIL in its
+    kernels, so with more the modules' reads and methods overlap on free
+    cores; on the shared 2-core benchmark machine 2 threads were no faster
+    (README, Benchmarks), hence the default."""
     env = os.environ.get("HARNESS_MERGE_THREADS", "").strip()
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise MethodParamError(f"HARNESS_MERGE_THREADS must be a whole number >= 1, got {env!r}")
-        return n
+    if not env:
+        return 1
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MethodParamError(f"HARNESS_MERGE_THREADS must be a whole number >= 1, got {env!r}")
+    return n
 
 
 def _ordered_map(fn, items: list, workers: int) -> Iterator:

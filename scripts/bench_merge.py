@@ -162,7 +162,7 @@ def main(argv=None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="HARNESS_MERGE_THREADS values to run each method with (default: 1 and the default count)",
+        help="HARNESS_MERGE_THREADS values to run each method with (default: 1, 2 and the current setting)",
     )
     ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
     ap.add_argument(
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     )
     from harness_merge.merge_loop import merge_threads
 
-    threads = args.threads or sorted({1, merge_threads()})
+    threads = args.threads or sorted({1, 2, merge_threads()})
     for m in args.methods:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"
