@@ -21,12 +21,17 @@ from .artifact import fsio
 from .artifact.cache import MANIFEST, FileHasher, MergeCache, read_files_record
 from .artifact.provenance import Provenance
 from .artifact.publish import check_out_dir, publish, publish_built
-from .artifact.writer import write_full_from_checkpoints, write_full_from_lora, write_lora
+from .artifact.writer import (
+    write_full_base_free,
+    write_full_from_checkpoints,
+    write_full_from_lora,
+    write_lora,
+)
 from .cost import check_cost
 from .errors import ArtifactError, MethodParamError
 from .inputs import open_inputs
 from .inputs.fit import check_lora_fits
-from .merge_loop import iter_merged, validate_plan
+from .merge_loop import iter_merged, iter_merged_base_free, validate_plan
 
 log = logging.getLogger("harness_merge")
 
@@ -149,6 +154,8 @@ def merge(
         f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
         f"{len(inputs.module_names)} modules -> {fmt}; hashing the inputs ({n_bytes / 2**20:.1f} MiB)"
     )
+    # e.g. wa (lambda 1) on checkpoints as full weights: the base is neither read nor hashed
+    base_free = inputs.kind == "dense" and fmt == "full" and not params.needs_base()
     prov = Provenance.build(
         inputs=inputs,
         mspec=mspec,
@@ -158,8 +165,9 @@ def merge(
         base=spec.base,
         rank=spec.rank,
         hasher=cache.hasher if cache is not None else FileHasher(None),
+        base_free=base_free,
     )
-    build = _Build(spec, inputs, mspec, params, fmt, dtype, prov, progress)
+    build = _Build(spec, inputs, mspec, params, fmt, dtype, prov, progress, base_free)
     doing = "writing the merge"
     try:
         if cache is not None:
@@ -201,6 +209,7 @@ class _Build:
     dtype: str
     prov: Provenance
     progress: bool
+    base_free: bool = False  # the method does not use the base (e.g. wa): only the fine-tunes are read
 
     def _results(self):
         inputs, mspec, params, progress = self.inputs, self.mspec, self.params, self.progress
@@ -234,6 +243,10 @@ class _Build:
                 else (lambda names: iter_merged(inputs, mspec, params, progress=self.progress, names=names))
             )
             return write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=replaced)
+        if self.base_free:
+            return write_full_base_free(
+                iter_merged_base_free(inputs, mspec, params, progress=self.progress), inputs, tmp
+            )
         return write_full_from_checkpoints(results, inputs, tmp)
 
     def __call__(self, tmp: Path) -> None:

@@ -14,8 +14,12 @@ cache key. Tensors no input changed are skipped (delta 0).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -24,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import MethodParamError
 from .methods import MethodSpec, available, get, module_generator
 from .methods._params import MethodParams
-from .types import Dense, MergeResult
+from .types import Dense, MergeResult, ModuleInputs
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,51 @@ def collect_stats(inputs, passes, names: list[str], *, progress: bool = True) ->
     return stats
 
 
+def merge_threads() -> int:
+    """Modules merged at once by :func:`iter_merged` (and input files hashed at
+    once): ``HARNESS_MERGE_THREADS`` (default 1). Torch releases the GIL in its
+    kernels, so with more the modules' reads and methods overlap on free
+    cores; on the shared 2-core benchmark machine 2 threads were no faster
+    (README, Benchmarks), hence the default."""
+    env = os.environ.get("HARNESS_MERGE_THREADS", "").strip()
+    if not env:
+        return 1
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MethodParamError(f"HARNESS_MERGE_THREADS must be a whole number >= 1, got {env!r}")
+    return n
+
+
+def _ordered_map(fn, items: list, workers: int) -> Iterator:
+    """``map(fn, items)`` in order, with at most ``workers + 1`` calls in
+    flight on a thread pool (bounded memory); the first error is raised where
+    its item's result is due. Closing the iterator cancels the queued calls."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="harness-merge")
+    try:
+        it = iter(items)
+        pending = deque(ex.submit(fn, x) for x in itertools.islice(it, workers + 1))
+        while pending:
+            res = pending.popleft().result()
+            for x in itertools.islice(it, 1):
+                pending.append(ex.submit(fn, x))
+            yield res
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def iter_merged(
-    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, names=None
+    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, names=None, threads=None
 ) -> Iterator[tuple[str, MergeResult | None]]:
-    """Yield ``(module name, result)`` per module; ``None`` where nothing changed."""
+    """Yield ``(module name, result)`` per module, in ``names`` order; ``None``
+    where nothing changed. ``threads`` modules are read and merged at once
+    (default :func:`merge_threads`); every module's result is the same for any
+    number (methods are pure per module, random ones seeded per module)."""
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
     extra = {}
@@ -95,10 +140,54 @@ def iter_merged(
         passes = spec.passes(params)
         if passes:
             extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
-    # On stderr from the first module on: the bar names the module being merged
-    # before its work starts, so a slow module shows which it is.
+
+    def one(name: str) -> MergeResult | None:
+        with torch.no_grad():  # per thread
+            mi = inputs.read(name)
+            if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
+                return None
+            if inputs.is_matrix(name) or params.nonlinear == "method":
+                # LoRA names a module, a checkpoint its weight: one key for both, so
+                # random methods draw the same masks from either input form.
+                key = name.removesuffix(".weight")
+                return spec.fn(mi, params, generator=module_generator(seed, key), **extra)
+            return Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
+
+    yield from _drive(one, names, spec, progress, threads)
+
+
+def iter_merged_base_free(
+    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, threads=None
+) -> Iterator[tuple[str, MergeResult | None]]:
+    """Full checkpoints, a method with ``params.needs_base()`` False: the
+    method runs on the fine-tuned weights themselves (``theta_0 = 0``), so its
+    ``Dense`` result is the merged weight, not an update; the base is never
+    read. Yields ``(name, result)`` in the first checkpoint's layout; ``None``
+    where every checkpoint holds the same tensor (written as stored)."""
+    if params.needs_base() or inputs.kind != "dense":
+        raise MethodParamError(f"{spec.name}: this merge reads the base (theta_0)")
+    seed = int(getattr(params, "seed", 0))
+    names = inputs.layout_names()
+
+    def one(name: str) -> MergeResult | None:
+        with torch.no_grad():
+            thetas = inputs.read_fine_tuned(name)
+            if all(torch.equal(thetas[0], t) for t in thetas[1:]):
+                return None
+            mi = ModuleInputs(name=name, task_vectors=thetas)
+            if inputs.is_matrix(name) or params.nonlinear == "method":
+                key = name.removesuffix(".weight")
+                return spec.fn(mi, params, generator=module_generator(seed, key))
+            return Dense(torch.stack(thetas).mean(dim=0), info={"policy": "average"})
+
+    yield from _drive(one, names, spec, progress, threads)
+
+
+def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:
+    # On stderr from the first module on: the bar names the module whose result
+    # is awaited, so a slow module shows which it is.
     bar = tqdm(
-        names,
+        total=len(names),
         desc=f"merge {spec.name}",
         unit="module",
         disable=not progress,
@@ -106,17 +195,14 @@ def iter_merged(
         file=sys.stderr,
         mininterval=0.5,
     )
-    with torch.no_grad():
-        for name in bar:
+    workers = merge_threads() if threads is None else int(threads)
+    results = _ordered_map(one, names, workers)
+    try:
+        for name in names:
             bar.set_postfix_str(name, refresh=True)
-            mi = inputs.read(name)
-            if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
-                yield name, None
-            elif inputs.is_matrix(name) or params.nonlinear == "method":
-                # LoRA names a module, a checkpoint its weight: one key for both, so
-                # random methods draw the same masks from either input form.
-                key = name.removesuffix(".weight")
-                yield name, spec.fn(mi, params, generator=module_generator(seed, key), **extra)
-            else:
-                yield name, Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
-            del mi
+            res = next(results)
+            bar.update(1)
+            yield name, res
+    finally:
+        results.close()
+        bar.close()

@@ -1,5 +1,8 @@
 """Merge benchmark: N random rank-r adapters with LLaVA-1.5-7B's module shapes.
 
+Each method runs once per ``--threads`` value (``HARNESS_MERGE_THREADS``: the
+modules merged at once; the floor is one thread).
+
 Prints, per method, wall time, peak RSS and the ratio to the floor (the time
 to just read every adapter tensor with safetensors), each measured in its own
 subprocess in the same run so peak RSS is per method, with the machine's load
@@ -129,11 +132,15 @@ print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAG
 """
 
 
-def run_child(kind, method, cache, adapters) -> dict:
+def run_child(kind, method, cache, adapters, threads: int | None = None) -> dict:
+    env = dict(os.environ)
+    if threads is not None:
+        env["HARNESS_MERGE_THREADS"] = str(threads)
     res = subprocess.run(
         [sys.executable, "-c", CHILD, kind, method, str(cache), *map(str, adapters)],
         capture_output=True,
         text=True,
+        env=env,
     )
     if res.returncode != 0:
         raise SystemExit(f"{kind} {method} failed:\n{res.stderr[-3000:]}")
@@ -150,6 +157,13 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--methods", nargs="+", default=["copa", "ta", "wa", "ties"])
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="HARNESS_MERGE_THREADS values to run each method with (default: 1, 2 and the current setting)",
+    )
     ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
     ap.add_argument(
         "--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)"
@@ -174,19 +188,25 @@ def main(argv=None) -> None:
     print(
         f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)"
     )
+    from harness_merge.merge_loop import merge_threads
+
+    threads = args.threads or sorted({1, 2, merge_threads()})
     for m in args.methods:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"
-        cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
-        r = run_child(kind, m, cache, adapters)
-        out = (
-            f"LoRA rank {r['rank']}"
-            if kind == "api"
-            else f"{r['modules']} dense deltas (computed, not written)"
-        )
-        print(
-            f"{m:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   {out}  (load {_load()})"
-        )
+        for t in threads:
+            cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+            r = run_child(kind, m, cache, adapters, threads=t)
+            out = (
+                f"LoRA rank {r['rank']}"
+                if kind == "api"
+                else f"{r['modules']} dense deltas (computed, not written)"
+            )
+            label = f"{m} ({t} thread{'s' if t > 1 else ''})"
+            print(
+                f"{label:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   "
+                f"{out}  (load {_load()})"
+            )
         if kind == "api":
             hit = run_child("api", m, cache, adapters)
             print(
@@ -201,7 +221,7 @@ def main(argv=None) -> None:
             print(
                 f"{'  peft cat (' + m + ')':24s} {p['wall']:8.2f} s  {p['peak_rss_mb']:8.0f} MiB  "
                 f"{p['wall'] / floor['wall']:8.2f}x   add_weighted_adapter, rank {p['rank']}, not written  (load {_load()})"
-                f"  -> ours {r['wall'] / p['wall']:.2f}x PEFT's time"
+                f"  -> ours ({t} thread{'s' if t > 1 else ''}) {r['wall'] / p['wall']:.2f}x PEFT's time"
             )
     if not args.no_peers:
         try:

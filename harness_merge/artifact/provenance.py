@@ -50,19 +50,28 @@ class Provenance:
         base: str | None,
         rank: int | None,
         hasher: _cache.FileHasher,
+        base_free: bool = False,
     ) -> Provenance:
-        """Hash the inputs (and the base when the output holds its weights) and
-        collect the fields; ``inputs`` is an opened input set, ``mspec`` /
-        ``params`` the method and its validated parameters."""
+        """Hash the inputs (and the base when the output holds its weights, unless
+        ``base_free``: a merge that never reads the base, which then has no hash)
+        and collect the fields; ``inputs`` is an opened input set, ``mspec`` /
+        ``params`` the method and its validated parameters. Inputs are hashed on
+        ``merge_threads()`` threads (hashlib and file reads release the GIL)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from .. import __version__
         from ..inputs import resolve_ref
+        from ..merge_loop import merge_threads
 
-        adapter_hashes = tuple(hasher.many(files) for files in inputs.files)
-        base_hash = None
-        if base is not None and (fmt == "full" or inputs.kind == "dense"):
+        base_files = None
+        if base is not None and (fmt == "full" or inputs.kind == "dense") and not base_free:
             base_dir = Path(resolve_ref(base))
             base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != _cache.MANIFEST)
-            base_hash = hasher.many(base_files)
+        with ThreadPoolExecutor(merge_threads(), thread_name_prefix="harness-merge-hash") as ex:
+            jobs = [ex.submit(hasher.many, files) for files in inputs.files]
+            base_job = ex.submit(hasher.many, base_files) if base_files is not None else None
+            adapter_hashes = tuple(j.result() for j in jobs)
+            base_hash = base_job.result() if base_job is not None else None
         dora = None
         if getattr(inputs, "dora", False):
             from ..merge_dora import RECORD as DORA_RECORD

@@ -181,3 +181,39 @@ def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
         )
     copy_side_files(base.path, out_dir)
     return {"modules": n}
+
+
+def write_full_base_free(results, ckset, out_dir: Path) -> dict:
+    """The merged weights themselves (``iter_merged_base_free``: ``Dense``
+    results are weights, ``None`` means every checkpoint holds the same
+    tensor), streamed in the first fine-tuned checkpoint's shard layout, each
+    tensor in the base's dtype (read from its header; the base's tensors are
+    never read); side files from the first checkpoint."""
+    first = ckset.checkpoints[0]
+    files = first.file_names
+    out_names = {fn: (fn if len(files) > 1 else "model.safetensors") for fn in files}
+    weight_map, n = {}, 0
+    current, buf = None, {}
+    for name, res in results:
+        fn = first.where[name]
+        if current is not None and fn != current:
+            save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
+            buf = {}
+        current = fn
+        if res is None:
+            buf[name] = first.get(name).contiguous()
+        else:
+            dt = getattr(torch, first.dtype(name), None)  # from the header
+            buf[name] = res.delta.to(
+                dt if isinstance(dt, torch.dtype) else first.get(name).dtype
+            ).contiguous()
+            n += 1
+        weight_map[name] = out_names[fn]
+    if buf:
+        save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
+    if len(files) > 1:
+        (Path(out_dir) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
+    copy_side_files(first.path, out_dir)
+    return {"modules": n, "base_read": False}

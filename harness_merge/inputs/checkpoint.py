@@ -2,7 +2,10 @@
 
 Checkpoints are safetensors model folders (single file or sharded with
 ``model.safetensors.index.json``). Tensors are read one name at a time from
-memory-mapped files, so memory holds about N+1 copies of one tensor.
+memory-mapped files, so memory holds about N+1 copies of one tensor. A method
+that does not need the base (``params.needs_base()`` False: wa at lambda 1)
+reads the fine-tuned weights only (``read_fine_tuned``); the base's headers are
+still checked.
 """
 
 from __future__ import annotations
@@ -140,6 +143,17 @@ class CheckpointSet:
     def weight_dtype(self) -> str:
         n = next(iter(self.base.where))
         return self.base.dtype(n)
+
+    def layout_names(self) -> list[str]:
+        """Tensor names in the first fine-tuned checkpoint's shard order: the
+        layout of a merge that does not read the base."""
+        first = self.checkpoints[0]
+        order = {fn: i for i, fn in enumerate(first.file_names)}
+        return sorted(first.where, key=lambda n: (order[first.where[n]], n))
+
+    def read_fine_tuned(self, name: str) -> tuple:
+        """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched."""
+        return tuple(checked_float(c.get(name), f"{c.ref} [{name}]") for c in self.checkpoints)
 
     def read(self, name: str) -> ModuleInputs:
         base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")

@@ -32,9 +32,10 @@ def magnitude_mask(
     permutation drawn from ``generator`` (a fixed seed-0 generator when None),
     so no output row is favoured by its position.
 
-    A selection (linear time: numpy's introselect on CPU, ``kthvalue``
-    elsewhere) finds the threshold instead of a top-k sort, which is ~40x
-    slower at 7B module sizes.
+    A selection (linear time: a radix selection on CPU float32 - a histogram
+    of the top 13 bits, then the one bucket - numpy's introselect on float64,
+    ``kthvalue`` elsewhere) finds the threshold instead of a top-k sort, which
+    is ~40x slower at 7B module sizes.
     """
     if keep >= 1.0:
         return torch.ones_like(x, dtype=torch.bool)
@@ -65,7 +66,9 @@ def magnitude_mask(
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:  # flat = |x|: the radix selection
+        return torch.tensor(_kth_largest_nonneg_f32(flat, k), dtype=torch.float32)
+    if flat.device.type == "cpu" and flat.dtype == torch.float64:
         import numpy as np
 
         return torch.tensor(np.partition(flat.numpy(), n - k)[n - k], dtype=flat.dtype)
@@ -80,7 +83,10 @@ def prune_magnitude(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Zero the ``prune_rate`` fraction of entries of smallest magnitude
-    (``rule`` and ties as :func:`magnitude_mask`)."""
+    (``rule`` and ties as :func:`magnitude_mask`); the released rule without a
+    boolean map (:func:`keep_at_least`, same values)."""
+    if rule == "released" and x.dtype == torch.float32 and x.device.type == "cpu":
+        return keep_at_least(x, released_threshold(x.abs(), 1.0 - prune_rate))
     return x * magnitude_mask(x, 1.0 - prune_rate, rule=rule, generator=generator)
 
 
@@ -163,3 +169,47 @@ def magnitude_mask_released(
         return torch.ones_like(x, dtype=torch.bool)
     mag = x.abs() if magnitude is None else magnitude
     return mag >= kth_largest_magnitude(x, n - j + 1)
+
+
+def released_threshold(mag: torch.Tensor, keep: float) -> float | None:
+    """The threshold of :func:`magnitude_mask_released` from the magnitudes
+    ``mag`` (``|x|``): the mask is ``mag >= threshold``; None
+    when the rule keeps everything. Exact (the value a sort gives): a histogram
+    of the top 13 bits of the bit patterns (which order like the values for
+    non-negative floats) locates the bucket of the wanted order statistic, a
+    selection among that bucket's entries gives it (float32 on CPU; otherwise
+    ``kthvalue``); torch calls only, no copy of the magnitudes."""
+    if keep >= 1.0:
+        return None
+    n = mag.numel()
+    j = int((1.0 - keep) * n + 1e-6)
+    if j <= 0:
+        return None
+    if mag.dtype != torch.float32 or mag.device.type != "cpu":
+        return float(torch.kthvalue(mag.reshape(-1), j).values)
+    return _kth_largest_nonneg_f32(mag, n - j + 1)
+
+
+def _kth_largest_nonneg_f32(mag: torch.Tensor, k: int) -> float:
+    """The k-th largest of non-negative float32 ``mag`` (1-based), exactly."""
+    bits = mag.contiguous().view(torch.int32).reshape(-1)
+    hi = bits >> 18
+    above = torch.bincount(hi, minlength=1 << 13).flip(0).cumsum(0)
+    pos = int(torch.searchsorted(above, torch.tensor([k], dtype=above.dtype)))
+    before = int(above[pos - 1]) if pos else 0
+    inside = bits[hi == (1 << 13) - 1 - pos]
+    value = torch.kthvalue(inside, inside.numel() - (k - before) + 1).values
+    return float(value.view(torch.float32))
+
+
+def keep_at_least(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """``where(|x| >= threshold, x, 0)`` (float32), as one ``hardshrink`` with
+    the float just below the threshold in ``x.dtype`` (``hardshrink`` keeps
+    ``|x| > lambda``; for floats ``|x| > prev(t)`` iff ``|x| >= t``): ~30x
+    faster than ``where`` with a boolean mask on CPU. ``None`` keeps everything
+    (a copy)."""
+    if threshold is None:
+        return x.clone()
+    t = torch.tensor(threshold, dtype=x.dtype)
+    lam = float(torch.nextafter(t, torch.zeros((), dtype=x.dtype)))
+    return torch.nn.functional.hardshrink(x, lam)

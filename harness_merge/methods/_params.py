@@ -60,6 +60,13 @@ class MethodParams:
     def check_ranks(self, module: str, ranks: list[int]) -> None:
         """Checks on the LoRA ranks of one module, run before any tensor is read."""
 
+    def needs_base(self) -> bool:
+        """Whether a merge of full checkpoints reads the base (theta_0): True
+        where the formula uses the task vectors ``theta_n - theta_0``; a method
+        whose result is a function of the fine-tuned weights alone says False
+        (the base is then neither read nor hashed)."""
+        return True
+
     def plan_note(self, kind: str, shapes: list[tuple[int, ...]], n_inputs: int) -> str | None:
         """A sentence on what this merge will cost, said before it starts
         (``kind``: "lora" | "dense"; ``shapes`` of the modules the method runs

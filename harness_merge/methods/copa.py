@@ -13,7 +13,7 @@ import torch
 from ..errors import MethodParamError
 from ..types import LowRank, MergeResult, ModuleInputs
 from . import register
-from ._ops import KeepRule, magnitude_mask, magnitude_mask_released
+from ._ops import KeepRule, keep_at_least, magnitude_mask, released_threshold
 from ._params import MethodParams
 
 
@@ -70,7 +70,13 @@ def complementary_scale(
     abs_A = A.abs() if abs_A is None else abs_A
     total = abs_A.sum(dim=1)
     kept = (abs_A * mask_A).sum(dim=1)  # = |M_A * A| summed: masking commutes with abs
-    s = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(A.dtype).tiny), torch.nan)
+    return scale_from_sums(total, kept, clamp_quantile)
+
+
+def scale_from_sums(total: torch.Tensor, kept: torch.Tensor, clamp_quantile: float | None) -> torch.Tensor:
+    """:func:`complementary_scale` from the per-row sums ``sum_j |A[i,j]|``
+    (``total``) and ``sum_j |M_A * A|[i,j]`` (``kept``)."""
+    s = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
     s = torch.where(total == 0, torch.ones_like(s), s)
     finite = s[torch.isfinite(s)]
     fill = finite.max() if finite.numel() else torch.tensor(1.0, dtype=s.dtype)
@@ -131,26 +137,34 @@ def copa(
     w = params.weight_list(inputs.n)
     lam = params.scaling
     rule = params.keep_rule
-    masks_B, A_t, scales = [], [], []
-    for f in inputs.lora:
-        abs_A = f.A.abs()
-        if rule == "released":  # the same masks as magnitude_mask(rule="released"), found faster
-            mask_A = magnitude_mask_released(f.A, keep, magnitude=abs_A)
-            mask_B = magnitude_mask_released(f.B, keep)
-        else:
+    if rule == "released":
+        # The released masks without boolean maps: one exact threshold per factor
+        # (released_threshold) and hardshrink just below it (keep_at_least) give
+        # where(mask, x, 0); the kept mass of A is the pruned A's |.| summed.
+        A_t, B_t, scales = [], [], []
+        for f in inputs.lora:
+            abs_A = f.A.abs()
+            At = keep_at_least(f.A, released_threshold(abs_A, keep))
+            scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), params.clamp_quantile))
+            del abs_A
+            A_t.append(At)
+            B_t.append(keep_at_least(f.B, released_threshold(f.B.abs(), keep)))
+    else:
+        A_t, B_t, scales = [], [], []
+        for f in inputs.lora:
+            abs_A = f.A.abs()
             mask_A = magnitude_mask(f.A, keep, rule=rule, generator=generator)
             mask_B = magnitude_mask(f.B, keep, rule=rule, generator=generator)
-        A_t.append(torch.where(mask_A, f.A, 0.0))
-        masks_B.append(mask_B)
-        scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile, abs_A=abs_A))
-        del abs_A
+            A_t.append(torch.where(mask_A, f.A, 0.0))
+            B_t.append(torch.where(mask_B, f.B, 0.0))
+            scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile, abs_A=abs_A))
+            del abs_A
     scales = cross_task_normalise(scales)
-    # B~_n diag(s~_n) times lambda w_n scale_n, as one column factor on the masked B_n.
+    # B~_n diag(s~_n) times lambda w_n scale_n, as one column factor on the masked B_n (in place).
     B_parts = [
-        torch.where(mask, f.B, 0.0) * (s * (lam * wn * f.scale)).unsqueeze(0)
-        for f, mask, s, wn in zip(inputs.lora, masks_B, scales, w)
+        Bt.mul_((s * (lam * wn * f.scale)).unsqueeze(0)) for f, Bt, s, wn in zip(inputs.lora, B_t, scales, w)
     ]
-    del masks_B
+    del B_t
     if params.combine == "product_of_sums":
         A = A_t[0] * (lam * w[0])
         for wn, At in zip(w[1:], A_t[1:]):

@@ -37,6 +37,12 @@ class WeightAverageParams(MethodParams):
         if self.weights is not None and sum(self.weights) <= 0:
             self._bad("weights", self.weights, "must have a positive sum")
 
+    def needs_base(self) -> bool:
+        """``theta_0 + lambda sum_n w_n tau_n / sum_n w_n`` is ``sum_n w_n theta_n /
+        sum_n w_n`` for lambda = 1: no base. (The ``nonlinear=average`` tensors
+        get ``mean_n theta_n``, no base either.)"""
+        return self.scaling != 1.0
+
 
 def linear_coefficients(params: MethodParams, n: int, *, normalise: bool) -> list[float]:
     w = params.weight_list(n)

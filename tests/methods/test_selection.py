@@ -47,3 +47,19 @@ def test_released_masks_are_magnitude_mask_released(keep):
         assert torch.equal(
             magnitude_mask_released(x, keep, magnitude=x.abs()), magnitude_mask(x, keep, rule="released")
         )
+
+
+@pytest.mark.parametrize("prune", [0.8, 0.5, 0.0, 0.9999])
+def test_prune_magnitude_released_keeps_what_a_sort_keeps(prune):
+    """The hardshrink path of prune_magnitude against a sort's threshold (the oracle)."""
+    from harness_merge.methods._ops import prune_magnitude
+
+    for x in _cases():
+        n = x.numel()
+        j = int(prune * n + 1e-6)
+        if j <= 0:
+            want = x
+        else:
+            t = x.abs().reshape(-1).sort().values[j - 1]  # the j-th smallest magnitude
+            want = torch.where(x.abs() >= t, x, 0.0)
+        assert torch.equal(prune_magnitude(x, prune, rule="released"), want)
