@@ -89,6 +89,7 @@ def test_wa_base_free_equals_the_base_path(tiny_base, nan_base_and_fts, tmp_path
     _, fts = nan_base_and_fts
     free = merge(
         MergeSpec(adapters=tuple(map(str, fts)), method="wa", base=str(tiny_base)),
+        out=tmp_path / "free",
         use_cache=False,
         progress=False,
     )
@@ -96,6 +97,7 @@ def test_wa_base_free_equals_the_base_path(tiny_base, nan_base_and_fts, tmp_path
         MergeSpec(
             adapters=tuple(map(str, fts)), method="wa", base=str(tiny_base), params={"scaling": 1.0 + 1e-12}
         ),
+        out=tmp_path / "with_base",
         use_cache=False,
         progress=False,
     )
