@@ -24,7 +24,7 @@ the text, as lmms-eval's qwen2_audio / video classes build them). A
 modality merge (``modalities={...}``, or ``pretrained=`` a modality-merged
 artifact with ``method=none``) loads one backend per modality and routes each
 request to the modality its inputs need (see :mod:`.modality_serving`; audio +
-video in one request: the composed model of :mod:`.modality_compose`)::
+video in one request: the composed model of :mod:`harness_merge.backends.composed_av`)::
 
     lmms_eval --model merged \
       --model_args pretrained=LLM,modalities={vision=/m/v,audio=/m/a,video=/m/vid},method=ties \
@@ -317,9 +317,9 @@ class MergedLMM(lmms):
 
     def _composed_av(self, task: str):
         """The composed audio+video model over the merge's video and audio modalities
-        (see :mod:`.modality_compose`), built once."""
+        (see :mod:`harness_merge.backends.composed_av`), built once."""
         if getattr(self, "_composed", None) is None:
-            from .modality_compose import ComposedAV
+            from ..backends.composed_av import ComposedAV
 
             vid = [m for m in self.modalities.values() if "video" in m.kinds]
             aud = [m for m in self.modalities.values() if "audio" in m.kinds]

@@ -17,7 +17,7 @@ activitynetqa give ``get_video(...)``):
 
 A request mixing kinds that no single modality model takes is refused here
 with the kinds and the modalities available; model 'merged' answers audio +
-video (MUSIC-AVQA / AVQA) with the composed model of :mod:`.modality_compose`.
+video (MUSIC-AVQA / AVQA) with the composed model of :mod:`harness_merge.backends.composed_av`.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_requests_routed_to_their_modality(mm3, lmm):
 def test_audio_plus_video_request_composed(mm3, lmm):
     """One request with a clip and its audio (MUSIC-AVQA / AVQA): the video
     model's inputs with the audio model's features inserted, on the shared LLM."""
-    from harness_merge.harness.modality_compose import ComposedAV
+    from harness_merge.backends.composed_av import ComposedAV
 
     _, _, _, clips = mm3
     docs = [

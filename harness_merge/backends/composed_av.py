@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..backends.base import BackendError, GenRequest, LLRequest, cut_at_stop
+from .base import BackendError, GenRequest, LLRequest, cut_at_stop
 
 
 class _Captured(Exception):
