@@ -19,9 +19,10 @@ does to a request (checked on lmms-eval 0.7.3):
     stop at the tokenizer's EOS; 1024 new tokens by default; stop strings are
     not applied (the class ignores ``until``). Loglikelihood: the context as
     the class renders it (``"<image>\n"`` per image, a bare ``"\n"`` without
-    images), scored as the sum of the continuation's log-probabilities; the
-    class's own number (its mean loss) is not copied (README, "Comparing with
-    published scores").
+    images), scored as the sum of the continuation's log-probabilities by
+    default; ``loglikelihood=llava_hf`` (backend=hf) returns the class's own
+    number, its mean loss (``harness_merge.backends.hf``; README, "Comparing
+    with published scores").
 ``vllm`` (lmms-eval ``vllm``, ``simple/vllm.py``, its defaults)
     no system message; the context sent as is (``<image>`` kept, not stripped)
     as the first content item, the images after it (``image_first=False``);

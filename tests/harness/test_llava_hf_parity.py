@@ -219,3 +219,103 @@ def test_loglikelihood_same_context_documented_scoring_difference(merged, refere
         assert lmms_ll == pytest.approx(o_lmms, rel=1e-5, abs=1e-5)  # the class: mean loss, as written above
         assert mine == pytest.approx(o_sum, rel=1e-5, abs=1e-5)  # merged: the class's context, summed log p
         assert lmms_ll > 0 > mine
+
+
+# -- loglikelihood=llava_hf: the class's own number ----------------------------
+
+
+@pytest.fixture(scope="module")
+def merged_llava_ll(base):
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    return MergedLMM.create_from_arg_string(
+        f"pretrained={base},method=none,backend=hf,loglikelihood=llava_hf", {"batch_size": 1}
+    )
+
+
+def _ll(ctx, cont, visual, i):
+    return Instance(
+        request_type="loglikelihood",
+        arguments=(ctx, cont, visual, i, TASK, SPLIT),
+        idx=0,
+        metadata={"task": TASK, "doc_id": i, "repeats": 1},
+    )
+
+
+def _values(model, docs, reqs):
+    model.task_dict = {TASK: {SPLIT: docs}}
+    return [getattr(r, "text", r) for r in model.loglikelihood(reqs)]
+
+
+def test_loglikelihood_llava_hf_mode_equals_the_class(merged_llava_ll, reference, base, docs):
+    """loglikelihood=llava_hf: per sample the class's (value, greedy flag),
+    exactly (same ops on the same inputs), on every request shape the class
+    handles: images with the context lacking ``<image>`` (the class prepends
+    it), an empty continuation (the class still scores the end-of-turn tokens)."""
+    reqs = _ll_requests(docs) + [_ll("What colour is it?", "", _visual, 1)]
+    ref = _values(reference, docs, reqs)
+    ours = _values(merged_llava_ll, docs, reqs)
+    assert ours == ref  # float and bool, bit for bit
+    assert all(isinstance(v, float) and isinstance(g, bool) for v, g in ours)
+    oracle = _oracle(base, docs)
+    for (v, _), (o_lmms, _) in zip(ours, oracle):
+        assert v == pytest.approx(o_lmms, rel=1e-5, abs=1e-5)  # the formula written in _oracle
+    assert len({v for v, _ in ours}) == len(ours)
+
+
+def test_loglikelihood_llava_hf_mode_shapes_the_class_cannot_score(merged_llava_ll, reference, base, docs):
+    """The class fails on two request shapes: a context already holding
+    ``<image>`` (it prepends another: two placeholders, one image; StopIteration
+    in 0.7.3) and a request without images (its processor gets ``images=[]``
+    and the vision tower empty pixel values). ``merged`` scores both with the
+    class's formula: the placeholder is not doubled, text-only requests are
+    encoded without images (checked against the formula here)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with_image = _ll("<image>\nIs the square red?", " yes", _visual, 0)
+    text_only = _ll("What is two plus two?", " four", lambda d: [], 0)
+    for r in (with_image, text_only):
+        with pytest.raises((StopIteration, ValueError, RuntimeError)):
+            _values(reference, docs, [r])
+    # the same request without the <image> the class would have prepended: one value
+    (v_img, _), (v_plain, _) = _values(
+        merged_llava_ll, docs, [with_image, _ll("Is the square red?", " yes", _visual, 0)]
+    )
+    assert v_img == v_plain
+    ((v_text, g_text),) = _values(merged_llava_ll, docs, [text_only])
+    proc = AutoProcessor.from_pretrained(base)
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    user = [{"role": "user", "content": "\nWhat is two plus two?"}]  # the class: f"{''}\n{context}"
+    prompt = proc.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = proc.tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": " four"}], tokenize=False
+    )
+    ids = proc.tokenizer(full, return_tensors="pt")["input_ids"][0]
+    n = proc.tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+    nll = -logp[:-1].gather(-1, ids[1:, None])[:, 0]
+    assert v_text == pytest.approx(float(nll[n - 1 :].mean()), rel=1e-5, abs=1e-5)
+    assert isinstance(g_text, bool)
+
+
+def test_loglikelihood_llava_hf_mode_refused_where_it_cannot_run(base):
+    from harness_merge.harness.model_args import ModelArgsError, parse_model_args
+
+    with pytest.raises(ModelArgsError, match=r"loglikelihood=llava_hf .*backend=hf only.*backend=vllm"):
+        parse_model_args(f"pretrained={base},method=none,backend=vllm,loglikelihood=llava_hf")
+    with pytest.raises(ModelArgsError, match=r"loglikelihood must be sum or llava_hf, got 'mean'"):
+        parse_model_args(f"pretrained={base},method=none,loglikelihood=mean")
+    # sum is every backend's own scoring: nothing to pass to vLLM
+    h = parse_model_args(f"pretrained={base},method=none,backend=vllm,loglikelihood=sum")
+    assert "loglikelihood" not in h.backend_opts
+    h = parse_model_args(f"pretrained={base},method=none,loglikelihood=llava_hf")
+    assert h.backend_opts["loglikelihood"] == "llava_hf"
+
+
+def test_loglikelihood_llava_hf_mode_refuses_raw_text_requests(merged_llava_ll):
+    from harness_merge.backends.base import BackendError, LLRequest
+
+    with pytest.raises(BackendError, match=r"loglikelihood=llava_hf .*raw-text context.*loglikelihood=sum"):
+        merged_llava_ll.backend.loglikelihood([LLRequest(continuation=" yes", context="Is it? ")])
