@@ -54,7 +54,9 @@ does to a request (checked on lmms-eval 0.7.3):
 The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
 ``llava`` -> ``llava_hf``, ``internvl`` -> ``internvl``, anything else -> ``plain``); ``prompt_profile=`` in
 ``model_args`` overrides it. ``system_prompt=``, ``max_pixels=`` and
-``min_pixels=`` override the profile's values, as they do for lmms-eval's class.
+``min_pixels=`` override the profile's values, as they do for lmms-eval's class
+(``min_patches=`` / ``max_patches=`` the ``internvl`` profile's, through the
+backend options, the user's over the profile's).
 
 Pure request translation: no model, no harness import.
 """
