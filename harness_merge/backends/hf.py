@@ -88,9 +88,13 @@ OPTIONS = (
     "chat_template",
     "num_frames",
     "loglikelihood",
+    "chat_template_from",
 )
 EOS_FROM = ("generation_config", "tokenizer")
 LOGLIKELIHOOD_MODES = ("sum", "llava_hf")
+# "processor": base.render_prompt (the processor's template, else the tokenizer's);
+# "llava_hf": as lmms-eval's llava_hf class, the tokenizer's template, Vicuna's without one
+CHAT_TEMPLATE_FROM = ("processor", "llava_hf")
 # lmms-eval 0.7.3 llava_hf.py's VICUNA_CHAT_TEMPLATE: the class's template when the
 # tokenizer has none (llava-hf/llava-1.5 checkpoints)
 VICUNA_CHAT_TEMPLATE = (
@@ -209,6 +213,7 @@ class HFBackend:
         chat_template: str | None = None,
         num_frames: int | None = None,
         loglikelihood: str = "sum",
+        chat_template_from: str = "processor",
     ) -> None:
         t0 = time.perf_counter()
         if eos_from not in EOS_FROM:
@@ -218,6 +223,12 @@ class HFBackend:
                 f"backend=hf: loglikelihood must be one of {', '.join(LOGLIKELIHOOD_MODES)}, got {loglikelihood!r}"
             )
         self.loglikelihood_mode = loglikelihood
+        if chat_template_from not in CHAT_TEMPLATE_FROM:
+            raise BackendError(
+                f"backend=hf: chat_template_from must be one of {', '.join(CHAT_TEMPLATE_FROM)}, "
+                f"got {chat_template_from!r}"
+            )
+        self.chat_template_from = chat_template_from
         hub = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
         self.base = base
         self.batch_size = max(1, int(batch_size or 1))
@@ -318,8 +329,34 @@ class HFBackend:
         return m
 
     def render(self, req: GenRequest | LLRequest) -> str:
-        """The prompt text of a request (see ``base.render_prompt``)."""
+        """The prompt text of a request (see ``base.render_prompt``; with
+        ``chat_template_from="llava_hf"``, see :meth:`_render_llava_hf`)."""
+        if (
+            self.chat_template_from == "llava_hf"
+            and req.messages is not None
+            and all(isinstance(m["content"], str) for m in req.messages)
+        ):  # the class's string messages (image / audio items: the processor's template)
+            return self._render_llava_hf(req.messages)
         return render_prompt(req, self.processor, self.tokenizer, self.system_prompt)
+
+    def _render_llava_hf(self, messages, continuation: str | None = None) -> str:
+        """``messages`` as lmms-eval's ``llava_hf`` class renders them: text
+        contents, the *tokenizer's* chat template (the processor's is not
+        read), Vicuna's (the class's ``VICUNA_CHAT_TEMPLATE``) when the tokenizer
+        has none; with ``continuation``: the assistant turn appended, no
+        generation prompt (the class's ``prompt_and_continuation``)."""
+        tok = getattr(self.processor, "tokenizer", None) or self.tokenizer
+        msgs = [{**m, "content": _text_of(m["content"])} for m in messages]
+        if self.system_prompt and msgs[0].get("role") != "system":
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        if continuation is not None:
+            msgs.append({"role": "assistant", "content": continuation})
+        return tok.apply_chat_template(
+            msgs,
+            chat_template=getattr(tok, "chat_template", None) or VICUNA_CHAT_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=continuation is None,
+        )
 
     def _check_images(self, reqs) -> None:
         for what, ok, example in (
@@ -508,19 +545,8 @@ class HFBackend:
         if r.audios or r.videos:
             raise BackendError("backend=hf: loglikelihood=llava_hf scores text and image requests only")
         tok = getattr(self.processor, "tokenizer", None) or self.tokenizer
-        msgs = [{**m, "content": _text_of(m["content"])} for m in r.messages]
-        if self.system_prompt and msgs[0].get("role") != "system":
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        template = getattr(tok, "chat_template", None) or VICUNA_CHAT_TEMPLATE
-        prompt = tok.apply_chat_template(
-            msgs, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-        full = tok.apply_chat_template(
-            msgs + [{"role": "assistant", "content": r.continuation}],
-            chat_template=template,
-            tokenize=False,
-            add_generation_prompt=False,
-        )
+        prompt = self._render_llava_hf(r.messages)
+        full = self._render_llava_hf(r.messages, r.continuation)
         enc_with = self.processor if self.processor is not None else tok
         if self.processor is not None:
             # images=None without images: the class passes [] and its processor's empty

@@ -319,3 +319,54 @@ def test_loglikelihood_llava_hf_mode_refuses_raw_text_requests(merged_llava_ll):
 
     with pytest.raises(BackendError, match=r"loglikelihood=llava_hf .*raw-text context.*loglikelihood=sum"):
         merged_llava_ll.backend.loglikelihood([LLRequest(continuation=" yes", context="Is it? ")])
+
+
+# -- no chat template in the tokenizer: the class's Vicuna fallback -------------
+
+
+@pytest.fixture(scope="module", params=["no_template", "processor_template_only"])
+def base_vicuna(base, tmp_path_factory, request):
+    """The tiny LLaVA whose tokenizer has no chat template (llava-hf/llava-1.5
+    checkpoints): none at all, or the processor's alone (``chat_template.json``),
+    which the class does not read."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp(f"llava_{request.param}") / "llava"
+    shutil.copytree(base, out)
+    template = (out / "chat_template.jinja").read_text()
+    (out / "chat_template.jinja").unlink()
+    if request.param == "processor_template_only":
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    return str(out), request.param
+
+
+def test_vicuna_fallback_without_tokenizer_template(base_vicuna, docs):
+    from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE, LlavaHf
+    from transformers import AutoProcessor
+
+    from harness_merge.backends.hf import VICUNA_CHAT_TEMPLATE as OURS
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    assert OURS == VICUNA_CHAT_TEMPLATE  # the class's template, written here
+    path, variant = base_vicuna
+    proc = AutoProcessor.from_pretrained(path)
+    assert not proc.tokenizer.chat_template and bool(proc.chat_template) == (variant != "no_template")
+    ref = LlavaHf(pretrained=path, device="cpu", device_map="cpu", dtype="float32")
+    merged = MergedLMM.create_from_arg_string(f"pretrained={path},method=none,backend=hf", {"batch_size": 1})
+    ref_gen = _run(ref, docs, "generate_until")
+    assert _run(merged, docs, "generate_until") == ref_gen
+    first = merged.merge_record["first_prompt"]
+    assert first == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nIs the square red? "
+        "ASSISTANT:"
+    )
+    if proc.chat_template:  # what rendering with the processor's template (before) gives: another prompt
+        msgs = [{"role": "user", "content": "<image>\nIs the square red?"}]
+        assert proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) != first
+    ll = MergedLMM.create_from_arg_string(
+        f"pretrained={path},method=none,backend=hf,loglikelihood=llava_hf", {"batch_size": 1}
+    )
+    reqs = _ll_requests(docs)
+    assert _values(ll, docs, reqs) == _values(ref, docs, reqs)
