@@ -6,8 +6,9 @@ on the same tiny LLaVA and the same ``Instance`` s, both classes' own
 - generate_until: the answers are identical, sample for sample (contexts with and
   without ``<image>``, trailing whitespace, a stop string the class ignores).
 - loglikelihood: the *context* is rendered identically (checked token for token
-  against the class's own rendering), but the numbers are not the same quantity
-  and ``merged`` does not copy them: lmms-eval 0.7.3's ``llava_hf`` returns the
+  against the class's own rendering), but by default the numbers are not the
+  same quantity (``loglikelihood=llava_hf`` returns the class's, tested below to
+  be identical per sample): lmms-eval 0.7.3's ``llava_hf`` returns the
   model's mean cross-entropy (positive; higher = less likely) over every label
   after the context's length measured *before* the image placeholder is
   expanded, so it also scores part of the image placeholder and the template's
@@ -16,6 +17,8 @@ on the same tiny LLaVA and the same ``Instance`` s, both classes' own
   continuation's log-probabilities, as every other lmms-eval and lm-eval class
   does. Both are checked here against formulas written in the test, so a change
   on either side fails.
+- a tokenizer without a chat template: the class falls back to its Vicuna
+  template, and so does the profile (generate_until and loglikelihood=llava_hf).
 
 The tiny LLaVA uses ``<image>`` as its image token, as the llava-hf checkpoints
 do (the class writes ``<image>`` into the prompt). ``llava_hf.py`` imports
