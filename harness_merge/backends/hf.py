@@ -544,6 +544,13 @@ class HFBackend:
             )
         if r.audios or r.videos:
             raise BackendError("backend=hf: loglikelihood=llava_hf scores text and image requests only")
+        if not all(isinstance(m["content"], str) for m in r.messages):
+            raise BackendError(
+                "backend=hf: loglikelihood=llava_hf scores requests rendered as lmms-eval's llava_hf class "
+                "renders them (prompt_profile=llava_hf: one string message, <image> placeholders in the "
+                "text); this request has content items (another prompt profile): use prompt_profile=llava_hf "
+                "or loglikelihood=sum"
+            )
         tok = getattr(self.processor, "tokenizer", None) or self.tokenizer
         prompt = self._render_llava_hf(r.messages)
         full = self._render_llava_hf(r.messages, r.continuation)

@@ -373,3 +373,16 @@ def test_vicuna_fallback_without_tokenizer_template(base_vicuna, docs):
     )
     reqs = _ll_requests(docs)
     assert _values(ll, docs, reqs) == _values(ref, docs, reqs)
+
+
+def test_loglikelihood_llava_hf_mode_needs_the_llava_hf_rendering(base, docs):
+    """With another profile (content items, images beside the text) there is no
+    llava_hf number to reproduce: a clear error instead of a wrong value."""
+    from harness_merge.backends.base import BackendError
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    m = MergedLMM.create_from_arg_string(
+        f"pretrained={base},method=none,prompt_profile=plain,loglikelihood=llava_hf", {}
+    )
+    with pytest.raises(BackendError, match=r"loglikelihood=llava_hf .*prompt_profile=llava_hf"):
+        _values(m, docs, _ll_requests(docs)[:1])
