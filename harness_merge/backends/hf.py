@@ -17,6 +17,21 @@
   gets ``num_frames`` (default 8) uniformly sampled frames per video, through
   the processor's video processor where one loads, else through its image
   processor (the same CLIP transform for Video-LLaVA; torchvision-free).
+- loglikelihood scoring (option ``loglikelihood``): ``sum`` (the default) is
+  the sum of the continuation's log-probabilities given the rendered context,
+  as every lm-eval class and lmms-eval's other classes return it.
+  ``llava_hf`` returns what lmms-eval 0.7.3's ``llava_hf`` class
+  (``models/simple/llava_hf.py``) returns, so its published numbers can be
+  reproduced: the user turn and the user + assistant(continuation) turns are
+  rendered with the *tokenizer's* chat template (Vicuna's, the class's
+  fallback, when it has none); the value is the model's own mean
+  cross-entropy (``labels=``, positive, higher = less likely) over every token
+  after the first ``n`` of the full sequence, ``n`` the length of the user turn
+  tokenized *without* expanding the image placeholder (so part of the image
+  placeholder and the template's end-of-turn tokens are scored too); the
+  greedy flag compares the argmax at positions ``n..`` with the tokens at the
+  same positions (unshifted). It is not a log-likelihood (a mean loss, sign
+  flipped, over other tokens), hence not the default.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ from .base import (
     BackendInfo,
     GenRequest,
     LLRequest,
+    _text_of,
     cut_at_stop,
     encode_pair,
     lm_encode,
@@ -71,8 +87,23 @@ OPTIONS = (
     "subfolder",
     "chat_template",
     "num_frames",
+    "loglikelihood",
+    "chat_template_from",
 )
 EOS_FROM = ("generation_config", "tokenizer")
+LOGLIKELIHOOD_MODES = ("sum", "llava_hf")
+# "processor": base.render_prompt (the processor's template, else the tokenizer's);
+# "llava_hf": as lmms-eval's llava_hf class, the tokenizer's template, Vicuna's without one
+CHAT_TEMPLATE_FROM = ("processor", "llava_hf")
+# lmms-eval 0.7.3 llava_hf.py's VICUNA_CHAT_TEMPLATE: the class's template when the
+# tokenizer has none (llava-hf/llava-1.5 checkpoints)
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}A chat between a curious user and an "
+    "artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to "
+    "the user's questions. USER: {{ message['content'] }} {% elif message['role'] == 'user' %}USER: "
+    "{{ message['content'] }} {% else %} ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def load(artifact: Any, base: str, **opts: Any) -> "HFBackend":
@@ -181,10 +212,23 @@ class HFBackend:
         subfolder: str | None = None,
         chat_template: str | None = None,
         num_frames: int | None = None,
+        loglikelihood: str = "sum",
+        chat_template_from: str = "processor",
     ) -> None:
         t0 = time.perf_counter()
         if eos_from not in EOS_FROM:
             raise BackendError(f"backend=hf: eos_from must be one of {', '.join(EOS_FROM)}, got {eos_from!r}")
+        if loglikelihood not in LOGLIKELIHOOD_MODES:
+            raise BackendError(
+                f"backend=hf: loglikelihood must be one of {', '.join(LOGLIKELIHOOD_MODES)}, got {loglikelihood!r}"
+            )
+        self.loglikelihood_mode = loglikelihood
+        if chat_template_from not in CHAT_TEMPLATE_FROM:
+            raise BackendError(
+                f"backend=hf: chat_template_from must be one of {', '.join(CHAT_TEMPLATE_FROM)}, "
+                f"got {chat_template_from!r}"
+            )
+        self.chat_template_from = chat_template_from
         hub = {k: v for k, v in (("revision", revision), ("subfolder", subfolder)) if v}
         self.base = base
         self.batch_size = max(1, int(batch_size or 1))
@@ -285,8 +329,34 @@ class HFBackend:
         return m
 
     def render(self, req: GenRequest | LLRequest) -> str:
-        """The prompt text of a request (see ``base.render_prompt``)."""
+        """The prompt text of a request (see ``base.render_prompt``; with
+        ``chat_template_from="llava_hf"``, see :meth:`_render_llava_hf`)."""
+        if (
+            self.chat_template_from == "llava_hf"
+            and req.messages is not None
+            and all(isinstance(m["content"], str) for m in req.messages)
+        ):  # the class's string messages (image / audio items: the processor's template)
+            return self._render_llava_hf(req.messages)
         return render_prompt(req, self.processor, self.tokenizer, self.system_prompt)
+
+    def _render_llava_hf(self, messages, continuation: str | None = None) -> str:
+        """``messages`` as lmms-eval's ``llava_hf`` class renders them: text
+        contents, the *tokenizer's* chat template (the processor's is not
+        read), Vicuna's (the class's ``VICUNA_CHAT_TEMPLATE``) when the tokenizer
+        has none; with ``continuation``: the assistant turn appended, no
+        generation prompt (the class's ``prompt_and_continuation``)."""
+        tok = getattr(self.processor, "tokenizer", None) or self.tokenizer
+        msgs = [{**m, "content": _text_of(m["content"])} for m in messages]
+        if self.system_prompt and msgs[0].get("role") != "system":
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        if continuation is not None:
+            msgs.append({"role": "assistant", "content": continuation})
+        return tok.apply_chat_template(
+            msgs,
+            chat_template=getattr(tok, "chat_template", None) or VICUNA_CHAT_TEMPLATE,
+            tokenize=False,
+            add_generation_prompt=continuation is None,
+        )
 
     def _check_images(self, reqs) -> None:
         for what, ok, example in (
@@ -463,10 +533,55 @@ class HFBackend:
                 )
         return res
 
+    def _score_llava_hf(self, r: LLRequest) -> tuple[float, bool]:
+        """lmms-eval 0.7.3 ``llava_hf.loglikelihood``'s number for one request
+        (see the module docstring, ``loglikelihood=llava_hf``)."""
+        if r.messages is None:
+            raise BackendError(
+                "backend=hf: loglikelihood=llava_hf reproduces lmms-eval's llava_hf class, which scores "
+                "chat requests; this request is a raw-text context (lm-eval, or a context the task "
+                "already templated): use loglikelihood=sum"
+            )
+        if r.audios or r.videos:
+            raise BackendError("backend=hf: loglikelihood=llava_hf scores text and image requests only")
+        if not all(isinstance(m["content"], str) for m in r.messages):
+            raise BackendError(
+                "backend=hf: loglikelihood=llava_hf scores requests rendered as lmms-eval's llava_hf class "
+                "renders them (prompt_profile=llava_hf: one string message, <image> placeholders in the "
+                "text); this request has content items (another prompt profile): use prompt_profile=llava_hf "
+                "or loglikelihood=sum"
+            )
+        tok = getattr(self.processor, "tokenizer", None) or self.tokenizer
+        prompt = self._render_llava_hf(r.messages)
+        full = self._render_llava_hf(r.messages, r.continuation)
+        enc_with = self.processor if self.processor is not None else tok
+        if self.processor is not None:
+            # images=None without images: the class passes [] and its processor's empty
+            # pixel_values crash the vision tower, so text-only requests have no reference
+            enc = self.processor(text=[full], images=list(r.images) or None, return_tensors="pt")
+        else:
+            enc = tok([full], return_tensors="pt")
+        n_ctx = enc_with(text=[prompt], return_tensors="pt")["input_ids"].shape[1]
+        dtype = next(self.model.parameters()).dtype
+        enc = {
+            k: (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device))
+            if hasattr(v, "to")
+            else v
+            for k, v in enc.items()
+        }
+        ids = enc["input_ids"]
+        labels = ids.clone()
+        labels[:, :n_ctx] = -100
+        outputs = self.model(**enc, labels=labels)
+        greedy = outputs["logits"].argmax(dim=-1)[:, n_ctx : ids.shape[1]]
+        return float(outputs["loss"].item()), bool((greedy == ids[:, n_ctx:]).all())
+
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[LLRequest]) -> list[tuple[float, bool]]:
         requests = list(requests)
         self._check_images(requests)
+        if self.loglikelihood_mode == "llava_hf":
+            return [self._score_llava_hf(r) for r in requests]
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         text_items, text_idx = [], []
         for i, r in enumerate(requests):

@@ -115,7 +115,7 @@ def profile_of(hargs) -> P.PromptProfile:
 def serving_opts(hargs) -> dict:
     """The backend options model 'merged' loads its backend with (the profile's
     under the user's, system prompt left to the profile)."""
-    opts = {**profile_of(hargs).backend_opts(), **hargs.backend_opts}
+    opts = {**profile_of(hargs).backend_opts(hargs.backend), **hargs.backend_opts}
     opts.pop("system_prompt", None)
     return opts
 
@@ -148,7 +148,7 @@ class MergedLMM(lmms):
         ):
             loaded = self._load_modalities()
         else:
-            loaded = load_merged(hargs, extra_opts=self.profile.backend_opts())
+            loaded = load_merged(hargs, extra_opts=self.profile.backend_opts(hargs.backend))
         self.backend = loaded.backend
         self.artifact = loaded.artifact
         self.merge_record = loaded.record
@@ -184,7 +184,7 @@ class MergedLMM(lmms):
 
         def loader(h, prof):
             h = replace(h, backend_opts={k: v for k, v in h.backend_opts.items() if k != "system_prompt"})
-            return load_merged(h, extra_opts=prof.backend_opts())
+            return load_merged(h, extra_opts=prof.backend_opts(h.backend))
 
         art, man, self.modalities = load_modalities(
             self.hargs, profile_of, loader, conv_templates.image_token_of

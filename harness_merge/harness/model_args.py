@@ -22,7 +22,10 @@ The string is parsed once into typed parts (:class:`HarnessArgs`):
   :mod:`.profiles`), ``max_pixels`` / ``min_pixels`` (image processor bounds),
   ``revision`` / ``subfolder`` (of a hub base), ``chat_template`` (a template
   or a file), ``trust_remote_code``; hf only: ``fold`` (fold the LoRA into the
-  weights), ``device_map``, ``attn_implementation``; vLLM pass-throughs
+  weights), ``device_map``, ``attn_implementation``, ``loglikelihood``
+  (``sum``, the default: the continuation's summed log-probabilities;
+  ``llava_hf``: lmms-eval's ``llava_hf`` class's number, its mean loss, see
+  :mod:`harness_merge.backends.hf`); vLLM pass-throughs
   ``tensor_parallel_size``, ``data_parallel_size``, ``gpu_memory_utilization``,
   ``max_model_len``, ``enforce_eager``, ``max_lora_rank``.
 - modality merging (:mod:`harness_merge.modality`): ``modalities={vision=/m/llava,
@@ -66,6 +69,9 @@ BACKEND_KEYS = (
     "subfolder",
     "chat_template",
     "num_frames",
+    "loglikelihood",
+    "min_patches",
+    "max_patches",
 )
 VLLM_KEYS = (
     "tensor_parallel_size",
@@ -378,13 +384,23 @@ def parse_model_args(args: str | Mapping[str, Any], defaults: Mapping[str, Any] 
     for k in ("fold", "trust_remote_code"):
         if k in raw:
             opts[k] = _to_bool(k, raw.pop(k))
-    for k in ("max_pixels", "min_pixels"):
+    for k in ("max_pixels", "min_pixels", "min_patches", "max_patches"):
         if k in raw:
             opts[k] = _to_int(k, raw.pop(k), minimum=1)
-    if "min_pixels" in opts and "max_pixels" in opts and opts["min_pixels"] > opts["max_pixels"]:
-        raise ModelArgsError(
-            f"model_args: min_pixels={opts['min_pixels']} is above max_pixels={opts['max_pixels']}"
-        )
+    for lo, hi in (("min_pixels", "max_pixels"), ("min_patches", "max_patches")):
+        if lo in opts and hi in opts and opts[lo] > opts[hi]:
+            raise ModelArgsError(f"model_args: {lo}={opts[lo]} is above {hi}={opts[hi]}")
+    if "loglikelihood" in raw:
+        mode = str(raw.pop("loglikelihood")).strip().lower()
+        if mode not in ("sum", "llava_hf"):
+            raise ModelArgsError(f"model_args: loglikelihood must be sum or llava_hf, got {mode!r}")
+        if mode == "llava_hf" and backend != "hf":
+            raise ModelArgsError(
+                "model_args: loglikelihood=llava_hf (lmms-eval llava_hf's mean loss) is computed by "
+                f"backend=hf only (this run uses backend={backend}); add backend=hf or drop it"
+            )
+        if mode != "sum":  # sum: every backend's own scoring
+            opts["loglikelihood"] = mode
     if "num_frames" in raw:
         opts["num_frames"] = _to_int("num_frames", raw.pop("num_frames"), minimum=1)
     for k in ("device_map", "attn_implementation", "revision", "subfolder", "chat_template"):

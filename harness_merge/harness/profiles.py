@@ -15,13 +15,16 @@ does to a request (checked on lmms-eval 0.7.3):
     and stripped.
 ``llava_hf`` (lmms-eval ``llava_hf``, ``simple/llava_hf.py``), generation
     the text ``"<image>\\n" + context`` (one ``<image>`` per image, joined by
-    spaces) as one string message, rendered with the tokenizer's chat template;
+    spaces) as one string message, rendered with the tokenizer's chat template
+    (not the processor's), lmms-eval's Vicuna template when the tokenizer has
+    none (backend=hf; vLLM renders with the processor's template);
     stop at the tokenizer's EOS; 1024 new tokens by default; stop strings are
     not applied (the class ignores ``until``). Loglikelihood: the context as
     the class renders it (``"<image>\n"`` per image, a bare ``"\n"`` without
-    images), scored as the sum of the continuation's log-probabilities; the
-    class's own number (its mean loss) is not copied (README, "Comparing with
-    published scores").
+    images), scored as the sum of the continuation's log-probabilities by
+    default; ``loglikelihood=llava_hf`` (backend=hf) returns the class's own
+    number, its mean loss (``harness_merge.backends.hf``; README, "Comparing
+    with published scores").
 ``vllm`` (lmms-eval ``vllm``, ``simple/vllm.py``, its defaults)
     no system message; the context sent as is (``<image>`` kept, not stripped)
     as the first content item, the images after it (``image_first=False``);
@@ -53,7 +56,9 @@ does to a request (checked on lmms-eval 0.7.3):
 The default follows the base's ``model_type`` (``qwen2_vl`` -> ``qwen2_vl``,
 ``llava`` -> ``llava_hf``, ``internvl`` -> ``internvl``, anything else -> ``plain``); ``prompt_profile=`` in
 ``model_args`` overrides it. ``system_prompt=``, ``max_pixels=`` and
-``min_pixels=`` override the profile's values, as they do for lmms-eval's class.
+``min_pixels=`` override the profile's values, as they do for lmms-eval's class
+(``min_patches=`` / ``max_patches=`` the ``internvl`` profile's, through the
+backend options, the user's over the profile's).
 
 Pure request translation: no model, no harness import.
 """
@@ -99,10 +104,14 @@ class PromptProfile:
     dtype: str | None = None  # the weights' dtype the harness class loads (under the user's dtype=)
     min_patches: int | None = None  # InternVL tiling bounds the harness class gives the processor
     max_patches: int | None = None
+    # "llava_hf": render with the tokenizer's chat template, Vicuna's without one (backend=hf)
+    chat_template_from: str | None = None
 
-    def backend_opts(self) -> dict[str, Any]:
+    def backend_opts(self, backend: str = "hf") -> dict[str, Any]:
         """What the backend must know to render and decode as the harness class does."""
         opts: dict[str, Any] = {"eos_from": self.eos_from}
+        if self.chat_template_from is not None and backend == "hf":
+            opts["chat_template_from"] = self.chat_template_from
         if self.dtype is not None:
             opts["dtype"] = self.dtype
         for k in ("min_patches", "max_patches"):
@@ -124,6 +133,7 @@ class PromptProfile:
             "jpeg_quality": self.jpeg_quality,
             "eos_from": self.eos_from,
             "dtype": self.dtype,
+            "chat_template_from": self.chat_template_from,
         }
 
 
@@ -149,6 +159,7 @@ PROFILES: dict[str, PromptProfile] = {
         default_max_new_tokens=1024,
         apply_until=False,
         eos_from="tokenizer",
+        chat_template_from="llava_hf",
     ),
     "vllm": PromptProfile(
         name="vllm",

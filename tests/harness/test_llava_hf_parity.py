@@ -6,8 +6,9 @@ on the same tiny LLaVA and the same ``Instance`` s, both classes' own
 - generate_until: the answers are identical, sample for sample (contexts with and
   without ``<image>``, trailing whitespace, a stop string the class ignores).
 - loglikelihood: the *context* is rendered identically (checked token for token
-  against the class's own rendering), but the numbers are not the same quantity
-  and ``merged`` does not copy them: lmms-eval 0.7.3's ``llava_hf`` returns the
+  against the class's own rendering), but by default the numbers are not the
+  same quantity (``loglikelihood=llava_hf`` returns the class's, tested below to
+  be identical per sample): lmms-eval 0.7.3's ``llava_hf`` returns the
   model's mean cross-entropy (positive; higher = less likely) over every label
   after the context's length measured *before* the image placeholder is
   expanded, so it also scores part of the image placeholder and the template's
@@ -16,6 +17,8 @@ on the same tiny LLaVA and the same ``Instance`` s, both classes' own
   continuation's log-probabilities, as every other lmms-eval and lm-eval class
   does. Both are checked here against formulas written in the test, so a change
   on either side fails.
+- a tokenizer without a chat template: the class falls back to its Vicuna
+  template, and so does the profile (generate_until and loglikelihood=llava_hf).
 
 The tiny LLaVA uses ``<image>`` as its image token, as the llava-hf checkpoints
 do (the class writes ``<image>`` into the prompt). ``llava_hf.py`` imports
@@ -219,3 +222,167 @@ def test_loglikelihood_same_context_documented_scoring_difference(merged, refere
         assert lmms_ll == pytest.approx(o_lmms, rel=1e-5, abs=1e-5)  # the class: mean loss, as written above
         assert mine == pytest.approx(o_sum, rel=1e-5, abs=1e-5)  # merged: the class's context, summed log p
         assert lmms_ll > 0 > mine
+
+
+# -- loglikelihood=llava_hf: the class's own number ----------------------------
+
+
+@pytest.fixture(scope="module")
+def merged_llava_ll(base):
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    return MergedLMM.create_from_arg_string(
+        f"pretrained={base},method=none,backend=hf,loglikelihood=llava_hf", {"batch_size": 1}
+    )
+
+
+def _ll(ctx, cont, visual, i):
+    return Instance(
+        request_type="loglikelihood",
+        arguments=(ctx, cont, visual, i, TASK, SPLIT),
+        idx=0,
+        metadata={"task": TASK, "doc_id": i, "repeats": 1},
+    )
+
+
+def _values(model, docs, reqs):
+    model.task_dict = {TASK: {SPLIT: docs}}
+    return [getattr(r, "text", r) for r in model.loglikelihood(reqs)]
+
+
+def test_loglikelihood_llava_hf_mode_equals_the_class(merged_llava_ll, reference, base, docs):
+    """loglikelihood=llava_hf: per sample the class's (value, greedy flag),
+    exactly (same ops on the same inputs), on every request shape the class
+    handles: images with the context lacking ``<image>`` (the class prepends
+    it), an empty continuation (the class still scores the end-of-turn tokens)."""
+    reqs = _ll_requests(docs) + [_ll("What colour is it?", "", _visual, 1)]
+    ref = _values(reference, docs, reqs)
+    ours = _values(merged_llava_ll, docs, reqs)
+    assert ours == ref  # float and bool, bit for bit
+    assert all(isinstance(v, float) and isinstance(g, bool) for v, g in ours)
+    oracle = _oracle(base, docs)
+    for (v, _), (o_lmms, _) in zip(ours, oracle):
+        assert v == pytest.approx(o_lmms, rel=1e-5, abs=1e-5)  # the formula written in _oracle
+    assert len({v for v, _ in ours}) == len(ours)
+
+
+def test_loglikelihood_llava_hf_mode_shapes_the_class_cannot_score(merged_llava_ll, reference, base, docs):
+    """The class fails on two request shapes: a context already holding
+    ``<image>`` (it prepends another: two placeholders, one image; StopIteration
+    in 0.7.3) and a request without images (its processor gets ``images=[]``
+    and the vision tower empty pixel values). ``merged`` scores both with the
+    class's formula: the placeholder is not doubled, text-only requests are
+    encoded without images (checked against the formula here)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    with_image = _ll("<image>\nIs the square red?", " yes", _visual, 0)
+    text_only = _ll("What is two plus two?", " four", lambda d: [], 0)
+    for r in (with_image, text_only):
+        with pytest.raises((StopIteration, ValueError, RuntimeError)):
+            _values(reference, docs, [r])
+    # the same request without the <image> the class would have prepended: one value
+    (v_img, _), (v_plain, _) = _values(
+        merged_llava_ll, docs, [with_image, _ll("Is the square red?", " yes", _visual, 0)]
+    )
+    assert v_img == v_plain
+    ((v_text, g_text),) = _values(merged_llava_ll, docs, [text_only])
+    proc = AutoProcessor.from_pretrained(base)
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+    user = [{"role": "user", "content": "\nWhat is two plus two?"}]  # the class: f"{''}\n{context}"
+    prompt = proc.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = proc.tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": " four"}], tokenize=False
+    )
+    ids = proc.tokenizer(full, return_tensors="pt")["input_ids"][0]
+    n = proc.tokenizer(prompt, return_tensors="pt")["input_ids"].shape[1]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+    nll = -logp[:-1].gather(-1, ids[1:, None])[:, 0]
+    assert v_text == pytest.approx(float(nll[n - 1 :].mean()), rel=1e-5, abs=1e-5)
+    assert isinstance(g_text, bool)
+
+
+def test_loglikelihood_llava_hf_mode_refused_where_it_cannot_run(base):
+    from harness_merge.harness.model_args import ModelArgsError, parse_model_args
+
+    with pytest.raises(ModelArgsError, match=r"loglikelihood=llava_hf .*backend=hf only.*backend=vllm"):
+        parse_model_args(f"pretrained={base},method=none,backend=vllm,loglikelihood=llava_hf")
+    with pytest.raises(ModelArgsError, match=r"loglikelihood must be sum or llava_hf, got 'mean'"):
+        parse_model_args(f"pretrained={base},method=none,loglikelihood=mean")
+    # sum is every backend's own scoring: nothing to pass to vLLM
+    h = parse_model_args(f"pretrained={base},method=none,backend=vllm,loglikelihood=sum")
+    assert "loglikelihood" not in h.backend_opts
+    h = parse_model_args(f"pretrained={base},method=none,loglikelihood=llava_hf")
+    assert h.backend_opts["loglikelihood"] == "llava_hf"
+
+
+def test_loglikelihood_llava_hf_mode_refuses_raw_text_requests(merged_llava_ll):
+    from harness_merge.backends.base import BackendError, LLRequest
+
+    with pytest.raises(BackendError, match=r"loglikelihood=llava_hf .*raw-text context.*loglikelihood=sum"):
+        merged_llava_ll.backend.loglikelihood([LLRequest(continuation=" yes", context="Is it? ")])
+
+
+# -- no chat template in the tokenizer: the class's Vicuna fallback -------------
+
+
+@pytest.fixture(scope="module", params=["no_template", "processor_template_only"])
+def base_vicuna(base, tmp_path_factory, request):
+    """The tiny LLaVA whose tokenizer has no chat template (llava-hf/llava-1.5
+    checkpoints): none at all, or the processor's alone (``chat_template.json``),
+    which the class does not read."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp(f"llava_{request.param}") / "llava"
+    shutil.copytree(base, out)
+    template = (out / "chat_template.jinja").read_text()
+    (out / "chat_template.jinja").unlink()
+    if request.param == "processor_template_only":
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    return str(out), request.param
+
+
+def test_vicuna_fallback_without_tokenizer_template(base_vicuna, docs):
+    from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE, LlavaHf
+    from transformers import AutoProcessor
+
+    from harness_merge.backends.hf import VICUNA_CHAT_TEMPLATE as OURS
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    assert OURS == VICUNA_CHAT_TEMPLATE  # the class's template, written here
+    path, variant = base_vicuna
+    proc = AutoProcessor.from_pretrained(path)
+    assert not proc.tokenizer.chat_template and bool(proc.chat_template) == (variant != "no_template")
+    ref = LlavaHf(pretrained=path, device="cpu", device_map="cpu", dtype="float32")
+    merged = MergedLMM.create_from_arg_string(f"pretrained={path},method=none,backend=hf", {"batch_size": 1})
+    ref_gen = _run(ref, docs, "generate_until")
+    assert _run(merged, docs, "generate_until") == ref_gen
+    first = merged.merge_record["first_prompt"]
+    assert first == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <image>\nIs the square red? "
+        "ASSISTANT:"
+    )
+    if proc.chat_template:  # what rendering with the processor's template (before) gives: another prompt
+        msgs = [{"role": "user", "content": "<image>\nIs the square red?"}]
+        assert proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) != first
+    ll = MergedLMM.create_from_arg_string(
+        f"pretrained={path},method=none,backend=hf,loglikelihood=llava_hf", {"batch_size": 1}
+    )
+    reqs = _ll_requests(docs)
+    assert _values(ll, docs, reqs) == _values(ref, docs, reqs)
+
+
+def test_loglikelihood_llava_hf_mode_needs_the_llava_hf_rendering(base, docs):
+    """With another profile (content items, images beside the text) there is no
+    llava_hf number to reproduce: a clear error instead of a wrong value."""
+    from harness_merge.backends.base import BackendError
+    from harness_merge.harness.lmms_model import MergedLMM
+
+    m = MergedLMM.create_from_arg_string(
+        f"pretrained={base},method=none,prompt_profile=plain,loglikelihood=llava_hf", {}
+    )
+    with pytest.raises(BackendError, match=r"loglikelihood=llava_hf .*prompt_profile=llava_hf"):
+        _values(m, docs, _ll_requests(docs)[:1])
