@@ -564,16 +564,15 @@ def run(grid: Grid, out: Path, *, fresh: bool = False, progress: bool = True, ex
     """Evaluate every missing cell, writing ``results.json`` after each row.
 
     ``executor`` (:mod:`.executors`; default serial) decides where rows run;
-    this process stays the one writer of ``results.json``. With ``backend:
-    vllm`` the engines this process started (the vLLM backend's default
-    pool) are shut down when the grid ends."""
+    this process stays the one writer of ``results.json``. The vLLM engines
+    this process started (the vLLM backend's default pool), if any, are shut
+    down when the grid ends, however it ends."""
     try:
         return _run(grid, out, fresh=fresh, progress=progress, executor=executor)
     finally:
-        if grid.backend == "vllm":
-            from ..harness import close_backends
+        from ..harness import close_backends
 
-            close_backends()
+        close_backends()  # imports nothing when vLLM was never loaded
 
 
 def _run(grid: Grid, out: Path, *, fresh: bool, progress: bool, executor) -> dict:

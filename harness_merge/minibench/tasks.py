@@ -46,6 +46,7 @@ metadata:
 """
 
 UTILS = '''"""The minibench tasks (harness_merge.minibench.data): prompt and exact-match score 0-100."""
+
 from harness_merge.minibench.data import prompt, score
 
 
