@@ -79,6 +79,19 @@ def make_lora_adapter(
     return out
 
 
+@pytest.fixture(autouse=True)
+def failures():
+    """``harness.FAILURES`` (the errors a harness model reported in this
+    process) as a test sees it: emptied before each test and restored after, so a
+    test that provokes a refusal leaves nothing behind for one that asserts it empty."""
+    from harness_merge import harness
+
+    saved = list(harness.FAILURES)
+    harness.FAILURES.clear()
+    yield harness.FAILURES
+    harness.FAILURES[:] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny_base") / "base")

@@ -15,7 +15,6 @@ import re
 
 import pytest
 
-from harness_merge import harness
 from harness_merge.backends.base import BackendError
 from harness_merge.errors import InputError, MethodParamError
 from harness_merge.harness.model_args import ModelArgsError
@@ -28,16 +27,6 @@ def _model_args(base, adapters, method="copa", **extra) -> str:
     parts = [f"pretrained={base}", f"adapters=[{','.join(str(a) for a in adapters)}]", f"method={method}"]
     parts += [f"{k}={v}" for k, v in extra.items()]
     return ",".join(parts)
-
-
-@pytest.fixture(autouse=True)
-def failures():
-    """``harness.FAILURES`` as a test sees it, emptied before and restored after
-    (other tests in this process assert it stays empty)."""
-    saved = list(harness.FAILURES)
-    harness.FAILURES.clear()
-    yield harness.FAILURES
-    harness.FAILURES[:] = saved
 
 
 def _lmms(model_args: str):
