@@ -294,7 +294,7 @@ def save_model(model, processor_or_tokenizer, out_dir) -> Path:
 
 
 def tiny_llava_config(tok=None):
-    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
+    from transformers import CLIPVisionConfig, LlavaConfig
 
     tok = tok or build_tokenizer()
     ids = _ids(tok)
@@ -307,19 +307,7 @@ def tiny_llava_config(tok=None):
         patch_size=14,
         projection_dim=32,
     )
-    text = Qwen2Config(
-        vocab_size=_vocab_size(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=True,
-    )
+    text = tiny_text_config(tok)  # the one tiny LLM every family here shares
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -612,10 +600,9 @@ INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
 
 
 def tiny_internvl_config(tok=None):
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLVisionConfig
 
     tok = tok or build_internvl_tokenizer()
-    ids = _ids(tok)
     vision = InternVLVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -624,19 +611,7 @@ def tiny_internvl_config(tok=None):
         image_size=[28, 28],
         patch_size=[14, 14],
     )
-    text = Qwen2Config(
-        vocab_size=_vocab_size(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=True,
-    )
+    text = tiny_text_config(tok)  # the one tiny LLM every family here shares
     return InternVLConfig(
         vision_config=vision,
         text_config=text,

@@ -402,17 +402,26 @@ class MergedLMM(lmms):
             )
         return self._templated
 
+    def _route(self, doc_to_visual, doc_id, task, split):
+        """One request's media, the backend and profile that answer it (by the
+        kinds of its inputs), checked against what that backend takes:
+        ``(backend, profile, image_token, conv, images, audios, videos)``."""
+        images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
+        backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
+        images = self._check_image_support(images, task, backend)
+        self._check_av_support(audios, videos, task, backend)
+        audios = self._audio_chunks(backend, audios)
+        return backend, profile, image_token, conv, images, audios, videos
+
     @_guard("lmms-eval model 'merged': generate_until")
     def generate_until(self, requests: list[Instance]) -> list[str]:
         reqs, targets = [], []
         for inst in requests:
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args[:6]
-            images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
-            backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
-            images = self._check_image_support(images, task, backend)
-            self._check_av_support(audios, videos, task, backend)
+            backend, profile, image_token, conv, images, audios, videos = self._route(
+                doc_to_visual, doc_id, task, split
+            )
             targets.append((backend, profile))
-            audios = self._audio_chunks(backend, audios)
             if audios or videos:
                 ims = P.prepare_images(profile, images)
                 reqs.append(
@@ -452,12 +461,10 @@ class MergedLMM(lmms):
                 target = target(self.task_dict[task][split][doc_id])
             if isinstance(target, (list, tuple)):
                 target = target[0]
-            images, audios, videos = self._media(doc_to_visual, doc_id, task, split)
-            backend, profile, image_token, conv = self._target(self._kinds(images, audios, videos), task)
-            images = self._check_image_support(images, task, backend)
-            self._check_av_support(audios, videos, task, backend)
+            backend, profile, image_token, conv, images, audios, videos = self._route(
+                doc_to_visual, doc_id, task, split
+            )
             targets.append((backend, profile))
-            audios = self._audio_chunks(backend, audios)
             if audios or videos:
                 ims = P.prepare_images(profile, images)
                 reqs.append(
