@@ -124,6 +124,7 @@ def merge(
     progress: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
+    content_hash: str | None = None,
 ) -> Artifact:
     """Merge ``spec.adapters`` with ``spec.method``; see ``MergeSpec``.
 
@@ -134,9 +135,15 @@ def merge(
     meta device; ``trust_remote_code`` for its config).
     A merge estimated beyond ``HARNESS_MERGE_MAX_SECONDS`` is refused before it
     starts (:mod:`harness_merge.cost`) unless ``force`` (or a cache hit).
+    ``content_hash`` (``xxh3_128`` | ``sha256``; default ``HARNESS_MERGE_HASH``
+    or ``xxh3_128``) names the digest of the inputs and of the entry's files.
     """
     mspec = methods.get(spec.method)
     params = mspec.make_params(spec.params)
+    try:
+        content_hash = fsio.content_hash_name(content_hash)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
     out_path = Path(out).expanduser() if out is not None else None
     if out_path is not None:
         check_out_dir(out_path)
@@ -148,7 +155,7 @@ def merge(
     dtype = spec.dtype or inputs.weight_dtype()
     say = _stage if progress else (lambda msg: None)
 
-    cache = MergeCache(cache_dir) if use_cache else None
+    cache = MergeCache(cache_dir, content_hash=content_hash) if use_cache else None
     n_bytes = sum(p.stat().st_size for files in inputs.files for p in files)
     say(
         f"{mspec.name}: {len(inputs.refs)} {'LoRA adapters' if inputs.kind == 'lora' else 'checkpoints'}, "
@@ -164,7 +171,7 @@ def merge(
         dtype=dtype,
         base=spec.base,
         rank=spec.rank,
-        hasher=cache.hasher if cache is not None else FileHasher(None),
+        hasher=cache.hasher if cache is not None else FileHasher(None, content_hash),
         base_free=base_free,
     )
     build = _Build(spec, inputs, mspec, params, fmt, dtype, prov, progress, base_free)

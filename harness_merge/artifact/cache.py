@@ -1,21 +1,24 @@
 """Content-addressed merge cache.
 
-Key = sha256 of (code version, method, params, the input files' sha256, the
-base's sha256 when the output contains base weights, format, rank, dtype),
-the record of :class:`.provenance.Provenance`.
+Key = sha256 of (code version, method, params, the input files' digests, the
+base's digest when the output contains base weights, format, rank, dtype),
+the record of :class:`.provenance.Provenance`. File digests use the content
+hash of ``fsio.HASHES``: ``xxh3_128`` by default, ``sha256`` by name
+(``HARNESS_MERGE_HASH``, ``content_hash=``); every record names its algorithm.
 An entry is a folder ``<root>/merges/<key>/`` that appears only by an atomic
 rename of a finished, fsync'ed temp folder, under a file lock: a crash or a
 concurrent merge never leaves a half-written entry, and a second merge of the
 same key waits for the first and reuses it.
 
-Each entry records the size and sha256 of every file it holds
-(``FILES_RECORD``); its files are made read-only. A hit is served only after
-the sizes match and the hashes do (the hash check is remembered per file by
-(size, mtime, ctime, inode), so an untouched entry is not re-read on every
-hit; any write or chmod changes ctime). A damaged entry is reported, moved
-aside to ``<root>/damaged/`` and rebuilt. Temp folders of dead merges (any
-key) are removed by the next miss. File hashes of the inputs are memoised by
-(path, size, mtime, ctime, inode), so a repeat run does not re-read the inputs.
+Each entry records the size and digest of every file it holds
+(``FILES_RECORD``; weights are hashed as they are written, the rest when
+sealed); its files are made read-only. A hit is served only after the sizes
+match and the digests do (the check is remembered per file by (size, mtime,
+ctime, inode), so an untouched entry is not re-read on every hit; any write
+or chmod changes ctime). A damaged entry is reported, moved aside to
+``<root>/damaged/`` and rebuilt. Temp folders of dead merges (any key) are
+removed by the next miss. File digests of the inputs are memoised by (path,
+size, mtime, ctime, inode, algorithm), so a repeat run does not re-read the inputs.
 """
 
 from __future__ import annotations
@@ -62,10 +65,12 @@ def code_version() -> str:
 
 
 class FileHasher:
-    """sha256 of files, memoised on disk by (realpath, size, mtime_ns, ctime_ns,
-    inode): an in-place edit that restores the mtime still changes the ctime."""
+    """Digests of files (algorithm ``content_hash``, see ``fsio.HASHES``),
+    memoised on disk by (realpath, size, mtime_ns, ctime_ns, inode, algorithm):
+    an in-place edit that restores the mtime still changes the ctime."""
 
-    def __init__(self, memo_dir: Path | None):
+    def __init__(self, memo_dir: Path | None, content_hash: str | None = None):
+        self.algo = fsio.content_hash_name(content_hash)
         self.memo_dir = memo_dir
         if memo_dir is not None:
             try:
@@ -77,6 +82,8 @@ class FileHasher:
     def __call__(self, path: Path) -> str:
         st = os.stat(path)
         ident = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        if self.algo != "sha256":  # sha256 memos keep the names they had before the choice existed
+            ident += f"|{self.algo}"
         memo = None
         if self.memo_dir is not None:
             memo = self.memo_dir / hashlib.sha1(ident.encode()).hexdigest()
@@ -84,13 +91,9 @@ class FileHasher:
                 text = memo.read_text().strip()
             except OSError:
                 text = ""
-            if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            if fsio.is_digest(self.algo, text):
                 return text  # a torn or empty memo is recomputed, never trusted
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest, _ = fsio.hash_file(path, self.algo)
         if memo is not None:
             try:  # best effort: a read-only cache still serves hits
                 fsio.atomic_write_text(memo, digest, durable=False)
@@ -99,8 +102,9 @@ class FileHasher:
         return digest
 
     def many(self, paths) -> str:
-        """One digest for an ordered set of files (names + contents)."""
-        h = hashlib.sha256()
+        """One digest for an ordered set of files: the hash of each file's name
+        followed by its digest (hex), in order."""
+        h = fsio.new_hash(self.algo)
         for p in paths:
             h.update(Path(p).name.encode())
             h.update(self(Path(p)).encode())
@@ -111,15 +115,21 @@ def cache_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def record_files(folder: Path) -> dict[str, dict]:
-    """``{relative path: {"size", "sha256"}}`` of every file under ``folder``
-    (the record itself excluded), in sorted order."""
+def record_files(folder: Path, content_hash: str = fsio.DEFAULT_HASH) -> dict[str, dict]:
+    """``{relative path: {"size", <content_hash>: digest}}`` of every file under
+    ``folder`` (the record itself excluded), in sorted order. A file whose
+    writer hashed it on the way out (``fsio.note_written``) and that is
+    unchanged since is not read again."""
     folder = Path(folder)
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != FILES_RECORD:
-            digest, size = fsio.sha256_file(p)
-            out[p.relative_to(folder).as_posix()] = {"size": size, "sha256": digest}
+            digest = fsio.written_digest(p, content_hash)
+            if digest is not None:
+                size = p.stat().st_size
+            else:
+                digest, size = fsio.hash_file(p, content_hash)
+            out[p.relative_to(folder).as_posix()] = {"size": size, content_hash: digest}
     return out
 
 
@@ -132,7 +142,11 @@ def read_files_record(entry: Path) -> dict[str, dict] | None:
 
 
 class MergeCache:
-    def __init__(self, root: Path | None = None):
+    """The cache under ``root`` (default ``default_cache_dir()``); new entries
+    and input digests use ``content_hash`` (default: ``HARNESS_MERGE_HASH`` or
+    ``xxh3_128``); an entry is verified with the algorithm its record names."""
+
+    def __init__(self, root: Path | None = None, content_hash: str | None = None):
         from_env = root is None and bool(os.environ.get("HARNESS_MERGE_CACHE"))
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.merges = self.root / "merges"
@@ -153,7 +167,8 @@ class MergeCache:
                     f"merge cache {where}: cannot create it ({fsio.os_error_text(e)}); point "
                     f"HARNESS_MERGE_CACHE / --cache-dir at a writable folder, or pass --no-cache"
                 ) from None
-        self.hasher = FileHasher(self.root / "file_hashes")
+        self.hasher = FileHasher(self.root / "file_hashes", content_hash)
+        self.content_hash = self.hasher.algo
 
     def entry(self, key: str) -> Path:
         return self.merges / key
@@ -169,8 +184,8 @@ class MergeCache:
     def check(self, key: str) -> tuple[str, str | None]:
         """``("ok", None)``, ``("absent", None)`` or ``("damaged", why)``.
 
-        Sizes always; sha256 unless the file's stat equals that of its last
-        successful check."""
+        Sizes always; the recorded digest unless the file's stat equals that of
+        its last successful check."""
         e = self.entry(key)
         if not e.exists():
             return "absent", None
@@ -185,6 +200,9 @@ class MergeCache:
         extra = sorted(present - set(files))
         if extra:
             return "damaged", f"unrecorded file {extra[0]}"
+        for rel, want in files.items():
+            if not isinstance(want, dict) or fsio.digest_of(want) is None:
+                return "damaged", f"{rel}: no digest recorded"
         stamps = {}
         for rel, want in files.items():
             try:
@@ -201,14 +219,15 @@ class MergeCache:
         for rel, want in files.items():
             if memo.get(rel) == stamps[rel]:
                 continue
+            algo, recorded = fsio.digest_of(want)
             try:
-                digest, _ = fsio.sha256_file(e / rel)
+                digest, _ = fsio.hash_file(e / rel, algo)
             except OSError as err:
                 return "damaged", f"{rel} unreadable ({fsio.os_error_text(err)})"
-            if digest != want["sha256"]:
+            if digest != recorded:
                 return (
                     "damaged",
-                    f"{rel} sha256 {digest[:12]}... differs from the recorded {want['sha256'][:12]}...",
+                    f"{rel} {algo} {digest[:12]}... differs from the recorded {recorded[:12]}...",
                 )
         if memo != stamps:
             self._write_memo(key, stamps)
@@ -244,12 +263,11 @@ class MergeCache:
         log.warning("cache entry %s is damaged (%s): moved aside to %s; rebuilding it", key[:16], why, dest)
 
     # -- building -------------------------------------------------------------
-    @staticmethod
-    def seal(folder: Path) -> dict[str, dict]:
-        """Record sizes and hashes, make the files read-only (else umask
+    def seal(self, folder: Path) -> dict[str, dict]:
+        """Record sizes and digests, make the files read-only (else umask
         permissions), fsync the tree."""
         fsio.apply_umask(folder)
-        files = record_files(folder)
+        files = record_files(folder, self.content_hash)
         (Path(folder) / FILES_RECORD).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
         for p in Path(folder).rglob("*"):
             if p.is_file():
@@ -289,7 +307,8 @@ class MergeCache:
             except OSError as e:
                 raise self._writable_error(e) from None
             try:
-                build(tmp)
+                with fsio.hash_on_write(self.content_hash):
+                    build(tmp)
                 if not (tmp / MANIFEST).is_file():
                     raise RuntimeError("merge build wrote no manifest")
                 files = self.seal(tmp)

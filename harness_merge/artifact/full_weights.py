@@ -31,6 +31,7 @@ from ..inputs.files import resolve_ref
 from ..inputs.fit import meta_model
 from ..inputs.headers import safetensors_layout
 from ..types import Dense, DoRAUpdate, MergeResult, Replacement
+from . import fsio
 
 log = logging.getLogger("harness_merge")
 
@@ -110,7 +111,7 @@ class SafetensorsStreamWriter:
         self.total_size = offset
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._f = fsio.HashingWriter(self.path)  # hashed on the way out: the seal need not re-read
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
@@ -135,7 +136,7 @@ class SafetensorsStreamWriter:
 
     def close(self) -> None:
         if self._next != len(self._order):
-            self._f.close()
+            self._f.abort()
             raise RuntimeError(f"{self.path}: {len(self._order) - self._next} tensor(s) never written")
         self._f.close()
 

@@ -2,13 +2,14 @@
 cache key and the manifest written beside the artifact.
 
 The cache key is the sha256 of :meth:`Provenance.record` (code version,
-method, params, input kind, the inputs' sha256, the base's sha256 when the
-output holds base weights, format, rank, dtype, the DoRA rule); the manifest
-(:meth:`Provenance.manifest`) adds what a reader wants but what does not change
-the result (references, the method's URL, the package version). Keys are
-byte-for-byte those of the dicts ``api.merge`` built before this class
-existed (pinned in ``tests/artifact/test_provenance_pin.py``), so existing
-cache entries stay valid.
+method, params, input kind, the inputs' digests, the base's digest when the
+output holds base weights, format, rank, dtype, the DoRA rule, and the content
+hash when it is not sha256); the manifest (:meth:`Provenance.manifest`) adds
+what a reader wants but what does not change the result (references, the
+method's URL, the package version). Digests are named by their algorithm
+(``{"ref": ..., "xxh3_128": ...}``, ``"content_hash"`` at the top). With
+``content_hash=sha256`` keys are byte-for-byte those of the dicts ``api.merge``
+built before this class existed (pinned in ``tests/artifact/test_provenance_pin.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Provenance:
     dtype: str
     dora: dict | None = None  # the DoRA merge rule (merge_dora.RECORD) for DoRA inputs
     non_lora: dict | None = None  # LLaVA-repo replaced tensors: manifest only, as before
+    content_hash: str = "sha256"  # the algorithm of adapter_hashes / base_hash (fsio.HASHES)
 
     @classmethod
     def build(
@@ -56,7 +58,8 @@ class Provenance:
         ``base_free``: a merge that never reads the base, which then has no hash)
         and collect the fields; ``inputs`` is an opened input set, ``mspec`` /
         ``params`` the method and its validated parameters. Inputs are hashed on
-        ``merge_threads()`` threads (hashlib and file reads release the GIL)."""
+        ``merge_threads()`` threads (the hashes release the GIL), with the
+        hasher's algorithm."""
         from concurrent.futures import ThreadPoolExecutor
 
         from .. import __version__
@@ -99,6 +102,7 @@ class Provenance:
             dtype=dtype,
             dora=dora,
             non_lora=non_lora,
+            content_hash=hasher.algo,
         )
 
     def record(self) -> dict:
@@ -116,6 +120,8 @@ class Provenance:
         }
         if self.dora is not None:
             rec["dora"] = self.dora
+        if self.content_hash != "sha256":  # sha256 records keep the keys they had before the choice
+            rec["content_hash"] = self.content_hash
         return rec
 
     def cache_key(self) -> str:
@@ -130,13 +136,17 @@ class Provenance:
             "params": self.params,
             "reference_url": self.reference_url,
             "inputs_kind": self.inputs_kind,
-            "adapters": [{"ref": r, "sha256": h} for r, h in zip(self.adapter_refs, self.adapter_hashes)],
-            "base": {"ref": self.base_ref, "sha256": self.base_hash} if self.base_ref else None,
+            "adapters": [
+                {"ref": r, self.content_hash: h} for r, h in zip(self.adapter_refs, self.adapter_hashes)
+            ],
+            "base": {"ref": self.base_ref, self.content_hash: self.base_hash} if self.base_ref else None,
             "format": self.format,
             "rank_requested": self.rank,
             "dtype": self.dtype,
             "code_version": self.code_version,
         }
+        if self.content_hash != "sha256":
+            man["content_hash"] = self.content_hash
         if self.dora is not None:
             man["dora"] = self.dora
         if self.non_lora is not None:

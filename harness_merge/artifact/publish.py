@@ -134,7 +134,7 @@ def publish(src: Path, out: Path, *, files: dict[str, dict] | None) -> None:
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 want = (files or {}).get(rel, {})
-                fsio.copy_file_verified(src / rel, dst, sha256=want.get("sha256"), size=want.get("size"))
+                fsio.copy_file_verified(src / rel, dst, digest=fsio.digest_of(want), size=want.get("size"))
             fsio.fsync_tree(tmp)
             fsio.fault("publish.copied")
             _swap_in(tmp, out)

@@ -64,6 +64,7 @@ def cmd_merge(args) -> int:
         use_cache=not args.no_cache,
         progress=not args.quiet,
         force=args.force,
+        content_hash=args.content_hash,
     )
     res = art.manifest.get("result", {})
     print(f"wrote {art.kind} artifact to {art.path}" + (" (cache hit)" if art.cache_hit else ""))
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", help="output dtype (default: the inputs')")
     m.add_argument("--cache-dir", help="merge cache (default $HARNESS_MERGE_CACHE or ~/.cache/harness_merge)")
     m.add_argument("--no-cache", action="store_true")
+    m.add_argument(
+        "--content-hash",
+        choices=("xxh3_128", "sha256"),
+        default=None,
+        help="digest of the inputs and of the artifact's files (default $HARNESS_MERGE_HASH or xxh3_128)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.add_argument(
         "--force",

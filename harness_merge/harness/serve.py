@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..artifact import fsio
+
 
 @dataclass
 class Loaded:
@@ -48,7 +50,7 @@ def merge_progress() -> bool:
 def run_id(hargs, manifest: dict | None) -> str:
     """A readable id of what is served: ``<base name>__<method>-<hash8>``, the
     hash over the base reference (with revision/subfolder), the method, its
-    resolved parameters, the adapters' sha256 and the artifact options; the base
+    resolved parameters, the adapters' digests and the artifact options; the base
     alone is ``<base name>__none``. Used as the results' ``model_name`` and
     output folder, so runs of different merges never mix."""
     import hashlib
@@ -68,7 +70,7 @@ def run_id(hargs, manifest: dict | None) -> str:
         "subfolder": sub,
         "method": manifest.get("method", hargs.method),
         "params": manifest.get("params", hargs.params),
-        "adapters": [a.get("sha256") for a in manifest.get("adapters", [])],
+        "adapters": [(fsio.digest_of(a) or (None, None))[1] for a in manifest.get("adapters", [])],
         "format": hargs.format,
         "rank": hargs.rank,
     }
@@ -147,7 +149,9 @@ def load_merged(hargs, extra_opts: dict | None = None) -> Loaded:
             trust_remote_code=bool(hargs.backend_opts.get("trust_remote_code", False)),
         )
         m = art.manifest
-        hashes = ", ".join(f"{a.get('ref')}@{str(a.get('sha256'))[:12]}" for a in m.get("adapters", []))
+        hashes = ", ".join(
+            f"{a.get('ref')}@{(fsio.digest_of(a) or ('', 'None'))[1][:12]}" for a in m.get("adapters", [])
+        )
         _say(
             f"merge {'[cache hit] ' if art.cache_hit else ''}{m.get('method')} -> {art.kind} artifact {art.path} "
             f"in {time.perf_counter() - t0:.2f}s; params={m.get('params')}; adapters: {hashes}"

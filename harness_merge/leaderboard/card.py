@@ -27,7 +27,8 @@ def _fmt(v) -> str:
 def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> str:
     m = record.get("manifest") or {}
     art = record.get("artifact") or {}
-    adapters = m.get("adapters") or [{"ref": a, "sha256": None} for a in row.adapters]
+    adapters = m.get("adapters") or [{"ref": a} for a in row.adapters]
+    algo = m.get("content_hash", "sha256")  # the manifest names its digests' algorithm
     names = {v: k for k, v in grid.adapters.items()}
     results = []
     for c in cells:
@@ -69,19 +70,15 @@ def card_text(*, row, grid, cells: list[dict], record: dict, command: str) -> st
         "## Inputs",
         "",
         f"- base: `{front['base_model']}`"
-        + (
-            f" (sha256 `{(m.get('base') or {}).get('sha256')}`)"
-            if (m.get("base") or {}).get("sha256")
-            else ""
-        ),
+        + (f" ({algo} `{(m.get('base') or {}).get(algo)}`)" if (m.get("base") or {}).get(algo) else ""),
         "",
-        "| adapter | path | sha256 |",
+        f"| adapter | path | {algo} |",
         "|---|---|---|",
     ]
     for a in adapters:
         ref = str(a.get("ref"))
         lines.append(
-            f"| {names.get(ref, os.path.basename(ref.rstrip('/')))} | `{ref}` | `{a.get('sha256') or '-'}` |"
+            f"| {names.get(ref, os.path.basename(ref.rstrip('/')))} | `{ref}` | `{a.get(algo) or '-'}` |"
         )
     params = m.get("params", row.params)
     lines += [

@@ -12,7 +12,6 @@ a child costs no import); the child dies by SIGKILL at the write point.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from harness_merge.api import MergeSpec, merge
 from harness_merge.artifact import fsio
@@ -103,7 +103,8 @@ def test_entry_records_every_file_and_its_files_are_read_only(adapters, cache_di
     assert sorted(rec) == files and MANIFEST in rec and "adapter_model.safetensors" in rec
     for name, r in rec.items():
         data = (entry / name).read_bytes()
-        assert r == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        # the default content hash, computed here by xxhash itself
+        assert r == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
         assert stat.S_IMODE((entry / name).stat().st_mode) & 0o222 == 0, name
 
 
@@ -111,8 +112,8 @@ def test_untouched_entry_is_not_rehashed_on_a_hit(adapters, cache_dir, monkeypat
     merge(spec(adapters), cache_dir=cache_dir, progress=False)
     entry = the_entry(cache_dir)
     hashed = []
-    real = fsio.sha256_file
-    monkeypatch.setattr(fsio, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    real = fsio.hash_file
+    monkeypatch.setattr(fsio, "hash_file", lambda p, algo: hashed.append(Path(p)) or real(p, algo))
     assert merge(spec(adapters), cache_dir=cache_dir, progress=False).cache_hit
     assert hashed == []  # stat unchanged since sealing: sizes checked, no re-read
     os.utime(entry / "adapter_model.safetensors")  # any change of stat: hashed again
@@ -243,8 +244,8 @@ def _complete(out: Path, cache: Path) -> bool:
             continue
         if (entry / MANIFEST).read_bytes() == (out / MANIFEST).read_bytes():
             rec = json.loads((entry / FILES_RECORD).read_text())["files"]
-            got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
-            return got == {k: v["sha256"] for k, v in rec.items()}
+            got = {p.name: xxhash.xxh3_128(p.read_bytes()).hexdigest() for p in out.iterdir()}
+            return got == {k: v["xxh3_128"] for k, v in rec.items()}
     return False
 
 

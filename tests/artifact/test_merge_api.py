@@ -50,7 +50,8 @@ def test_lora_artifact_reloads_in_peft_with_dense_outputs(tiny_base, adapters, c
     expected = base_plus(tiny_base, dense_ta(adapters, 0.5))
     torch.testing.assert_close(logits(model), logits(expected), rtol=1e-4, atol=1e-4)
     assert art.manifest["method"] == "ta" and len(art.manifest["adapters"]) == 3
-    assert all(len(a["sha256"]) == 64 for a in art.manifest["adapters"])
+    assert art.manifest["content_hash"] == "xxh3_128"
+    assert all(len(a["xxh3_128"]) == 32 for a in art.manifest["adapters"])
 
 
 def test_copa_artifact_reloads_and_changes_outputs(tiny_base, adapters, cache_dir):

@@ -9,10 +9,12 @@ stay valid only while they do not change.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 from harness_merge.api import MergeSpec, merge
@@ -138,9 +140,7 @@ EXPECTED["dora_ta"] = {
 }
 
 
-@pytest.mark.parametrize("case", ["lora_ta", "lora_ties_rank", "dora_ta"])
-def test_cache_key_and_manifest_are_pinned(tmp_path, tiny_base, pinned_code_version, case):
-    ads = [str(_adapter(tmp_path / f"ad{i}", i, dora=case.startswith("dora"))) for i in range(2)]
+def _case_spec(case, ads, tiny_base):
     if case == "dora_ta":
         spec = MergeSpec(adapters=tuple(ads), method="ta", base=str(tiny_base), format="lora")
     elif case == "lora_ta":
@@ -154,9 +154,59 @@ def test_cache_key_and_manifest_are_pinned(tmp_path, tiny_base, pinned_code_vers
             format="lora",
             rank=2,
         )
-    art = merge(spec, cache_dir=tmp_path / "cache", progress=False)
+    return spec
+
+
+@pytest.mark.parametrize("case", ["lora_ta", "lora_ties_rank", "dora_ta"])
+def test_cache_key_and_manifest_are_pinned(tmp_path, tiny_base, pinned_code_version, case):
+    """With ``content_hash=sha256`` the keys and manifests of before the choice existed."""
+    ads = [str(_adapter(tmp_path / f"ad{i}", i, dora=case.startswith("dora"))) for i in range(2)]
+    spec = _case_spec(case, ads, tiny_base)
+    art = merge(spec, cache_dir=tmp_path / "cache", progress=False, content_hash="sha256")
     adapters = [dict(a, ref=None) for a in art.manifest["adapters"]]
     base = art.manifest["base"] and dict(art.manifest["base"], ref=None)  # a tmp path
     got = {"key": art.path.name, "manifest": {**_stable(art.manifest), "adapters": adapters, "base": base}}
     print(case, json.dumps(got, sort_keys=True))
     assert got == EXPECTED[case]
+
+
+def _xxh3_of_adapter(path) -> str:
+    """The documented input digest: xxh3-128 over, for each file of the adapter
+    in name order, its name followed by the hex xxh3-128 of its bytes."""
+    h = xxhash.xxh3_128()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(xxhash.xxh3_128(f.read_bytes()).hexdigest().encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case", ["lora_ta", "lora_ties_rank", "dora_ta"])
+def test_default_content_hash_key_and_manifest(tmp_path, tiny_base, pinned_code_version, case):
+    """The default (xxh3_128): the same record with xxh3 digests and the
+    algorithm named, key = sha256 of that record, both computed here."""
+    ads = [_adapter(tmp_path / f"ad{i}", i, dora=case.startswith("dora")) for i in range(2)]
+    art = merge(_case_spec(case, ads, tiny_base), cache_dir=tmp_path / "cache", progress=False)
+    want_hashes = [_xxh3_of_adapter(a) for a in ads]
+    exp = EXPECTED[case]["manifest"]
+    record = {
+        "code_version": CODE_VERSION,
+        "method": exp["method"],
+        "params": exp["params"],
+        "inputs_kind": exp["inputs_kind"],
+        "adapters": want_hashes,
+        "base": None,  # the base's weights are not in a LoRA output: not hashed
+        "format": exp["format"],
+        "rank": exp["rank_requested"],
+        "dtype": exp["dtype"],
+        "content_hash": "xxh3_128",
+    }
+    if "dora" in exp:
+        record["dora"] = exp["dora"]
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    assert art.path.name == key
+    man = art.manifest
+    assert man["content_hash"] == "xxh3_128"
+    assert [a["xxh3_128"] for a in man["adapters"]] == want_hashes
+    assert all("sha256" not in a for a in man["adapters"])
+    if exp["base"] is not None:
+        assert man["base"] == {"ref": str(tiny_base), "xxh3_128": None}

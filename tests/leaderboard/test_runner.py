@@ -101,7 +101,7 @@ def test_grid_runs_resumes_and_feeds_the_gate(tiny, monkeypatch):
     )
     for a in ads.values():
         assert a in card
-    assert copa["manifest"]["merge"]["adapters"][0]["sha256"] in card
+    assert copa["manifest"]["merge"]["adapters"][0]["xxh3_128"] in card and "| xxh3_128 |" in card
     assert not any("card" in c for c in data["cells"] if c["label"] == "base (zero-shot)")
     md = (out / "results.md").read_text()
     assert " ± " in md
