@@ -225,7 +225,9 @@ class _Build:
 
             results = iter_merged_dora(inputs, mspec, params, progress=progress)
         else:
-            results = iter_merged(inputs, mspec, params, progress=progress)
+            # The LoRA writer only casts factors (no truncation without --rank): as stored is enough.
+            stored = self.fmt == "lora" and self.spec.rank is None
+            results = iter_merged(inputs, mspec, params, progress=progress, stored_dtype=stored)
         if self.prov.non_lora is not None:
             import itertools
 

@@ -127,12 +127,23 @@ def _ordered_map(fn, items: list, workers: int) -> Iterator:
 
 
 def iter_merged(
-    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, names=None, threads=None
+    inputs,
+    spec: MethodSpec,
+    params: MethodParams,
+    *,
+    progress: bool = True,
+    names=None,
+    threads=None,
+    stored_dtype: bool = False,
 ) -> Iterator[tuple[str, MergeResult | None]]:
     """Yield ``(module name, result)`` per module, in ``names`` order; ``None``
     where nothing changed. ``threads`` modules are read and merged at once
     (default :func:`merge_threads`); every module's result is the same for any
-    number (methods are pure per module, random ones seeded per module)."""
+    number (methods are pure per module, random ones seeded per module).
+    ``stored_dtype``: a consumer that only casts the factors to the artifact's
+    dtype (the LoRA writer) lets a method registered with ``stored_dtype`` get
+    LoRA factors as stored; its ``LowRank`` factors may then be float16/bfloat16."""
+    read_stored = stored_dtype and spec.stored_dtype and inputs.kind == "lora"
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
     extra = {}
@@ -143,7 +154,7 @@ def iter_merged(
 
     def one(name: str) -> MergeResult | None:
         with torch.no_grad():  # per thread
-            mi = inputs.read(name)
+            mi = inputs.read(name, stored_dtype=True) if read_stored else inputs.read(name)
             if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
                 return None
             if inputs.is_matrix(name) or params.nonlinear == "method":

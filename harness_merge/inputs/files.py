@@ -78,11 +78,12 @@ class TensorFile:
         return t
 
 
-def checked_float(t: torch.Tensor, where: str) -> torch.Tensor:
-    """float32 copy of ``t``; NaN/Inf is an error naming ``where``."""
-    x = t.to(torch.float32)
-    # One reduction instead of a boolean map: finite inputs read from fp16/bf16/fp32
-    # files cannot overflow a float32 sum at model sizes, and NaN/Inf propagate.
+def checked_float(t: torch.Tensor, where: str, *, stored_dtype: bool = False) -> torch.Tensor:
+    """float32 copy of ``t`` (``stored_dtype``: ``t`` itself, floating dtypes
+    only); NaN/Inf is an error naming ``where``."""
+    x = t if stored_dtype and t.is_floating_point() else t.to(torch.float32)
+    # One reduction instead of a boolean map: NaN/Inf propagate into the sum; a sum
+    # that overflows (finite values, possible in float16) falls back to the exact map.
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{where}: {bad} NaN/Inf value(s); refusing to merge non-finite weights")

@@ -149,10 +149,11 @@ class LoRAAdapter:
             alpha = float(alpha_pattern.get(key, alpha))
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
-    def read(self, module: str) -> LoRAFactors:
+    def read(self, module: str, *, stored_dtype: bool = False) -> LoRAFactors:
+        """The module's factors in float32 (``stored_dtype``: as stored), checked finite."""
         where = f"{self.weights_file} [{module}]"
-        A = checked_float(self._file.get(self._a_keys[module]), where + " lora_A")
-        B = checked_float(self._file.get(self._b_keys[module]), where + " lora_B")
+        A = checked_float(self._file.get(self._a_keys[module]), where + " lora_A", stored_dtype=stored_dtype)
+        B = checked_float(self._file.get(self._b_keys[module]), where + " lora_B", stored_dtype=stored_dtype)
         return LoRAFactors(A=A, B=B, scale=self.scale(module))
 
     def weight_dtype(self) -> str:
@@ -237,5 +238,9 @@ class LoRASet:
     def base_model_name(self) -> str | None:
         return self.adapters[0].config.get("base_model_name_or_path")
 
-    def read(self, module: str) -> ModuleInputs:
-        return ModuleInputs(name=module, lora=tuple(a.read(module) for a in self.adapters))
+    def read(self, module: str, *, stored_dtype: bool = False) -> ModuleInputs:
+        """Every adapter's factors of ``module``; float32 unless ``stored_dtype``
+        (for methods registered with ``stored_dtype=True``)."""
+        return ModuleInputs(
+            name=module, lora=tuple(a.read(module, stored_dtype=stored_dtype) for a in self.adapters)
+        )

@@ -55,6 +55,7 @@ class MethodSpec:
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False
     elementwise: bool = False
     model_passes: Callable[[MethodParams], list[StatPass]] | None = None
+    stored_dtype: bool = False
 
     def passes(self, params: MethodParams) -> list[StatPass]:
         """The statistics passes the driver runs before merging (usually none);
@@ -85,6 +86,7 @@ def register(
     lowrank_on_lora: bool | Callable[[MethodParams], bool] = False,
     elementwise: bool = False,
     model_passes: Callable[[MethodParams], list[StatPass]] | None = None,
+    stored_dtype: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
 
@@ -93,7 +95,11 @@ def register(
     LoRA adapter by default (else full weights when a base is given, or a LoRA
     by SVD). ``elementwise``: defined entry by entry, so it applies to tensors
     of any shape (1-D norms and biases under ``nonlinear=method``).
-    ``model_passes``: statistics passes over the whole model (see StatPass)."""
+    ``model_passes``: statistics passes over the whole model (see StatPass).
+    ``stored_dtype``: LoRA factors may come in their stored dtype (e.g.
+    float16), checked finite; the method computes in float32 itself and only
+    copies what it concatenates (the result is the same; no float32 copy of
+    every factor)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -111,6 +117,7 @@ def register(
             lowrank_on_lora,
             elementwise,
             model_passes,
+            stored_dtype,
         )
         return fn
 

@@ -53,10 +53,18 @@ def linear_coefficients(params: MethodParams, n: int, *, normalise: bool) -> lis
 
 
 def linear_combination(inputs: ModuleInputs, coeffs: list[float]) -> MergeResult:
-    """``sum_n c_n delta_n``; LowRank by concatenation on LoRA inputs."""
+    """``sum_n c_n delta_n``; LowRank by concatenation on LoRA inputs:
+    ``A = [A_1; ...; A_N]`` as the factors come (stored dtype or float32),
+    ``B = [c_1 s_1 B_1, ..., c_N s_N B_N]`` computed in float32."""
     if inputs.kind == "lora":
         A = torch.cat([f.A for f in inputs.lora], dim=0)
-        B = torch.cat([f.B * (c * f.scale) for c, f in zip(coeffs, inputs.lora)], dim=1)  # one pass per B
+        # One concatenation, then one float32 pass scaling adapter n's columns by c_n s_n:
+        # the same products as scaling each B_n, without a float32 copy per adapter.
+        B = torch.cat([f.B for f in inputs.lora], dim=1).float()
+        col = torch.cat(
+            [torch.full((f.rank,), c * f.scale, dtype=torch.float32) for c, f in zip(coeffs, inputs.lora)]
+        )
+        B.mul_(col)
         return LowRank(A=A, B=B)
     delta = torch.zeros_like(inputs.task_vectors[0])
     for c, tau in zip(coeffs, inputs.task_vectors):
@@ -71,6 +79,7 @@ def linear_combination(inputs: ModuleInputs, coeffs: list[float]) -> MergeResult
     reference_url="https://arxiv.org/abs/2212.04089",
     lowrank_on_lora=True,
     elementwise=True,
+    stored_dtype=True,
 )
 def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, generator=None) -> MergeResult:
     """Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089).
@@ -89,6 +98,7 @@ def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, gener
     reference_url="https://arxiv.org/abs/2203.05482",
     lowrank_on_lora=True,
     elementwise=True,
+    stored_dtype=True,
 )
 def weight_average(inputs: ModuleInputs, params: WeightAverageParams, *, generator=None) -> MergeResult:
     """Weight averaging / model soup (Wortsman et al., ICML 2022, arXiv 2203.05482).

@@ -130,3 +130,20 @@ def test_shapes_disagree(tiny_base, tmp_path, make_adapter):
         InputError, match=r"module model.layers.0.self_attn.q_proj: shape \(d_out, d_in\) = \(32, 32\)"
     ):
         open_inputs([str(a), str(b)])
+
+
+def test_checked_float_stored_dtype_overflowing_sum_is_not_an_error():
+    """float16 values whose sum overflows are finite: the exact check decides."""
+    import torch
+
+    from harness_merge.errors import InputError
+    from harness_merge.inputs.files import checked_float
+
+    x = torch.full((8, 8), 60000.0, dtype=torch.float16)
+    assert not torch.isfinite(x.sum())  # the fast check alone would refuse it
+    out = checked_float(x, "here", stored_dtype=True)
+    assert out.dtype == torch.float16 and torch.equal(out, x)
+    assert checked_float(x, "here").dtype == torch.float32
+    x[3, 3] = float("nan")
+    with pytest.raises(InputError, match="here: 1 NaN/Inf"):
+        checked_float(x, "here", stored_dtype=True)
