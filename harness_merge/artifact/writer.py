@@ -170,7 +170,8 @@ def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
         if res is None:
             buf[name] = theta0.contiguous()
         else:
-            buf[name] = (theta0.float() + res.delta).to(theta0.dtype).contiguous()
+            # delta + theta0 in place (float32, the same sums): no float32 copy of the base tensor
+            buf[name] = res.delta.add_(theta0).to(theta0.dtype).contiguous()
             n += 1
         weight_map[name] = out_names[fn]
     if buf:
