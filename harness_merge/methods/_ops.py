@@ -190,6 +190,33 @@ def released_threshold(mag: torch.Tensor, keep: float) -> float | None:
     return _kth_largest_nonneg_f32(mag, n - j + 1)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def released_threshold_of(
+    x: torch.Tensor, keep: float, *, magnitude: torch.Tensor | None = None
+) -> float | None:
+    """:func:`released_threshold` of ``|x|``, from ``x`` itself: for float16 /
+    bfloat16 ``x`` (finite) the 15 magnitude bits of each entry order like
+    ``|x|``, so one count per bit pattern (2^15 buckets) and a cumulative sum
+    give the order statistic exactly, with no float32 copy, no ``abs`` and no
+    second pass; the value is that of float32 ``|x|`` (the conversion is exact
+    and monotone). Other dtypes: ``released_threshold(|x|, keep)`` (``magnitude``:
+    ``|x|`` when the caller has it)."""
+    if x.dtype not in _HALF or x.device.type != "cpu":
+        return released_threshold(x.abs() if magnitude is None else magnitude, keep)
+    if keep >= 1.0:
+        return None
+    n = x.numel()
+    j = int((1.0 - keep) * n + 1e-6)  # the j-th smallest magnitude is the threshold
+    if j <= 0:
+        return None
+    bits = x.contiguous().reshape(-1).view(torch.int16) & 0x7FFF
+    below = torch.bincount(bits, minlength=1 << 15).cumsum(0)  # below[v]: entries with pattern <= v
+    pattern = int(torch.searchsorted(below, torch.tensor([j], dtype=below.dtype)))
+    return float(torch.tensor(pattern, dtype=torch.int16).view(x.dtype))
+
+
 def _kth_largest_nonneg_f32(mag: torch.Tensor, k: int) -> float:
     """The k-th largest of non-negative float32 ``mag`` (1-based), exactly."""
     bits = mag.contiguous().view(torch.int32).reshape(-1)

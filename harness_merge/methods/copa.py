@@ -13,7 +13,7 @@ import torch
 from ..errors import MethodParamError
 from ..types import LowRank, MergeResult, ModuleInputs
 from . import register
-from ._ops import KeepRule, keep_at_least, magnitude_mask, released_threshold
+from ._ops import KeepRule, keep_at_least, magnitude_mask, released_threshold_of
 from ._params import MethodParams
 
 
@@ -106,6 +106,7 @@ def cross_task_normalise(scales: list[torch.Tensor]) -> list[torch.Tensor]:
     inputs=("lora",),
     min_inputs=2,
     lowrank_on_lora=True,
+    stored_dtype=True,
 )
 def copa(
     inputs: ModuleInputs, params: CopaParams, *, generator: torch.Generator | None = None
@@ -139,25 +140,28 @@ def copa(
     rule = params.keep_rule
     if rule == "released":
         # The released masks without boolean maps: one exact threshold per factor
-        # (released_threshold) and hardshrink just below it (keep_at_least) give
-        # where(mask, x, 0); the kept mass of A is the pruned A's |.| summed.
+        # (from the stored float16/bfloat16 bits when the factors come as stored) and
+        # hardshrink just below it (keep_at_least) give where(mask, x, 0) in float32;
+        # the kept mass of A is the pruned A's |.| summed.
         A_t, B_t, scales = [], [], []
         for f in inputs.lora:
-            abs_A = f.A.abs()
-            At = keep_at_least(f.A, released_threshold(abs_A, keep))
+            A, B = f.A.float(), f.B.float()
+            abs_A = A.abs()
+            At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
             scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), params.clamp_quantile))
             del abs_A
             A_t.append(At)
-            B_t.append(keep_at_least(f.B, released_threshold(f.B.abs(), keep)))
+            B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
     else:
         A_t, B_t, scales = [], [], []
         for f in inputs.lora:
-            abs_A = f.A.abs()
-            mask_A = magnitude_mask(f.A, keep, rule=rule, generator=generator)
-            mask_B = magnitude_mask(f.B, keep, rule=rule, generator=generator)
-            A_t.append(torch.where(mask_A, f.A, 0.0))
-            B_t.append(torch.where(mask_B, f.B, 0.0))
-            scales.append(complementary_scale(f.A, mask_A, params.clamp_quantile, abs_A=abs_A))
+            A, B = f.A.float(), f.B.float()
+            abs_A = A.abs()
+            mask_A = magnitude_mask(A, keep, rule=rule, generator=generator)
+            mask_B = magnitude_mask(B, keep, rule=rule, generator=generator)
+            A_t.append(torch.where(mask_A, A, 0.0))
+            B_t.append(torch.where(mask_B, B, 0.0))
+            scales.append(complementary_scale(A, mask_A, params.clamp_quantile, abs_A=abs_A))
             del abs_A
     scales = cross_task_normalise(scales)
     # B~_n diag(s~_n) times lambda w_n scale_n, as one column factor on the masked B_n (in place).

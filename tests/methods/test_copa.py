@@ -200,6 +200,47 @@ def test_copa_default_is_the_released_code(dtype):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("combine", ["product_of_sums", "sum_of_products"])
+def test_copa_on_factors_as_stored(dtype, combine):
+    """copa takes LoRA factors in their stored dtype (``stored_dtype``): the
+    thresholds come from the 16-bit patterns; the result equals the released
+    code's on the same values, and is bit for bit the float32 path's."""
+    mi = lora_inputs(n=3, d_out=40, d_in=64, ranks=(8, 8, 8), scales=[2.0] * 3, seed=4)
+    stored = ModuleInputs(
+        name="m", lora=tuple(LoRAFactors(A=f.A.to(dtype), B=f.B.to(dtype), scale=f.scale) for f in mi.lora)
+    )
+    as_f32 = ModuleInputs(
+        name="m", lora=tuple(LoRAFactors(A=f.A.float(), B=f.B.float(), scale=f.scale) for f in stored.lora)
+    )
+    ours = run(stored, combine=combine)
+    f32 = run(as_f32, combine=combine)
+    assert ours.A.dtype == ours.B.dtype == torch.float32
+    assert torch.equal(ours.A, f32.A) and torch.equal(ours.B, f32.B)
+    if combine == "product_of_sums":
+        torch.testing.assert_close(ours.delta(), released_robustmerge(as_f32), rtol=1e-4, atol=1e-5)
+
+
+def test_released_threshold_of_16bit_is_the_sorted_value():
+    """The 16-bit pattern count gives the j-th smallest |x| (j = int(0.8 n)), as a sort does,
+    with ties, zeros and negative zeros."""
+    from harness_merge.methods._ops import released_threshold_of
+
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float16, torch.bfloat16):
+        for x in (
+            (torch.randn(37, 11, generator=g) * 0.02).to(dtype),
+            torch.randint(-3, 4, (50,), generator=g).to(dtype),
+            torch.tensor([-0.0, 0.0, 0.0, 1.0, -1.0], dtype=dtype),
+        ):
+            for keep in (0.2, 0.5, 0.999):
+                j = int((1 - keep) * x.numel() + 1e-6)
+                want = x.float().abs().reshape(-1).sort().values[j - 1] if j else None
+                got = released_threshold_of(x, keep)
+                assert (got is None) if want is None else got == float(want), (dtype, keep, x)
+            assert released_threshold_of(x, 1.0) is None
+
+
 def test_copa_keep_rules_differ_on_bf16_ties():
     """bf16 factors tie at the threshold: the released rule keeps them all
     (more than floor(0.2 n) entries), the exact rule exactly floor(0.2 n)."""
