@@ -75,17 +75,51 @@ def complementary_scale(
 
 def scale_from_sums(total: torch.Tensor, kept: torch.Tensor, clamp_quantile: float | None) -> torch.Tensor:
     """:func:`complementary_scale` from the per-row sums ``sum_j |A[i,j]|``
-    (``total``) and ``sum_j |M_A * A|[i,j]`` (``kept``)."""
+    (``total``) and ``sum_j |M_A * A|[i,j]`` (``kept``): shape ``(r,)``, or
+    ``(N, r)`` for N adapters at once (each row on its own)."""
     s = torch.where(kept > 0, total / kept.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
     s = torch.where(total == 0, torch.ones_like(s), s)
-    finite = s[torch.isfinite(s)]
-    fill = finite.max() if finite.numel() else torch.tensor(1.0, dtype=s.dtype)
-    s = torch.where(torch.isfinite(s), s, fill)
+    finite = torch.isfinite(s)
+    # the largest finite s of each adapter (1 where it has none)
+    fill = torch.where(finite, s, -torch.inf).amax(dim=-1, keepdim=True)
+    fill = torch.where(finite.any(dim=-1, keepdim=True), fill, torch.ones_like(fill))
+    s = torch.where(finite, s, fill)
     if clamp_quantile is not None:
-        r = s.numel()
-        floor = torch.sort(s).values[min(int(r * clamp_quantile), r - 1)]
-        s = torch.clamp(s, min=floor)
+        r = s.shape[-1]
+        floor = torch.sort(s, dim=-1).values[..., min(int(r * clamp_quantile), r - 1)]
+        s = torch.clamp(s, min=floor.unsqueeze(-1))
     return s
+
+
+def _released_pruned(lora, keep: float, clamp_quantile: float | None):
+    """``(A~_n, B~_n, s_n)`` of every adapter under ``keep_rule=released``, in
+    float32. The masks without boolean maps: one exact threshold per factor
+    (from the stored float16/bfloat16 bits when the factors come as stored)
+    and hardshrink just below it (``keep_at_least``) give ``where(mask, x, 0)``;
+    the kept mass of A is the pruned A's ``|.|`` summed. Adapters of one shape
+    and dtype are converted, summed and scaled as one batch (fewer, larger
+    tensor ops; the same values)."""
+    if len({(f.A.shape, f.A.dtype, f.B.shape, f.B.dtype) for f in lora}) > 1:
+        A_t, B_t, scales = [], [], []
+        for f in lora:
+            A, B = f.A.float(), f.B.float()
+            abs_A = A.abs()
+            At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
+            scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), clamp_quantile))
+            A_t.append(At)
+            B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
+        return A_t, B_t, scales
+    A = torch.empty((len(lora), *lora[0].A.shape), dtype=torch.float32)
+    for i, f in enumerate(lora):
+        A[i].copy_(f.A)  # the float32 values, converted while copied
+    abs_A = A.abs()
+    A_t = [
+        keep_at_least(A[i], released_threshold_of(f.A, keep, magnitude=abs_A[i])) for i, f in enumerate(lora)
+    ]
+    kept = torch.stack([At.abs().sum(dim=1) for At in A_t])
+    scales = list(scale_from_sums(abs_A.sum(dim=2), kept, clamp_quantile))
+    B_t = [keep_at_least(f.B.float(), released_threshold_of(f.B, keep)) for f in lora]
+    return A_t, B_t, scales
 
 
 def cross_task_normalise(scales: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -139,19 +173,7 @@ def copa(
     lam = params.scaling
     rule = params.keep_rule
     if rule == "released":
-        # The released masks without boolean maps: one exact threshold per factor
-        # (from the stored float16/bfloat16 bits when the factors come as stored) and
-        # hardshrink just below it (keep_at_least) give where(mask, x, 0) in float32;
-        # the kept mass of A is the pruned A's |.| summed.
-        A_t, B_t, scales = [], [], []
-        for f in inputs.lora:
-            A, B = f.A.float(), f.B.float()
-            abs_A = A.abs()
-            At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
-            scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), params.clamp_quantile))
-            del abs_A
-            A_t.append(At)
-            B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
+        A_t, B_t, scales = _released_pruned(inputs.lora, keep, params.clamp_quantile)
     else:
         A_t, B_t, scales = [], [], []
         for f in inputs.lora:

@@ -254,3 +254,24 @@ def test_copa_keep_rules_differ_on_bf16_ties():
     assert int(exact.sum()) == int(0.2 * n)
     assert int(released.sum()) > n - int(0.8 * n) + 1  # ties at the k-th value kept
     assert bool((released | ~exact).all())  # the exact mask is a subset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batched_released_pruning_is_the_per_adapter_formula(dtype):
+    """Adapters of one shape are pruned and scaled as a batch; each adapter's
+    A~, B~ and s equal the boolean-mask formula applied to it alone."""
+    from harness_merge.methods._ops import magnitude_mask
+    from harness_merge.methods.copa import _released_pruned, complementary_scale
+
+    mi = lora_inputs(n=4, d_out=24, d_in=40, ranks=(6, 6, 6, 6), seed=11)
+    lora = tuple(LoRAFactors(A=f.A.to(dtype), B=f.B.to(dtype), scale=f.scale) for f in mi.lora)
+    # one adapter with a zero row and one pruned to nothing in a row: the fill and the clamp
+    lora[1].A[2].zero_()
+    A_t, B_t, scales = _released_pruned(lora, 0.2, 0.8)
+    for f, At, Bt, s in zip(lora, A_t, B_t, scales):
+        A, B = f.A.float(), f.B.float()
+        mA = magnitude_mask(A, 0.2, rule="released")
+        mB = magnitude_mask(B, 0.2, rule="released")
+        assert torch.equal(At, torch.where(mA, A, 0.0))
+        assert torch.equal(Bt, torch.where(mB, B, 0.0))
+        assert torch.equal(s, complementary_scale(A, mA, 0.8))
