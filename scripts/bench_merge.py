@@ -6,7 +6,11 @@ modules merged at once; the floor is one thread).
 Prints, per method, wall time, peak RSS and the ratio to the floor (the time
 to just read every adapter tensor with safetensors), each measured in its own
 subprocess in the same run so peak RSS is per method, with the machine's load
-average. For ta and wa, PEFT's ``add_weighted_adapter(combination_type="cat")``
+average. A LoRA artifact's row also gives the ratio to the I/O floor: the
+read floor plus writing as many bytes as the artifact holds to a new file and
+fsync'ing it (a merge cannot publish durably in less). The cache's content
+hash is ``HARNESS_MERGE_HASH`` (default xxh3_128); ``--hash sha256`` times
+the other one. For ta and wa, PEFT's ``add_weighted_adapter(combination_type="cat")``
 (the same exact concatenation) runs on the same adapters. mergekit merges full
 checkpoints only; it is optional and not in the main lock (skipped with a note
 when it is not installed).
@@ -88,7 +92,19 @@ if kind == "floor":
 elif kind == "api":
     from harness_merge.api import MergeSpec, merge
     art = merge(MergeSpec(adapters=tuple(adapters), method=method), cache_dir=cache, progress=False)
-    extra = {"rank": art.manifest["result"].get("rank"), "format": art.kind}
+    nbytes = sum(p.stat().st_size for p in Path(art.path).iterdir() if p.is_file())
+    extra = {"rank": art.manifest["result"].get("rank"), "format": art.kind, "bytes": nbytes}
+elif kind == "write":
+    # the write floor: as many bytes as an artifact, to a new file, then fsync
+    import os
+    n = int(adapters[0]); chunk = bytes(1 << 24)
+    t0 = time.perf_counter()
+    with open(Path(cache) / "write_floor.bin", "wb") as f:
+        while n > 0:
+            f.write(chunk[: min(n, len(chunk))]); n -= len(chunk)
+        f.flush(); os.fsync(f.fileno())
+    os.unlink(Path(cache) / "write_floor.bin")
+    extra = {}
 elif kind == "peft_cat":
     # PEFT's add_weighted_adapter(combination_type="cat") computes ta (weights 1) and
     # wa (weights 1/N) exactly, as we do. The base layers are stride-0 stand-ins of the
@@ -166,9 +182,14 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--workdir", default=None, help="keep the generated adapters here (default: a temp dir)")
     ap.add_argument(
+        "--hash", choices=("xxh3_128", "sha256"), default=None, help="HARNESS_MERGE_HASH for the merges"
+    )
+    ap.add_argument(
         "--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)"
     )
     args = ap.parse_args(argv)
+    if args.hash:
+        os.environ["HARNESS_MERGE_HASH"] = args.hash
     from harness_merge import methods
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge_"))
@@ -179,7 +200,8 @@ def main(argv=None) -> None:
     size = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 2**20
     print(
         f"{args.adapters} adapters x {args.layers} layers x 7 modules, rank {args.rank}, fp16: {size:.0f} MiB on disk "
-        f"(generated in {time.perf_counter() - t0:.0f}s)"
+        f"(generated in {time.perf_counter() - t0:.0f}s); content hash "
+        f"{os.environ.get('HARNESS_MERGE_HASH') or 'xxh3_128'}"
     )
     floor = run_child("floor", "-", work / "cache", adapters)
     print(
@@ -202,6 +224,10 @@ def main(argv=None) -> None:
                 if kind == "api"
                 else f"{r['modules']} dense deltas (computed, not written)"
             )
+            if kind == "api":
+                wf = run_child("write", "-", cache, [r["bytes"]])["wall"]
+                io_floor = floor["wall"] + wf
+                out += f", {r['bytes'] / 2**20:.0f} MiB; I/O floor {io_floor:.2f} s -> {r['wall'] / io_floor:.2f}x"
             label = f"{m} ({t} thread{'s' if t > 1 else ''})"
             print(
                 f"{label:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   "

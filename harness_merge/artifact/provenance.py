@@ -7,7 +7,8 @@ output holds base weights, format, rank, dtype, the DoRA rule, and the content
 hash when it is not sha256); the manifest (:meth:`Provenance.manifest`) adds
 what a reader wants but what does not change the result (references, the
 method's URL, the package version). Digests are named by their algorithm
-(``{"ref": ..., "xxh3_128": ...}``, ``"content_hash"`` at the top). With
+(``{"ref": ..., "xxh3_128": ...}``; ``"content_hash"`` at the top unless it
+is sha256). With
 ``content_hash=sha256`` keys are byte-for-byte those of the dicts ``api.merge``
 built before this class existed (pinned in ``tests/artifact/test_provenance_pin.py``).
 """
