@@ -203,6 +203,8 @@ def main(argv=None) -> None:
         f"(generated in {time.perf_counter() - t0:.0f}s); content hash "
         f"{os.environ.get('HARNESS_MERGE_HASH') or 'xxh3_128'}"
     )
+    for a in adapters:  # warm the page cache: every row then reads from memory, the floor too
+        (a / "adapter_model.safetensors").read_bytes()
     floor = run_child("floor", "-", work / "cache", adapters)
     print(
         f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   (load {_load()})"
@@ -253,7 +255,7 @@ def main(argv=None) -> None:
         try:
             import mergekit  # noqa: F401
 
-            print("mergekit is installed, but this script has no full-checkpoint comparison with it yet")
+            print("mergekit merges full checkpoints only: scripts/bench_checkpoints.py compares with it")
         except ImportError:
             print("mergekit: not installed (optional; not in the main lock) - its comparison is skipped")
 

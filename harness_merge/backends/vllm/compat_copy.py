@@ -5,7 +5,7 @@ vLLM's loader wants ``vision_tower.vision_model.<x>`` (the layout of the hub
 checkpoints). Such a folder is rewritten once (weights with renamed keys, the
 other files copied) and published through the merge cache
 (:class:`harness_merge.artifact.cache.MergeCache`: content-addressed by the
-source files' sha256, built in a temp folder, sealed, renamed into place under
+source files' digests, built in a temp folder, sealed, renamed into place under
 a lock, verified on every hit). Anything else is served as is.
 """
 
