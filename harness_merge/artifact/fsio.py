@@ -304,7 +304,10 @@ class HashingWriter:
     algorithm of the enclosing ``hash_on_write``, if any) and, every
     ``SYNC_EVERY`` bytes, starts the kernel's writeback of what it holds on a
     background thread (``fdatasync``), so the fsync before publishing finds
-    little left to flush. ``close()`` notes the digest (``note_written``)."""
+    little left to flush. An error of that writeback (EIO, ENOSPC of delayed
+    allocation) is raised by the next ``write`` or by ``close`` (a later fsync
+    on another descriptor may not see an error this one already reported).
+    ``close()`` notes the digest (``note_written``)."""
 
     SYNC_EVERY = 64 << 20
 
@@ -314,8 +317,11 @@ class HashingWriter:
         self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close/abort)
         self._since_sync = 0
         self._sync = None  # the background writeback of the previous SYNC_EVERY bytes
+        self._sync_error: OSError | None = None
 
     def write(self, data) -> None:
+        if self._sync_error is not None:
+            self._raise_sync_error()
         if self._h is not None:
             self._h.update(data)
         self._f.write(data)
@@ -324,10 +330,19 @@ class HashingWriter:
             import threading
 
             self._f.flush()
-            fd = self._f.fileno()
-            self._sync = threading.Thread(target=_quiet_datasync, args=(fd,), daemon=True)
+            self._sync = threading.Thread(target=self._datasync, args=(self._f.fileno(),), daemon=True)
             self._sync.start()
             self._since_sync = 0
+
+    def _datasync(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            self._sync_error = e
+
+    def _raise_sync_error(self):
+        e, self._sync_error = self._sync_error, None
+        raise OSError(e.errno, f"{self.path}: writing back: {e.strerror}") from e
 
     def _join(self) -> None:
         if self._sync is not None:
@@ -336,20 +351,17 @@ class HashingWriter:
 
     def abort(self) -> None:
         self._join()
+        self._sync_error = None
         self._f.close()
 
     def close(self) -> None:
         self._join()
+        if self._sync_error is not None:
+            self._f.close()
+            self._raise_sync_error()
         self._f.close()
         if self._h is not None:
             note_written(self.path, self.name, self._h.hexdigest())
-
-
-def _quiet_datasync(fd: int) -> None:
-    try:
-        os.fdatasync(fd)
-    except OSError:
-        pass  # only an early start: the fsync before publishing reports errors
 
 
 class CopyMismatch(Exception):

@@ -149,3 +149,20 @@ def test_cli_content_hash(adapters, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main([*args, "--content-hash", "md5"])
     assert "invalid choice: 'md5'" in capsys.readouterr().err
+
+
+def test_a_writeback_error_of_the_background_sync_fails_the_merge(adapters, cache_dir, monkeypatch):
+    """The early writeback reports what it met: an ENOSPC of fdatasync (delayed
+    allocation) fails the merge in one line and leaves no entry."""
+    import errno
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsio.HashingWriter, "SYNC_EVERY", 1)  # a writeback after every write
+    monkeypatch.setattr(fsio.os, "fdatasync", no_space)
+    with pytest.raises(
+        ArtifactError, match=r"adapter_model\.safetensors: writing back: No space left.*free some space"
+    ):
+        merge(ta(adapters), cache_dir=cache_dir, progress=False)
+    assert [p for p in (cache_dir / "merges").iterdir()] == []
