@@ -86,7 +86,7 @@ def test_copa_run_records_merge_in_results(copa_run, qwen2vl):
     assert man["method"] == "copa"
     assert man["params"]["prune_rate"] == 0.5
     assert [a["ref"] for a in man["adapters"]] == [str(a) for a in qwen2vl[1]]
-    assert all(len(a["sha256"]) >= 16 for a in man["adapters"])
+    assert man["content_hash"] == "xxh3_128" and all(len(a["xxh3_128"]) == 32 for a in man["adapters"])
     assert merge["artifact"]["kind"] in ("lora", "full")
     assert "method=copa" in p.stderr and "harness-merge" in p.stderr
     # issue 10: the run is named by what was merged, not by its base
