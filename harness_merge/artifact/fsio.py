@@ -336,7 +336,7 @@ class HashingWriter:
 
     def _datasync(self, fd: int) -> None:
         try:
-            os.fdatasync(fd)
+            getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
         except OSError as e:
             self._sync_error = e
 
