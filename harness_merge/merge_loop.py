@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import MethodParamError
+from .inputs.checkpoint import stacked_rows
 from .methods import MethodSpec, available, get, module_generator
 from .methods._params import MethodParams
 from .types import Dense, MergeResult, ModuleInputs
@@ -152,17 +153,24 @@ def iter_merged(
         if passes:
             extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
 
+    # Full checkpoints answer "nothing changed" on the stored tensors (stops at the
+    # first difference); None from it (mixed dtypes), or other inputs: the task vectors say.
+    unchanged = getattr(inputs, "unchanged", None) if inputs.kind == "dense" else None
+
     def one(name: str) -> MergeResult | None:
         with torch.no_grad():  # per thread
+            same = unchanged(name) if unchanged is not None else None
+            if same:
+                return None
             mi = inputs.read(name, stored_dtype=True) if read_stored else inputs.read(name)
-            if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
+            if mi.kind == "dense" and same is None and all(not t.any() for t in mi.task_vectors):
                 return None
             if inputs.is_matrix(name) or params.nonlinear == "method":
                 # LoRA names a module, a checkpoint its weight: one key for both, so
                 # random methods draw the same masks from either input form.
                 key = name.removesuffix(".weight")
                 return spec.fn(mi, params, generator=module_generator(seed, key), **extra)
-            return Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
+            return Dense(_stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
 
     yield from _drive(one, names, spec, progress, threads)
 
@@ -182,16 +190,27 @@ def iter_merged_base_free(
 
     def one(name: str) -> MergeResult | None:
         with torch.no_grad():
+            same = inputs.unchanged(name, base_free=True)
+            if same:
+                return None
             thetas = inputs.read_fine_tuned(name)
-            if all(torch.equal(thetas[0], t) for t in thetas[1:]):
+            if same is None and all(torch.equal(thetas[0], t) for t in thetas[1:]):
                 return None
             mi = ModuleInputs(name=name, task_vectors=thetas)
             if inputs.is_matrix(name) or params.nonlinear == "method":
                 key = name.removesuffix(".weight")
                 return spec.fn(mi, params, generator=module_generator(seed, key))
-            return Dense(torch.stack(thetas).mean(dim=0), info={"policy": "average"})
+            return Dense(_stack(thetas).mean(dim=0), info={"policy": "average"})
 
     yield from _drive(one, names, spec, progress, threads)
+
+
+def _stack(tensors) -> torch.Tensor:
+    """``torch.stack(tensors)``, or, where the tensors are already the rows of
+    one contiguous buffer (a checkpoint reader's), that buffer: the same
+    values in the same layout, so the same reductions, without the copy."""
+    whole = stacked_rows(tensors)
+    return torch.stack(tensors) if whole is None else whole
 
 
 def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:

@@ -15,6 +15,8 @@ import logging
 import re
 from pathlib import Path
 
+import torch
+
 from ..errors import InputError
 from ..types import ModuleInputs
 from .files import TensorFile, checked_float
@@ -151,11 +153,58 @@ class CheckpointSet:
         order = {fn: i for i, fn in enumerate(first.file_names)}
         return sorted(first.where, key=lambda n: (order[first.where[n]], n))
 
+    def unchanged(self, name: str, *, base_free: bool = False) -> bool | None:
+        """Whether every fine-tuned checkpoint holds the base's tensor ``name``
+        (``base_free``: the first checkpoint's) value for value: ``torch.equal``
+        on the stored tensors, which stops at the first difference (no float32
+        copy, no task vector). The same answer as "every ``tau_n`` is all
+        zeros" for finite weights (None where the dtypes differ: then compare the
+        float32 values); where it is True, the reference tensor is
+        still checked for NaN/Inf (a non-finite weight is refused either way)."""
+        ref = self.checkpoints[0] if base_free else self.base
+        others = self.checkpoints[1:] if base_free else self.checkpoints
+        if any(c.dtype(name) != ref.dtype(name) for c in others):
+            return None  # mixed dtypes: compared as float32 task vectors by the caller
+        t = ref.get(name)
+        if not all(torch.equal(c.get(name), t) for c in others):
+            return False
+        checked_float(t, f"{ref.ref} [{name}]", stored_dtype=True)
+        return True
+
+    def _stacked(self, name: str, checkpoints) -> torch.Tensor:
+        """One ``(N, *shape)`` float32 buffer holding the checkpoints' tensors
+        (converted in place, no float32 temporary per checkpoint), each checked
+        for NaN/Inf."""
+        out = torch.empty((len(checkpoints), *self.shape(name)), dtype=torch.float32)
+        for row, c in zip(out, checkpoints):
+            row.copy_(c.get(name))  # the exact widening of .to(torch.float32)
+            checked_float(row, f"{c.ref} [{name}]", stored_dtype=True)
+        return out
+
     def read_fine_tuned(self, name: str) -> tuple:
-        """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched."""
-        return tuple(checked_float(c.get(name), f"{c.ref} [{name}]") for c in self.checkpoints)
+        """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched
+        (rows of one stacked buffer, see :meth:`read`)."""
+        return tuple(self._stacked(name, self.checkpoints).unbind(0))
 
     def read(self, name: str) -> ModuleInputs:
+        """float32 ``tau_n = theta_n - theta_0``: the rows of one ``(N, *shape)``
+        buffer (``task_vectors[n]`` is a view of row n; :func:`stacked_rows`
+        gives the buffer back), each row converted and reduced in place: the
+        same values as ``float(theta_n) - float(theta_0)``."""
         base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
-        taus = tuple(checked_float(c.get(name), f"{c.ref} [{name}]") - base for c in self.checkpoints)
-        return ModuleInputs(name=name, task_vectors=taus, base=base)
+        taus = self._stacked(name, self.checkpoints)
+        taus.sub_(base)  # row n minus the base, broadcast: the same subtraction per entry
+        return ModuleInputs(name=name, task_vectors=tuple(taus.unbind(0)), base=base)
+
+
+def stacked_rows(tensors) -> torch.Tensor | None:
+    """The contiguous ``(N, *shape)`` tensor whose rows ``tensors`` are, in
+    order (as :meth:`CheckpointSet.read` returns them), or None: then a caller
+    stacks them itself (``torch.stack`` would copy them into the same layout)."""
+    tensors = tuple(tensors)
+    whole = tensors[0]._base if tensors else None
+    if whole is None or not whole.is_contiguous() or whole.shape != (len(tensors), *tensors[0].shape):
+        return None
+    if all(t._base is whole and t.data_ptr() == whole[i].data_ptr() for i, t in enumerate(tensors)):
+        return whole
+    return None
