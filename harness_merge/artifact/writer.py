@@ -21,7 +21,7 @@ import torch
 
 from .. import dtypes
 from ..errors import ArtifactError
-from ..types import Dense, DoRAUpdate, LowRank
+from ..types import Dense, DenseBlocks, DoRAUpdate, LowRank
 from .full_weights import SafetensorsStreamWriter
 from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
@@ -151,6 +151,15 @@ def write_full_from_lora(
     return stream_full_from_lora(results, lora_set, base_ref, out_dir, dtype=dtype, replaced=replaced)
 
 
+def _added_blocks(res: DenseBlocks, theta0: torch.Tensor):
+    """``theta0 + delta`` block by block, each in place in the float32 block
+    and cast to ``theta0``'s dtype (the same sums as the whole tensor's)."""
+    flat, at = theta0.reshape(-1), 0
+    for b in res.blocks():
+        yield b.add_(flat[at : at + b.numel()]).to(theta0.dtype)
+        at += b.numel()
+
+
 def _stored_dtype(ck, name: str) -> torch.dtype:
     dt = getattr(torch, ck.dtype(name), None)  # from the header
     return dt if isinstance(dt, torch.dtype) else ck.get(name).dtype
@@ -163,7 +172,8 @@ def _stream_checkpoint_shards(results, ck, names: list[str], dtype_of, tensor, o
     known before any tensor is merged), so only the tensor in hand is held,
     not a whole shard; ``results`` must come in ``names`` order. Writes the
     index for several shards and the side files; returns ``{"modules": n}``
-    (results that were not None)."""
+    (results that were not None). A tensor's bytes may come in flat pieces
+    (``tensor`` returning an iterator: a :class:`DenseBlocks` result)."""
 
     files = ck.file_names
     out_names = {fn: (fn if len(files) > 1 else "model.safetensors") for fn in files}
@@ -183,7 +193,11 @@ def _stream_checkpoint_shards(results, ck, names: list[str], dtype_of, tensor, o
                 w = SafetensorsStreamWriter(
                     Path(out_dir) / out_names[fn], layout[fn], metadata={"format": "pt"}
                 )
-            w.write(name, tensor(name, res))
+            out = tensor(name, res)
+            if isinstance(out, torch.Tensor):
+                w.write(name, out)
+            else:  # the flat pieces of a DenseBlocks result, in order
+                w.write_parts(name, out)
             n += res is not None
             weight_map[name] = out_names[fn]
         if w is not None:
@@ -210,6 +224,8 @@ def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
         theta0 = base.get(name)
         if res is None:
             return theta0
+        if isinstance(res, DenseBlocks):
+            return _added_blocks(res, theta0)
         # delta + theta0 in place (float32, the same sums): no float32 copy of the base tensor
         return res.delta.add_(theta0).to(theta0.dtype)
 
@@ -231,7 +247,11 @@ def write_full_base_free(results, ckset, out_dir: Path) -> dict:
         return _stored_dtype(first, name)
 
     def tensor(name, res):
-        return first.get(name) if res is None else res.delta.to(dtype_of(name))
+        if res is None:
+            return first.get(name)
+        if isinstance(res, DenseBlocks):
+            return (b.to(dtype_of(name)) for b in res.blocks())
+        return res.delta.to(dtype_of(name))
 
     info = _stream_checkpoint_shards(results, first, ckset.layout_names(), dtype_of, tensor, out_dir)
     return {**info, "base_read": False}

@@ -171,40 +171,42 @@ class CheckpointSet:
         checked_float(t, f"{ref.ref} [{name}]", stored_dtype=True)
         return True
 
-    def _stacked(self, name: str, checkpoints) -> torch.Tensor:
-        """One ``(N, *shape)`` float32 buffer holding the checkpoints' tensors
-        (converted in place, no float32 temporary per checkpoint), each checked
-        for NaN/Inf."""
-        out = torch.empty((len(checkpoints), *self.shape(name)), dtype=torch.float32)
-        for row, c in zip(out, checkpoints):
-            row.copy_(c.get(name))  # the exact widening of .to(torch.float32)
-            checked_float(row, f"{c.ref} [{name}]", stored_dtype=True)
-        return out
+    def _float(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        """A float32 copy of ``ck``'s tensor (never the stored tensor itself,
+        so the caller may work in place), checked for NaN/Inf."""
+        x = ck.get(name).to(torch.float32, copy=True)
+        return checked_float(x, f"{ck.ref} [{name}]", stored_dtype=True)
 
     def read_fine_tuned(self, name: str) -> tuple:
-        """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched
-        (rows of one stacked buffer, see :meth:`read`)."""
-        return tuple(self._stacked(name, self.checkpoints).unbind(0))
+        """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched."""
+        return tuple(self._float(c, name) for c in self.checkpoints)
 
     def read(self, name: str) -> ModuleInputs:
-        """float32 ``tau_n = theta_n - theta_0``: the rows of one ``(N, *shape)``
-        buffer (``task_vectors[n]`` is a view of row n; :func:`stacked_rows`
-        gives the buffer back), each row converted and reduced in place: the
-        same values as ``float(theta_n) - float(theta_0)``."""
+        """float32 ``tau_n = theta_n - theta_0``, each subtracted in place in
+        its float32 copy (no second temporary): the same values as
+        ``float(theta_n) - float(theta_0)``."""
         base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
-        taus = self._stacked(name, self.checkpoints)
-        taus.sub_(base)  # row n minus the base, broadcast: the same subtraction per entry
-        return ModuleInputs(name=name, task_vectors=tuple(taus.unbind(0)), base=base)
+        taus = tuple(self._float(c, name).sub_(base) for c in self.checkpoints)
+        return ModuleInputs(name=name, task_vectors=taus, base=base)
 
+    def _block(self, ck: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        """float32 copy of the flat entries ``[start, stop)`` of ``ck``'s
+        tensor; a non-finite entry raises as :func:`checked_float` on the whole
+        tensor (the same message, counting all of it)."""
+        t = ck.get(name)
+        x = t.reshape(-1)[start:stop].to(torch.float32, copy=True)
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+            checked_float(t, f"{ck.ref} [{name}]")
+        return x
 
-def stacked_rows(tensors) -> torch.Tensor | None:
-    """The contiguous ``(N, *shape)`` tensor whose rows ``tensors`` are, in
-    order (as :meth:`CheckpointSet.read` returns them), or None: then a caller
-    stacks them itself (``torch.stack`` would copy them into the same layout)."""
-    tensors = tuple(tensors)
-    whole = tensors[0]._base if tensors else None
-    if whole is None or not whole.is_contiguous() or whole.shape != (len(tensors), *tensors[0].shape):
-        return None
-    if all(t._base is whole and t.data_ptr() == whole[i].data_ptr() for i, t in enumerate(tensors)):
-        return whole
-    return None
+    def read_block(self, name: str, start: int, stop: int) -> ModuleInputs:
+        """The flat entries ``[start, stop)`` of :meth:`read` (1-D task
+        vectors and base, the same float32 values), for a pointwise method
+        run block by block (``merge_loop.iter_merged(blockwise=True)``)."""
+        base = self._block(self.base, name, start, stop)
+        taus = tuple(self._block(c, name, start, stop).sub_(base) for c in self.checkpoints)
+        return ModuleInputs(name=name, task_vectors=taus, base=base)
+
+    def read_fine_tuned_block(self, name: str, start: int, stop: int) -> tuple:
+        """The flat entries ``[start, stop)`` of :meth:`read_fine_tuned`."""
+        return tuple(self._block(c, name, start, stop) for c in self.checkpoints)
