@@ -148,7 +148,7 @@ def iter_merged(
     writer of checkpoints) takes :class:`DenseBlocks` where the work is
     pointwise - the ``nonlinear=average`` tensors, and a ``pointwise`` method
     without statistics passes - on inputs that read flat blocks
-    (``read_block``): each block of every input read, merged and handed over
+    (``read_blocks``): each block of every input read, merged and handed over
     in turn (:data:`BLOCK` entries, so its float32 temporaries stay in cache),
     the same numbers as the whole tensor. Such blocks are computed when the
     consumer asks for them (in its thread, whatever ``threads``)."""
@@ -165,7 +165,7 @@ def iter_merged(
     # first difference); None from it (mixed dtypes), or other inputs: the task vectors say.
     unchanged = getattr(inputs, "unchanged", None) if inputs.kind == "dense" else None
 
-    by_block = blockwise and inputs.kind == "dense" and hasattr(inputs, "read_block")
+    by_block = blockwise and inputs.kind == "dense" and hasattr(inputs, "read_blocks")
     method_by_block = by_block and spec.pointwise and not extra
 
     def one(name: str) -> MergeResult | DenseBlocks | None:
@@ -177,7 +177,7 @@ def iter_merged(
             if same is False and (method_by_block if runs_method else by_block):
                 return _blocks(
                     tuple(inputs.shape(name)),
-                    lambda s, e: inputs.read_block(name, s, e),
+                    lambda bounds: inputs.read_blocks(name, bounds),
                     lambda mi: _pointwise(spec, params, mi) if runs_method else _average(mi),
                     {} if runs_method else {"policy": "average"},
                 )
@@ -210,7 +210,7 @@ def iter_merged_base_free(
     where every checkpoint holds the same tensor (written as stored).
     ``blockwise``: :class:`DenseBlocks` where the work is pointwise, as
     :func:`iter_merged` (flat blocks of the fine-tuned weights,
-    ``read_fine_tuned_block``)."""
+    ``read_fine_tuned_blocks``)."""
     if params.needs_base() or inputs.kind != "dense":
         raise MethodParamError(f"{spec.name}: this merge reads the base (theta_0)")
     seed = int(getattr(params, "seed", 0))
@@ -225,8 +225,9 @@ def iter_merged_base_free(
             if blockwise and same is False and (spec.pointwise or not runs_method):
                 return _blocks(
                     tuple(inputs.shape(name)),
-                    lambda s, e: ModuleInputs(
-                        name=name, task_vectors=inputs.read_fine_tuned_block(name, s, e)
+                    lambda bounds: (
+                        ModuleInputs(name=name, task_vectors=t)
+                        for t in inputs.read_fine_tuned_blocks(name, bounds)
                     ),
                     lambda mi: _pointwise(spec, params, mi) if runs_method else _average(mi),
                     {} if runs_method else {"policy": "average"},
@@ -265,8 +266,8 @@ def _blocks(shape, read, merge_block, info) -> DenseBlocks:
 
     def gen():
         with torch.no_grad():
-            for s, e in flat_blocks(numel):
-                yield merge_block(read(s, e))
+            for mi in read(flat_blocks(numel)):
+                yield merge_block(mi)
 
     return DenseBlocks(shape, gen, info=info)
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -189,24 +190,34 @@ class CheckpointSet:
         taus = tuple(self._float(c, name).sub_(base) for c in self.checkpoints)
         return ModuleInputs(name=name, task_vectors=taus, base=base)
 
-    def _block(self, ck: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-        """float32 copy of the flat entries ``[start, stop)`` of ``ck``'s
-        tensor; a non-finite entry raises as :func:`checked_float` on the whole
-        tensor (the same message, counting all of it)."""
-        t = ck.get(name)
-        x = t.reshape(-1)[start:stop].to(torch.float32, copy=True)
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
-            checked_float(t, f"{ck.ref} [{name}]")
-        return x
+    @staticmethod
+    def _blocks_of(cks, name: str, bounds) -> Iterator[list[torch.Tensor]]:
+        """For each ``(start, stop)`` of ``bounds``: a float32 copy of the flat
+        entries ``[start, stop)`` of every checkpoint's tensor (each stored
+        tensor fetched once); a non-finite entry raises as
+        :func:`checked_float` on the whole tensor (the same message, counting
+        all of it)."""
+        stored = [ck.get(name) for ck in cks]
+        flat = [t.reshape(-1) for t in stored]
+        for start, stop in bounds:
+            out = []
+            for ck, t, f in zip(cks, stored, flat):
+                x = f[start:stop].to(torch.float32, copy=True)
+                if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                    checked_float(t, f"{ck.ref} [{name}]")
+                out.append(x)
+            yield out
 
-    def read_block(self, name: str, start: int, stop: int) -> ModuleInputs:
-        """The flat entries ``[start, stop)`` of :meth:`read` (1-D task
-        vectors and base, the same float32 values), for a pointwise method
-        run block by block (``merge_loop.iter_merged(blockwise=True)``)."""
-        base = self._block(self.base, name, start, stop)
-        taus = tuple(self._block(c, name, start, stop).sub_(base) for c in self.checkpoints)
-        return ModuleInputs(name=name, task_vectors=taus, base=base)
+    def read_blocks(self, name: str, bounds) -> Iterator[ModuleInputs]:
+        """:meth:`read` in flat blocks: for each ``(start, stop)`` of
+        ``bounds``, the entries ``[start, stop)`` (1-D task vectors and base,
+        the same float32 values), for a pointwise method run block by block
+        (``merge_loop.iter_merged(blockwise=True)``)."""
+        for base, *thetas in self._blocks_of([self.base, *self.checkpoints], name, bounds):
+            taus = tuple(t.sub_(base) for t in thetas)
+            yield ModuleInputs(name=name, task_vectors=taus, base=base)
 
-    def read_fine_tuned_block(self, name: str, start: int, stop: int) -> tuple:
-        """The flat entries ``[start, stop)`` of :meth:`read_fine_tuned`."""
-        return tuple(self._block(c, name, start, stop) for c in self.checkpoints)
+    def read_fine_tuned_blocks(self, name: str, bounds) -> Iterator[tuple]:
+        """:meth:`read_fine_tuned` in flat blocks (as :meth:`read_blocks`)."""
+        for thetas in self._blocks_of(self.checkpoints, name, bounds):
+            yield tuple(thetas)
