@@ -13,7 +13,14 @@ import torch
 
 from ..types import Dense, MergeResult, ModuleInputs
 from . import register
-from ._ops import KeepRule, elect_sign, prune_magnitude, prune_random
+from ._ops import (
+    KeepRule,
+    elect_sign,
+    keep_at_least,
+    prune_magnitude,
+    prune_random,
+    released_threshold_zeros_first,
+)
 from ._params import MethodParams
 
 
@@ -103,11 +110,14 @@ def _sparsified(
         stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method, zero_sign)
     count = torch.zeros(inputs.shape, dtype=stacked.dtype)
+    zero = torch.zeros((), dtype=stacked.dtype)
     for i, wi in enumerate(w):  # one task at a time: boolean masks of one delta only
         row = stacked[i]
         agree = (row * sign) > 0  # zeros never agree, nor does an elected 0
         count += agree
-        row.masked_fill_(~agree, 0.0).mul_(wi)
+        torch.where(agree, row, zero, out=row)  # row where it agrees, else +0 (as masked_fill_)
+        if wi != 1.0:  # x * 1.0 is x
+            row.mul_(wi)
     merged = stacked.sum(dim=0).div_(count.clamp_(min=1))
     return Dense(merged.mul_(params.scaling))
 
@@ -195,6 +205,10 @@ def dare_ties(inputs: ModuleInputs, params: DareTiesParams, *, generator: torch.
     def sparsify(d: torch.Tensor) -> torch.Tensor:
         t = prune_random(d, params.drop_rate, generator, rescale=params.rescale)
         if params.prune_rate > 0:
+            if params.keep_rule == "released" and t.dtype == torch.float32 and t.device.type == "cpu":
+                # prune_magnitude's released path, its threshold counting DARE's zeros first
+                # (the same threshold; no selection where the drop left >= j zeros)
+                return keep_at_least(t, released_threshold_zeros_first(t, 1.0 - params.prune_rate))
             t = prune_magnitude(t, params.prune_rate, rule=params.keep_rule, generator=generator)
         return t
 
