@@ -134,7 +134,8 @@ else:
     t0 = time.perf_counter()
     merge(spec, out=out, use_cache=False, progress=False)
 wall = time.perf_counter() - t0
-print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+src = sys.modules["harness_merge"].__file__ if "harness_merge" in sys.modules else None
+print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "src": src}))
 """
 
 
@@ -147,10 +148,14 @@ def run_child(who: str, recipe, out: Path, *, src: str | None = None) -> dict:
         capture_output=True,
         text=True,
         env=env,
+        cwd=str(out.parent),  # not this folder: a ``python -c`` child puts its cwd first on sys.path
     )
     if res.returncode != 0:
         raise SystemExit(f"{who} {recipe} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    if src is not None and not str(r["src"]).startswith(str(Path(src).resolve())):
+        raise SystemExit(f"{who}: imported {r['src']}, not the tree in {src}")
+    return r
 
 
 def _load() -> str:
