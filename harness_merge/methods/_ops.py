@@ -151,7 +151,11 @@ def elect_sign(stacked: torch.Tensor, method: str = "total", zero: str = "positi
     if zero != "majority":
         raise ValueError(f"zero vote rule must be 'positive' or 'majority', got {zero!r}")
     sign = torch.sign(vote).to(stacked.dtype)
-    return torch.where(sign == 0, torch.sign(sign.sum()), sign)
+    fill = torch.sign(sign.sum())
+    if fill == 0:
+        return sign.add_(0.0)  # the zeros as +0, as the fill would give them
+    # sign + fill * (1 - |sign|): +-1 kept, 0 -> fill; exact small integers, no boolean map
+    return sign.add_((1.0 - sign.abs()).mul_(fill))
 
 
 def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:

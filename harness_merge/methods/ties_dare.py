@@ -110,12 +110,12 @@ def _sparsified(
         stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method, zero_sign)
     count = torch.zeros(inputs.shape, dtype=stacked.dtype)
-    zero = torch.zeros((), dtype=stacked.dtype)
-    for i, wi in enumerate(w):  # one task at a time: boolean masks of one delta only
+    for i, wi in enumerate(w):  # one task at a time: masks of one delta only
         row = stacked[i]
-        agree = (row * sign) > 0  # zeros never agree, nor does an elected 0
+        agree = torch.mul(row, sign).gt_(0)  # 1.0 where it agrees, else 0.0 (zeros and an elected 0 never do)
         count += agree
-        torch.where(agree, row, zero, out=row)  # row where it agrees, else +0 (as masked_fill_)
+        # row where it agrees, else +0: x * 1 = x; x * 0 = +-0, and +-0 + 0.0 = +0 (a masked fill's zeros)
+        row.mul_(agree).add_(0.0)
         if wi != 1.0:  # x * 1.0 is x
             row.mul_(wi)
     merged = stacked.sum(dim=0).div_(count.clamp_(min=1))
