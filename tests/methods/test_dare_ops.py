@@ -49,3 +49,22 @@ def test_prune_random_is_its_formula_bit_for_bit(rescale):
     assert torch.equal(out.view(torch.int32), want.view(torch.int32))  # signs of zeros too
     assert bool((out[x < 0] == 0).any()) and bool((out[x < 0] == 0).logical_and(out[x < 0].signbit()).any())
     assert prune_random(x, 0.0, torch.Generator()) is not x
+
+
+@pytest.mark.parametrize("bias", [0.5, -0.5, 0.0])
+def test_majority_zero_sign_is_the_sign_of_the_elected_sum(bias):
+    """elect_sign(zero="majority"): where the vote is 0, the sign of the sum of
+    the elected signs (MLLMerging's ties_merging), as a where() would fill it."""
+    from harness_merge.methods._ops import elect_sign
+
+    g = torch.Generator().manual_seed(11)
+    stacked = torch.randint(-2, 3, (3, 50, 40), generator=g).float() + bias * (
+        torch.rand(3, 50, 40, generator=g) > 0.5
+    )
+    if bias == 0.0:  # a balanced tensor: the fill is 0
+        stacked = torch.cat([stacked, -stacked], dim=1)
+    vote = torch.sign(stacked.sum(dim=0))
+    want = torch.where(vote == 0, torch.sign(vote.sum()), vote)
+    got = elect_sign(stacked, "total", "majority")
+    assert bool((vote == 0).any())
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
