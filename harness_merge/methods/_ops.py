@@ -120,7 +120,8 @@ def released_threshold_zeros_first(x: torch.Tensor, keep: float) -> float | None
         return None
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return released_threshold(x.abs(), keep)
-    zeros = n - int(x.bool().sum())  # -0.0 counts as zero; faster than count_nonzero on CPU
+    count = torch.int32 if n < 2**31 else torch.int64  # int32: ~3x faster than count_nonzero
+    zeros = n - int(x.bool().sum(dtype=count))  # -0.0 is zero
     if zeros >= j:
         return 0.0
     if 2 * zeros < n:
