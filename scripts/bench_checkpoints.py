@@ -18,7 +18,9 @@ output holds and fsync them. Each merge's time is also given as a ratio to it.
 
 ``--before SRC``: one more row, ours from another source tree (e.g.
 ``git worktree add /tmp/before HEAD~3``), run the same way with
-``PYTHONPATH=SRC``: before and after in one run.
+``PYTHONPATH=SRC``: before and after in one run. ``--repeat N``: every row N
+times, the rounds interleaved, the median wall printed (a shared machine's
+noise).
 
 The checkpoints go to ``--workdir`` (reused when already built; only read
 after that); recipes and merge outputs to ``--outdir`` (default: a temp dir,
@@ -177,6 +179,12 @@ def main(argv=None) -> None:
         "--outdir", default=None, help="recipes and merge outputs (default: a temp dir, removed at the end)"
     )
     ap.add_argument("--before", default=None, help="a source tree: one more row, ours from it")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every row this many times, interleaved; print the median wall and the largest peak RSS",
+    )
     args = ap.parse_args(argv)
     try:
         import mergekit  # noqa: F401
@@ -230,12 +238,19 @@ def main(argv=None) -> None:
                 for p in sorted(d.glob("*.safetensors"))
             ]
             rows = {}
+            runs = {who: [] for who in whos}
+            for _ in range(args.repeat):  # interleaved: each round runs every row once
+                for who in whos:
+                    out = Path(tempfile.mkdtemp(prefix=f"{who}_{m}_", dir=outdir)) / "out"
+                    if who == "floor":
+                        r = run_child(who, json.dumps({"read": read, "write": size}), out)
+                    else:
+                        r = run_child(who, recipe, out, src=args.before if who == "before" else None)
+                    runs[who].append(r)
+                    shutil.rmtree(out.parent, ignore_errors=True)
             for who in whos:
-                out = Path(tempfile.mkdtemp(prefix=f"{who}_{m}_", dir=outdir)) / "out"
-                if who == "floor":
-                    r = run_child(who, json.dumps({"read": read, "write": size}), out)
-                else:
-                    r = run_child(who, recipe, out, src=args.before if who == "before" else None)
+                walls = sorted(r["wall"] for r in runs[who])
+                r = {"wall": walls[len(walls) // 2], "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[who])}
                 rows[who] = r
                 ratio = ""
                 if who not in ("floor", "mergekit"):
@@ -247,11 +262,12 @@ def main(argv=None) -> None:
                     ratio += f"{r['wall'] / rows['floor']['wall']:.1f}x floor"
                 else:
                     ratio = f"read {len(read)} x {size / 2**20:.0f} MiB, write {size / 2**20:.0f} MiB + fsync"
+                if args.repeat > 1:
+                    ratio += f"; runs {'/'.join(f'{w:.2f}' for w in walls)} s"
                 print(
                     f"{m:18s} {who:9s} {r['wall']:8.2f} s {r['peak_rss_mb']:7.0f} MiB   {ratio}  (load {_load()})",
                     flush=True,
                 )
-                shutil.rmtree(out.parent, ignore_errors=True)
     finally:
         if not args.outdir:
             shutil.rmtree(outdir, ignore_errors=True)
