@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import MethodParamError
+from .inputs.checkpoint import stacked_rows
 from .methods import MethodSpec, available, get, module_generator
 from .methods._params import MethodParams
 from .types import Dense, DenseBlocks, MergeResult, ModuleInputs
@@ -280,7 +281,9 @@ def _pointwise(spec: MethodSpec, params: MethodParams, mi: ModuleInputs) -> torc
 
 
 def _average(mi: ModuleInputs) -> torch.Tensor:
-    return torch.stack(mi.task_vectors).mean(dim=0)
+    # rows of one buffer (a block read): the same values in the same layout as their stack
+    whole = stacked_rows(mi.task_vectors)
+    return (torch.stack(mi.task_vectors) if whole is None else whole).mean(dim=0)
 
 
 def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:

@@ -130,7 +130,9 @@ if who == "mergekit":
     run_merge(cfg, out, options=MergeOptions(copy_tokenizer=False))
 else:
     from harness_merge.api import MergeSpec, merge
+    from harness_merge.methods import available
     from harness_merge.recipe import load_recipe
+    available()  # the method registry imported, as mergekit.merge imports its methods
     r = load_recipe(recipe)
     spec = MergeSpec(adapters=tuple(r.adapters), method=r.method, params=r.params, base=r.base, dtype=r.dtype)
     t0 = time.perf_counter()

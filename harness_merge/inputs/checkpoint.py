@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -193,20 +194,21 @@ class CheckpointSet:
     @staticmethod
     def _blocks_of(cks, name: str, bounds) -> Iterator[list[torch.Tensor]]:
         """For each ``(start, stop)`` of ``bounds``: a float32 copy of the flat
-        entries ``[start, stop)`` of every checkpoint's tensor (each stored
-        tensor fetched once); a non-finite entry raises as
+        entries ``[start, stop)`` of every checkpoint's tensor, the rows of one
+        ``(len(cks), stop - start)`` buffer (each stored tensor fetched once;
+        :func:`stacked_rows` gives the buffer of consecutive rows back); a
+        non-finite entry raises as
         :func:`checked_float` on the whole tensor (the same message, counting
         all of it)."""
         stored = [ck.get(name) for ck in cks]
         flat = [t.reshape(-1) for t in stored]
         for start, stop in bounds:
-            out = []
-            for ck, t, f in zip(cks, stored, flat):
-                x = f[start:stop].to(torch.float32, copy=True)
-                if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+            rows = torch.empty((len(cks), stop - start), dtype=torch.float32)  # one buffer, row per input
+            for ck, t, f, x in zip(cks, stored, flat, rows):
+                x.copy_(f[start:stop])  # the exact widening of .to(torch.float32)
+                if not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
                     checked_float(t, f"{ck.ref} [{name}]")
-                out.append(x)
-            yield out
+            yield list(rows.unbind(0))
 
     def read_blocks(self, name: str, bounds) -> Iterator[ModuleInputs]:
         """:meth:`read` in flat blocks: for each ``(start, stop)`` of
@@ -221,3 +223,24 @@ class CheckpointSet:
         """:meth:`read_fine_tuned` in flat blocks (as :meth:`read_blocks`)."""
         for thetas in self._blocks_of(self.checkpoints, name, bounds):
             yield tuple(thetas)
+
+
+def stacked_rows(tensors) -> torch.Tensor | None:
+    """The contiguous ``(N, *shape)`` tensor whose consecutive rows
+    ``tensors`` are (as the blocks of :meth:`CheckpointSet.read_blocks` come),
+    or None: ``torch.stack(tensors)`` would copy them into that same layout."""
+    tensors = tuple(tensors)
+    if not tensors or tensors[0]._base is None or not tensors[0].numel():
+        return None
+    whole, first, n = tensors[0]._base, tensors[0], len(tensors)
+    if not (whole.is_contiguous() and first.is_contiguous() and whole.dim() == first.dim() + 1):
+        return None
+    if any(t._base is not whole or t.shape != first.shape for t in tensors):
+        return None
+    step = first.numel() * first.element_size()
+    if any(t.data_ptr() != first.data_ptr() + i * step for i, t in enumerate(tensors)):
+        return None
+    i0 = (first.data_ptr() - whole.data_ptr()) // step
+    if (first.data_ptr() - whole.data_ptr()) % step or i0 + n > whole.shape[0]:
+        return None
+    return whole[i0 : i0 + n]

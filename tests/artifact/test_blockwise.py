@@ -155,3 +155,17 @@ def test_non_finite_entry_in_a_later_block_is_refused(checkpoints, tmp_path):
     )
     with pytest.raises(InputError, match=r"ft2 \[model.layers.0.self_attn.q_proj.weight\]: 1 NaN/Inf"):
         merge(spec, out=tmp_path / "out", use_cache=False, progress=False)
+
+
+def test_stacked_rows_only_for_consecutive_rows_of_one_buffer():
+    from harness_merge.inputs.checkpoint import stacked_rows
+
+    buf = torch.randn(4, 10)
+    rows = buf.unbind(0)
+    assert stacked_rows(rows) is not None and torch.equal(stacked_rows(rows), buf)
+    tail = stacked_rows(rows[1:])
+    assert tail.data_ptr() == buf[1].data_ptr() and torch.equal(tail, torch.stack(rows[1:]))
+    assert stacked_rows([rows[0], rows[2]]) is None  # not consecutive
+    assert stacked_rows([rows[1], rows[0]]) is None  # out of order
+    assert stacked_rows([torch.randn(10), torch.randn(10)]) is None  # separate tensors
+    assert stacked_rows(buf[:, :5].unbind(0)) is None  # rows of a strided view
