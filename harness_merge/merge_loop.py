@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .errors import MethodParamError
 from .inputs.checkpoint import stacked_rows
 from .methods import MethodSpec, available, get, module_generator
+from .methods._ops import BLOCK, flat_blocks  # noqa: F401 (BLOCK: the block size, re-exported)
 from .methods._params import MethodParams
 from .types import Dense, DenseBlocks, MergeResult, ModuleInputs
 
@@ -243,21 +244,6 @@ def iter_merged_base_free(
             return Dense(torch.stack(thetas).mean(dim=0), info={"policy": "average"})
 
     yield from _drive(one, names, spec, progress, threads)
-
-
-BLOCK = 1 << 18
-"""Entries per block of a blockwise merge (1 MiB of float32 per temporary)."""
-
-
-def flat_blocks(numel: int, size: int = BLOCK) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges covering ``numel`` entries in order: blocks of
-    ``size``, the remainder joined to the last one (so every block but a
-    smaller tensor's only one has at least ``size`` entries: torch then
-    reduces a stacked block over its first dimension as it does the whole)."""
-    if numel < 2 * size:
-        return [(0, numel)]
-    bounds = list(range(0, numel - size + 1, size))
-    return list(zip(bounds, bounds[1:] + [numel]))
 
 
 def _blocks(shape, read, merge_block, info) -> DenseBlocks:

@@ -8,6 +8,21 @@ import torch
 
 KeepRule = Literal["released", "exact"]
 
+BLOCK = 1 << 18
+"""Entries per flat block of blockwise entry-by-entry work (1 MiB of float32
+per temporary: in cache)."""
+
+
+def flat_blocks(numel: int, size: int = BLOCK) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``numel`` entries in order: blocks of
+    ``size``, the remainder joined to the last one (so every block but a
+    smaller tensor's only one has at least ``size`` entries: torch then
+    reduces a stacked block over its first dimension as it does the whole)."""
+    if numel < 2 * size:
+        return [(0, numel)]
+    bounds = list(range(0, numel - size + 1, size))
+    return list(zip(bounds, bounds[1:] + [numel]))
+
 
 def magnitude_mask(
     x: torch.Tensor,

@@ -16,6 +16,7 @@ from . import register
 from ._ops import (
     KeepRule,
     elect_sign,
+    flat_blocks,
     keep_at_least,
     prune_magnitude,
     prune_random,
@@ -109,17 +110,25 @@ def _sparsified(
     for i, d in enumerate(deltas):
         stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method, zero_sign)
-    count = torch.zeros(inputs.shape, dtype=stacked.dtype)
-    for i, wi in enumerate(w):  # one task at a time: masks of one delta only
-        row = stacked[i]
-        agree = torch.mul(row, sign).gt_(0)  # 1.0 where it agrees, else 0.0 (zeros and an elected 0 never do)
-        count += agree
-        # row where it agrees, else +0: x * 1 = x; x * 0 = +-0, and +-0 + 0.0 = +0 (a masked fill's zeros)
-        row.mul_(agree).add_(0.0)
-        if wi != 1.0:  # x * 1.0 is x
-            row.mul_(wi)
-    merged = stacked.sum(dim=0).div_(count.clamp_(min=1))
-    return Dense(merged.mul_(params.scaling))
+    # The disjoint mean is entry by entry: done in flat blocks of every input (temporaries
+    # of cache size; each block summed over the inputs as the whole stack is), the same numbers.
+    flat, flat_sign = stacked.view(inputs.n, -1), sign.reshape(-1)
+    merged = torch.empty(flat.shape[1], dtype=stacked.dtype)
+    for s, e in flat_blocks(flat.shape[1]):
+        blk, sg = flat[:, s:e], flat_sign[s:e]
+        count = torch.zeros(e - s, dtype=stacked.dtype)
+        for i, wi in enumerate(w):  # one task at a time
+            row = blk[i]
+            agree = torch.mul(row, sg).gt_(
+                0
+            )  # 1.0 where it agrees, else 0.0 (zeros and an elected 0 never do)
+            count += agree
+            # row where it agrees, else +0: x * 1 = x; x * 0 = +-0, and +-0 + 0.0 = +0 (a masked fill's zeros)
+            row.mul_(agree).add_(0.0)
+            if wi != 1.0:  # x * 1.0 is x
+                row.mul_(wi)
+        merged[s:e] = blk.sum(dim=0).div_(count.clamp_(min=1))
+    return Dense(merged.view(inputs.shape).mul_(params.scaling))
 
 
 @register(

@@ -68,3 +68,30 @@ def test_majority_zero_sign_is_the_sign_of_the_elected_sum(bias):
     got = elect_sign(stacked, "total", "majority")
     assert bool((vote == 0).any())
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_ties_disjoint_mean_over_several_blocks_is_the_whole_tensor_formula():
+    """The disjoint mean runs in flat blocks (``_ops.flat_blocks``): on a
+    tensor of three blocks and a remainder it equals the formula on whole
+    tensors (trim by the sorted threshold, sign of the sum, mean over the
+    agreeing entries) exactly."""
+    from harness_merge import methods
+    from harness_merge.methods._ops import BLOCK
+    from harness_merge.types import ModuleInputs
+
+    g = torch.Generator().manual_seed(21)
+    shape = (3 * BLOCK // 128 + 1, 128)
+    taus = tuple(torch.randn(shape, generator=g).to(torch.bfloat16).float() for _ in range(3))
+    spec = methods.get("ties")
+    got = spec.fn(
+        ModuleInputs(name="m", task_vectors=taus), spec.make_params({"keep_rule": "released"})
+    ).delta
+    trimmed = []
+    for t in taus:
+        thr = _sorted_threshold(t, 0.2)
+        trimmed.append(torch.where(t.abs() >= thr, t, 0.0))
+    st = torch.stack(trimmed)
+    sign = torch.where(st.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = (st * sign) > 0
+    want = torch.where(agree, st, 0.0).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    assert torch.equal(got, want)
