@@ -218,7 +218,7 @@ class _Build:
     progress: bool
     base_free: bool = False  # the method does not use the base (e.g. wa): only the fine-tunes are read
 
-    def _results(self):
+    def _results(self, *, blockwise: bool = False):
         inputs, mspec, params, progress = self.inputs, self.mspec, self.params, self.progress
         if getattr(inputs, "dora", False):
             from .merge_dora import iter_merged_dora
@@ -227,7 +227,9 @@ class _Build:
         else:
             # The LoRA writer only casts factors (no truncation without --rank): as stored is enough.
             stored = self.fmt == "lora" and self.spec.rank is None
-            results = iter_merged(inputs, mspec, params, progress=progress, stored_dtype=stored)
+            results = iter_merged(
+                inputs, mspec, params, progress=progress, stored_dtype=stored, blockwise=blockwise
+            )
         if self.prov.non_lora is not None:
             import itertools
 
@@ -238,7 +240,8 @@ class _Build:
 
     def _write(self, tmp: Path) -> dict:
         spec, inputs, mspec, params = self.spec, self.inputs, self.mspec, self.params
-        results = self._results()
+        # The checkpoint writers stream each tensor: pointwise work comes to them block by block.
+        results = self._results(blockwise=self.fmt != "lora" and inputs.kind == "dense")
         if self.fmt == "lora":
             base_name = spec.base or (inputs.base_model_name() if inputs.kind == "lora" else None)
             return write_lora(results, tmp, dtype=self.dtype, rank=spec.rank, base_model_name=base_name)
@@ -254,7 +257,9 @@ class _Build:
             return write_full_from_lora(merged, inputs, spec.base, tmp, dtype=spec.dtype, replaced=replaced)
         if self.base_free:
             return write_full_base_free(
-                iter_merged_base_free(inputs, mspec, params, progress=self.progress), inputs, tmp
+                iter_merged_base_free(inputs, mspec, params, progress=self.progress, blockwise=True),
+                inputs,
+                tmp,
             )
         return write_full_from_checkpoints(results, inputs, tmp)
 

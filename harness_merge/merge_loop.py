@@ -26,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import MethodParamError
+from .inputs.checkpoint import stacked_rows
 from .methods import MethodSpec, available, get, module_generator
+from .methods._ops import BLOCK, flat_blocks  # noqa: F401 (BLOCK: the block size, re-exported)
 from .methods._params import MethodParams
-from .types import Dense, MergeResult, ModuleInputs
+from .types import Dense, DenseBlocks, MergeResult, ModuleInputs
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +137,23 @@ def iter_merged(
     names=None,
     threads=None,
     stored_dtype: bool = False,
-) -> Iterator[tuple[str, MergeResult | None]]:
+    blockwise: bool = False,
+) -> Iterator[tuple[str, MergeResult | DenseBlocks | None]]:
     """Yield ``(module name, result)`` per module, in ``names`` order; ``None``
     where nothing changed. ``threads`` modules are read and merged at once
     (default :func:`merge_threads`); every module's result is the same for any
     number (methods are pure per module, random ones seeded per module).
     ``stored_dtype``: a consumer that only casts the factors to the artifact's
     dtype (the LoRA writer) lets a method registered with ``stored_dtype`` get
-    LoRA factors as stored; its ``LowRank`` factors may then be float16/bfloat16."""
+    LoRA factors as stored; its ``LowRank`` factors may then be float16/bfloat16.
+    ``blockwise``: a consumer that streams dense results (the full-weights
+    writer of checkpoints) takes :class:`DenseBlocks` where the work is
+    pointwise - the ``nonlinear=average`` tensors, and a ``pointwise`` method
+    without statistics passes - on inputs that read flat blocks
+    (``read_blocks``): each block of every input read, merged and handed over
+    in turn (:data:`BLOCK` entries, so its float32 temporaries stay in cache),
+    the same numbers as the whole tensor. Such blocks are computed when the
+    consumer asks for them (in its thread, whatever ``threads``)."""
     read_stored = stored_dtype and spec.stored_dtype and inputs.kind == "lora"
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
@@ -152,12 +163,30 @@ def iter_merged(
         if passes:
             extra["stats"] = collect_stats(inputs, passes, _method_names(inputs, params), progress=progress)
 
-    def one(name: str) -> MergeResult | None:
+    # Full checkpoints answer "nothing changed" on the stored tensors (stops at the
+    # first difference); None from it (mixed dtypes), or other inputs: the task vectors say.
+    unchanged = getattr(inputs, "unchanged", None) if inputs.kind == "dense" else None
+
+    by_block = blockwise and inputs.kind == "dense" and hasattr(inputs, "read_blocks")
+    method_by_block = by_block and spec.pointwise and not extra
+
+    def one(name: str) -> MergeResult | DenseBlocks | None:
         with torch.no_grad():  # per thread
-            mi = inputs.read(name, stored_dtype=True) if read_stored else inputs.read(name)
-            if mi.kind == "dense" and all(not t.any() for t in mi.task_vectors):
+            same = unchanged(name) if unchanged is not None else None
+            if same:
                 return None
-            if inputs.is_matrix(name) or params.nonlinear == "method":
+            runs_method = inputs.is_matrix(name) or params.nonlinear == "method"
+            if same is False and (method_by_block if runs_method else by_block):
+                return _blocks(
+                    tuple(inputs.shape(name)),
+                    lambda bounds: inputs.read_blocks(name, bounds),
+                    lambda mi: _pointwise(spec, params, mi) if runs_method else _average(mi),
+                    {} if runs_method else {"policy": "average"},
+                )
+            mi = inputs.read(name, stored_dtype=True) if read_stored else inputs.read(name)
+            if mi.kind == "dense" and same is None and all(not t.any() for t in mi.task_vectors):
+                return None
+            if runs_method:
                 # LoRA names a module, a checkpoint its weight: one key for both, so
                 # random methods draw the same masks from either input form.
                 key = name.removesuffix(".weight")
@@ -168,13 +197,22 @@ def iter_merged(
 
 
 def iter_merged_base_free(
-    inputs, spec: MethodSpec, params: MethodParams, *, progress: bool = True, threads=None
-) -> Iterator[tuple[str, MergeResult | None]]:
+    inputs,
+    spec: MethodSpec,
+    params: MethodParams,
+    *,
+    progress: bool = True,
+    threads=None,
+    blockwise: bool = False,
+) -> Iterator[tuple[str, MergeResult | DenseBlocks | None]]:
     """Full checkpoints, a method with ``params.needs_base()`` False: the
     method runs on the fine-tuned weights themselves (``theta_0 = 0``), so its
     ``Dense`` result is the merged weight, not an update; the base is never
     read. Yields ``(name, result)`` in the first checkpoint's layout; ``None``
-    where every checkpoint holds the same tensor (written as stored)."""
+    where every checkpoint holds the same tensor (written as stored).
+    ``blockwise``: :class:`DenseBlocks` where the work is pointwise, as
+    :func:`iter_merged` (flat blocks of the fine-tuned weights,
+    ``read_fine_tuned_blocks``)."""
     if params.needs_base() or inputs.kind != "dense":
         raise MethodParamError(f"{spec.name}: this merge reads the base (theta_0)")
     seed = int(getattr(params, "seed", 0))
@@ -182,16 +220,56 @@ def iter_merged_base_free(
 
     def one(name: str) -> MergeResult | None:
         with torch.no_grad():
+            same = inputs.unchanged(name, base_free=True)
+            if same:
+                return None
+            runs_method = inputs.is_matrix(name) or params.nonlinear == "method"
+            if blockwise and same is False and (spec.pointwise or not runs_method):
+                return _blocks(
+                    tuple(inputs.shape(name)),
+                    lambda bounds: (
+                        ModuleInputs(name=name, task_vectors=t)
+                        for t in inputs.read_fine_tuned_blocks(name, bounds)
+                    ),
+                    lambda mi: _pointwise(spec, params, mi) if runs_method else _average(mi),
+                    {} if runs_method else {"policy": "average"},
+                )
             thetas = inputs.read_fine_tuned(name)
-            if all(torch.equal(thetas[0], t) for t in thetas[1:]):
+            if same is None and all(torch.equal(thetas[0], t) for t in thetas[1:]):
                 return None
             mi = ModuleInputs(name=name, task_vectors=thetas)
-            if inputs.is_matrix(name) or params.nonlinear == "method":
+            if runs_method:
                 key = name.removesuffix(".weight")
                 return spec.fn(mi, params, generator=module_generator(seed, key))
             return Dense(torch.stack(thetas).mean(dim=0), info={"policy": "average"})
 
     yield from _drive(one, names, spec, progress, threads)
+
+
+def _blocks(shape, read, merge_block, info) -> DenseBlocks:
+    numel = 1
+    for d in shape:
+        numel *= d
+
+    def gen():
+        with torch.no_grad():
+            for mi in read(flat_blocks(numel)):
+                yield merge_block(mi)
+
+    return DenseBlocks(shape, gen, info=info)
+
+
+def _pointwise(spec: MethodSpec, params: MethodParams, mi: ModuleInputs) -> torch.Tensor:
+    res = spec.fn(mi, params, generator=None)
+    if not isinstance(res, Dense):
+        raise TypeError(f"{spec.name}: a pointwise method must return Dense on dense inputs")
+    return res.delta
+
+
+def _average(mi: ModuleInputs) -> torch.Tensor:
+    # rows of one buffer (a block read): the same values in the same layout as their stack
+    whole = stacked_rows(mi.task_vectors)
+    return (torch.stack(mi.task_vectors) if whole is None else whole).mean(dim=0)
 
 
 def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:

@@ -7,7 +7,7 @@ artifact); they hold tensors and nothing else, no file handles.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Callable, Iterator, Literal, Union
 
 import torch
 
@@ -100,6 +100,23 @@ class Dense:
 
     delta: torch.Tensor
     info: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class DenseBlocks:
+    """A merged dense result delivered in flat blocks: ``blocks()`` yields
+    float32 1-D tensors whose concatenation, reshaped to ``shape``, is the
+    result (``merge_loop.iter_merged(blockwise=True)``, for a writer that
+    streams them: no whole-module temporaries). ``info`` as ``Dense``."""
+
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[torch.Tensor]]
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The whole result (joined blocks), for a consumer that needs it."""
+        return torch.cat(list(self.blocks())).reshape(self.shape)
 
 
 @dataclass(frozen=True)

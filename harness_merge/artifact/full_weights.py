@@ -130,6 +130,26 @@ class SafetensorsStreamWriter:
             self._f.write(memoryview(data))
         self._next += 1
 
+    def write_parts(self, name: str, parts) -> None:
+        """Write tensor ``name`` from consecutive flat pieces (``parts``, an
+        iterable of tensors whose bytes, in order, are the tensor's); their
+        total size is checked against the header."""
+        want, nbytes = self._order[self._next]
+        if name != want:
+            raise RuntimeError(f"{self.path}: tensor {name} written out of order (expected {want})")
+        done = 0
+        for t in parts:
+            if not t.numel():
+                continue
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            done += data.nbytes
+            if done > nbytes:
+                break
+            self._f.write(memoryview(data))
+        if done != nbytes:
+            raise RuntimeError(f"{self.path}: tensor {name} has {done}+ bytes, the header says {nbytes}")
+        self._next += 1
+
     def abort(self) -> None:
         """Close the file without checking it is complete (the caller removes it)."""
         self._f.close()

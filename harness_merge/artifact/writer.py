@@ -21,7 +21,8 @@ import torch
 
 from .. import dtypes
 from ..errors import ArtifactError
-from ..types import Dense, DoRAUpdate, LowRank
+from ..types import Dense, DenseBlocks, DoRAUpdate, LowRank
+from .full_weights import SafetensorsStreamWriter
 from .full_weights import save_tensors as save_file  # streamed, no bytes copy
 from .lowrank import factor_dense, truncate_factors
 
@@ -150,71 +151,107 @@ def write_full_from_lora(
     return stream_full_from_lora(results, lora_set, base_ref, out_dir, dtype=dtype, replaced=replaced)
 
 
-def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
-    """Stream the base's shards: each output shard holds base + merged update of
-    the same tensors, written as soon as its last tensor is merged."""
-    base = ckset.base
-    results = iter(results)
-    shard_of = base.where
-    files = base.file_names
+def _added_blocks(res: DenseBlocks, theta0: torch.Tensor):
+    """``theta0 + delta`` block by block, each in place in the float32 block
+    and cast to ``theta0``'s dtype (the same sums as the whole tensor's)."""
+    flat, at = theta0.reshape(-1), 0
+    for b in res.blocks():
+        yield b.add_(flat[at : at + b.numel()]).to(theta0.dtype)
+        at += b.numel()
+
+
+def _stored_dtype(ck, name: str) -> torch.dtype:
+    dt = getattr(torch, ck.dtype(name), None)  # from the header
+    return dt if isinstance(dt, torch.dtype) else ck.get(name).dtype
+
+
+def _stream_checkpoint_shards(results, ck, names: list[str], dtype_of, tensor, out_dir: Path) -> dict:
+    """Write ``tensor(name, result)`` for each ``(name, result)`` of ``results``
+    straight into its place in ``ck``'s shard layout (the output header - names
+    in ``names`` order per shard, ``dtype_of(name)``, the stored shapes - is
+    known before any tensor is merged), so only the tensor in hand is held,
+    not a whole shard; ``results`` must come in ``names`` order. Writes the
+    index for several shards and the side files; returns ``{"modules": n}``
+    (results that were not None). A tensor's bytes may come in flat pieces
+    (``tensor`` returning an iterator: a :class:`DenseBlocks` result)."""
+
+    files = ck.file_names
     out_names = {fn: (fn if len(files) > 1 else "model.safetensors") for fn in files}
+    layout: dict[str, list] = {fn: [] for fn in files}
+    for name in names:
+        layout[ck.where[name]].append((name, dtype_of(name), tuple(ck.shape(name))))
     weight_map, n = {}, 0
-    current, buf = None, {}
-    for name, res in results:
-        fn = shard_of[name]
-        if current is not None and fn != current:
-            save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
-            buf = {}
-        current = fn
-        theta0 = base.get(name)
-        if res is None:
-            buf[name] = theta0.contiguous()
-        else:
-            # delta + theta0 in place (float32, the same sums): no float32 copy of the base tensor
-            buf[name] = res.delta.add_(theta0).to(theta0.dtype).contiguous()
-            n += 1
-        weight_map[name] = out_names[fn]
-    if buf:
-        save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
+    current, w = None, None
+    try:
+        for name, res in results:
+            fn = ck.where[name]
+            if fn != current:
+                if w is not None:
+                    w.close()
+                    w = None
+                current = fn
+                w = SafetensorsStreamWriter(
+                    Path(out_dir) / out_names[fn], layout[fn], metadata={"format": "pt"}
+                )
+            out = tensor(name, res)
+            if isinstance(out, torch.Tensor):
+                w.write(name, out)
+            else:  # the flat pieces of a DenseBlocks result, in order
+                w.write_parts(name, out)
+            n += res is not None
+            weight_map[name] = out_names[fn]
+        if w is not None:
+            w.close()
+            w = None
+    finally:
+        if w is not None:
+            w.abort()
     if len(files) > 1:
         (Path(out_dir) / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
         )
-    copy_side_files(base.path, out_dir)
+    copy_side_files(ck.path, out_dir)
     return {"modules": n}
+
+
+def write_full_from_checkpoints(results, ckset, out_dir: Path) -> dict:
+    """Stream the base's shards: each output tensor is base + merged update,
+    in the base's dtype, written to its place in its shard as soon as it is
+    merged (``results`` in ``ckset.module_names`` order)."""
+    base = ckset.base
+
+    def tensor(name, res):
+        theta0 = base.get(name)
+        if res is None:
+            return theta0
+        if isinstance(res, DenseBlocks):
+            return _added_blocks(res, theta0)
+        # delta + theta0 in place (float32, the same sums): no float32 copy of the base tensor
+        return res.delta.add_(theta0).to(theta0.dtype)
+
+    return _stream_checkpoint_shards(
+        results, base, ckset.module_names, lambda name: _stored_dtype(base, name), tensor, out_dir
+    )
 
 
 def write_full_base_free(results, ckset, out_dir: Path) -> dict:
     """The merged weights themselves (``iter_merged_base_free``: ``Dense``
     results are weights, ``None`` means every checkpoint holds the same
-    tensor), streamed in the first fine-tuned checkpoint's shard layout, each
-    tensor in the base's dtype (read from its header; the base's tensors are
-    never read); side files from the first checkpoint."""
+    tensor), streamed in the first fine-tuned checkpoint's shard layout
+    (``results`` in ``ckset.layout_names()`` order), each tensor in that
+    checkpoint's dtype (from its header); the base's tensors are never read;
+    side files from the first checkpoint."""
     first = ckset.checkpoints[0]
-    files = first.file_names
-    out_names = {fn: (fn if len(files) > 1 else "model.safetensors") for fn in files}
-    weight_map, n = {}, 0
-    current, buf = None, {}
-    for name, res in results:
-        fn = first.where[name]
-        if current is not None and fn != current:
-            save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
-            buf = {}
-        current = fn
+
+    def dtype_of(name):
+        return _stored_dtype(first, name)
+
+    def tensor(name, res):
         if res is None:
-            buf[name] = first.get(name).contiguous()
-        else:
-            dt = getattr(torch, first.dtype(name), None)  # from the header
-            buf[name] = res.delta.to(
-                dt if isinstance(dt, torch.dtype) else first.get(name).dtype
-            ).contiguous()
-            n += 1
-        weight_map[name] = out_names[fn]
-    if buf:
-        save_file(buf, str(Path(out_dir) / out_names[current]), metadata={"format": "pt"})
-    if len(files) > 1:
-        (Path(out_dir) / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-        )
-    copy_side_files(first.path, out_dir)
-    return {"modules": n, "base_read": False}
+            return first.get(name)
+        if isinstance(res, DenseBlocks):
+            return (b.to(dtype_of(name)) for b in res.blocks())
+        return res.delta.to(dtype_of(name))
+
+    info = _stream_checkpoint_shards(results, first, ckset.layout_names(), dtype_of, tensor, out_dir)
+    return {**info, "base_read": False}

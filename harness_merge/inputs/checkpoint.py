@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from ..errors import InputError
 from ..types import ModuleInputs
@@ -151,11 +155,92 @@ class CheckpointSet:
         order = {fn: i for i, fn in enumerate(first.file_names)}
         return sorted(first.where, key=lambda n: (order[first.where[n]], n))
 
+    def unchanged(self, name: str, *, base_free: bool = False) -> bool | None:
+        """Whether every fine-tuned checkpoint holds the base's tensor ``name``
+        (``base_free``: the first checkpoint's) value for value: ``torch.equal``
+        on the stored tensors, which stops at the first difference (no float32
+        copy, no task vector). The same answer as "every ``tau_n`` is all
+        zeros" for finite weights (None where the dtypes differ: then compare the
+        float32 values); where it is True, the reference tensor is
+        still checked for NaN/Inf (a non-finite weight is refused either way)."""
+        ref = self.checkpoints[0] if base_free else self.base
+        others = self.checkpoints[1:] if base_free else self.checkpoints
+        if any(c.dtype(name) != ref.dtype(name) for c in others):
+            return None  # mixed dtypes: compared as float32 task vectors by the caller
+        t = ref.get(name)
+        if not all(torch.equal(c.get(name), t) for c in others):
+            return False
+        checked_float(t, f"{ref.ref} [{name}]", stored_dtype=True)
+        return True
+
+    def _float(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        """A float32 copy of ``ck``'s tensor (never the stored tensor itself,
+        so the caller may work in place), checked for NaN/Inf."""
+        x = ck.get(name).to(torch.float32, copy=True)
+        return checked_float(x, f"{ck.ref} [{name}]", stored_dtype=True)
+
     def read_fine_tuned(self, name: str) -> tuple:
         """float32 ``theta_n`` of every fine-tuned checkpoint, the base untouched."""
-        return tuple(checked_float(c.get(name), f"{c.ref} [{name}]") for c in self.checkpoints)
+        return tuple(self._float(c, name) for c in self.checkpoints)
 
     def read(self, name: str) -> ModuleInputs:
+        """float32 ``tau_n = theta_n - theta_0``, each subtracted in place in
+        its float32 copy (no second temporary): the same values as
+        ``float(theta_n) - float(theta_0)``."""
         base = checked_float(self.base.get(name), f"{self.base.ref} [{name}]")
-        taus = tuple(checked_float(c.get(name), f"{c.ref} [{name}]") - base for c in self.checkpoints)
+        taus = tuple(self._float(c, name).sub_(base) for c in self.checkpoints)
         return ModuleInputs(name=name, task_vectors=taus, base=base)
+
+    @staticmethod
+    def _blocks_of(cks, name: str, bounds) -> Iterator[list[torch.Tensor]]:
+        """For each ``(start, stop)`` of ``bounds``: a float32 copy of the flat
+        entries ``[start, stop)`` of every checkpoint's tensor, the rows of one
+        ``(len(cks), stop - start)`` buffer (each stored tensor fetched once;
+        :func:`stacked_rows` gives the buffer of consecutive rows back); a
+        non-finite entry raises as
+        :func:`checked_float` on the whole tensor (the same message, counting
+        all of it)."""
+        stored = [ck.get(name) for ck in cks]
+        flat = [t.reshape(-1) for t in stored]
+        for start, stop in bounds:
+            rows = torch.empty((len(cks), stop - start), dtype=torch.float32)  # one buffer, row per input
+            for ck, t, f, x in zip(cks, stored, flat, rows):
+                x.copy_(f[start:stop])  # the exact widening of .to(torch.float32)
+                if not math.isfinite(float(x.sum())) and not torch.isfinite(x).all():
+                    checked_float(t, f"{ck.ref} [{name}]")
+            yield list(rows.unbind(0))
+
+    def read_blocks(self, name: str, bounds) -> Iterator[ModuleInputs]:
+        """:meth:`read` in flat blocks: for each ``(start, stop)`` of
+        ``bounds``, the entries ``[start, stop)`` (1-D task vectors and base,
+        the same float32 values), for a pointwise method run block by block
+        (``merge_loop.iter_merged(blockwise=True)``)."""
+        for base, *thetas in self._blocks_of([self.base, *self.checkpoints], name, bounds):
+            taus = tuple(t.sub_(base) for t in thetas)
+            yield ModuleInputs(name=name, task_vectors=taus, base=base)
+
+    def read_fine_tuned_blocks(self, name: str, bounds) -> Iterator[tuple]:
+        """:meth:`read_fine_tuned` in flat blocks (as :meth:`read_blocks`)."""
+        for thetas in self._blocks_of(self.checkpoints, name, bounds):
+            yield tuple(thetas)
+
+
+def stacked_rows(tensors) -> torch.Tensor | None:
+    """The contiguous ``(N, *shape)`` tensor whose consecutive rows
+    ``tensors`` are (as the blocks of :meth:`CheckpointSet.read_blocks` come),
+    or None: ``torch.stack(tensors)`` would copy them into that same layout."""
+    tensors = tuple(tensors)
+    if not tensors or tensors[0]._base is None or not tensors[0].numel():
+        return None
+    whole, first, n = tensors[0]._base, tensors[0], len(tensors)
+    if not (whole.is_contiguous() and first.is_contiguous() and whole.dim() == first.dim() + 1):
+        return None
+    if any(t._base is not whole or t.shape != first.shape for t in tensors):
+        return None
+    step = first.numel() * first.element_size()
+    if any(t.data_ptr() != first.data_ptr() + i * step for i, t in enumerate(tensors)):
+        return None
+    i0 = (first.data_ptr() - whole.data_ptr()) // step
+    if (first.data_ptr() - whole.data_ptr()) % step or i0 + n > whole.shape[0]:
+        return None
+    return whole[i0 : i0 + n]

@@ -56,6 +56,7 @@ class MethodSpec:
     elementwise: bool = False
     model_passes: Callable[[MethodParams], list[StatPass]] | None = None
     stored_dtype: bool = False
+    pointwise: bool = False
 
     def passes(self, params: MethodParams) -> list[StatPass]:
         """The statistics passes the driver runs before merging (usually none);
@@ -87,6 +88,7 @@ def register(
     elementwise: bool = False,
     model_passes: Callable[[MethodParams], list[StatPass]] | None = None,
     stored_dtype: bool = False,
+    pointwise: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator adding ``fn`` to the registry under ``name``.
 
@@ -99,7 +101,12 @@ def register(
     ``stored_dtype``: LoRA factors may come in their stored dtype (e.g.
     float16), checked finite; the method computes in float32 itself and only
     copies what it concatenates (the result is the same; no float32 copy of
-    every factor)."""
+    every factor).
+    ``pointwise``: on dense inputs each result entry is a function of the same
+    entry of every input alone, computed entry by entry with no generator and
+    no statistics (e.g. a linear combination): the driver may then run it on
+    flat blocks of a module and join the blocks, the same numbers (see
+    ``merge_loop.iter_merged(blockwise=True)``)."""
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
@@ -118,6 +125,7 @@ def register(
             elementwise,
             model_passes,
             stored_dtype,
+            pointwise,
         )
         return fn
 

@@ -80,6 +80,7 @@ def linear_combination(inputs: ModuleInputs, coeffs: list[float]) -> MergeResult
     lowrank_on_lora=True,
     elementwise=True,
     stored_dtype=True,
+    pointwise=True,
 )
 def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, generator=None) -> MergeResult:
     """Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089).
@@ -99,6 +100,7 @@ def task_arithmetic(inputs: ModuleInputs, params: TaskArithmeticParams, *, gener
     lowrank_on_lora=True,
     elementwise=True,
     stored_dtype=True,
+    pointwise=True,
 )
 def weight_average(inputs: ModuleInputs, params: WeightAverageParams, *, generator=None) -> MergeResult:
     """Weight averaging / model soup (Wortsman et al., ICML 2022, arXiv 2203.05482).

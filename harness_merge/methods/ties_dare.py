@@ -13,7 +13,15 @@ import torch
 
 from ..types import Dense, MergeResult, ModuleInputs
 from . import register
-from ._ops import KeepRule, elect_sign, prune_magnitude, prune_random
+from ._ops import (
+    KeepRule,
+    elect_sign,
+    flat_blocks,
+    keep_at_least,
+    prune_magnitude,
+    prune_random,
+    released_threshold_zeros_first,
+)
 from ._params import MethodParams
 
 
@@ -102,14 +110,25 @@ def _sparsified(
     for i, d in enumerate(deltas):
         stacked[i] = sparsify(d)
     sign = elect_sign(stacked, sign_method, zero_sign)
-    count = torch.zeros(inputs.shape, dtype=stacked.dtype)
-    for i, wi in enumerate(w):  # one task at a time: boolean masks of one delta only
-        row = stacked[i]
-        agree = (row * sign) > 0  # zeros never agree, nor does an elected 0
-        count += agree
-        row.masked_fill_(~agree, 0.0).mul_(wi)
-    merged = stacked.sum(dim=0).div_(count.clamp_(min=1))
-    return Dense(merged.mul_(params.scaling))
+    # The disjoint mean is entry by entry: done in flat blocks of every input (temporaries
+    # of cache size; each block summed over the inputs as the whole stack is), the same numbers.
+    flat, flat_sign = stacked.view(inputs.n, -1), sign.reshape(-1)
+    merged = torch.empty(flat.shape[1], dtype=stacked.dtype)
+    for s, e in flat_blocks(flat.shape[1]):
+        blk, sg = flat[:, s:e], flat_sign[s:e]
+        count = torch.zeros(e - s, dtype=stacked.dtype)
+        for i, wi in enumerate(w):  # one task at a time
+            row = blk[i]
+            agree = torch.mul(row, sg).gt_(
+                0
+            )  # 1.0 where it agrees, else 0.0 (zeros and an elected 0 never do)
+            count += agree
+            # row where it agrees, else +0: x * 1 = x; x * 0 = +-0, and +-0 + 0.0 = +0 (a masked fill's zeros)
+            row.mul_(agree).add_(0.0)
+            if wi != 1.0:  # x * 1.0 is x
+                row.mul_(wi)
+        merged[s:e] = blk.sum(dim=0).div_(count.clamp_(min=1))
+    return Dense(merged.view(inputs.shape).mul_(params.scaling))
 
 
 @register(
@@ -195,6 +214,10 @@ def dare_ties(inputs: ModuleInputs, params: DareTiesParams, *, generator: torch.
     def sparsify(d: torch.Tensor) -> torch.Tensor:
         t = prune_random(d, params.drop_rate, generator, rescale=params.rescale)
         if params.prune_rate > 0:
+            if params.keep_rule == "released" and t.dtype == torch.float32 and t.device.type == "cpu":
+                # prune_magnitude's released path, its threshold counting DARE's zeros first
+                # (the same threshold; no selection where the drop left >= j zeros)
+                return keep_at_least(t, released_threshold_zeros_first(t, 1.0 - params.prune_rate))
             t = prune_magnitude(t, params.prune_rate, rule=params.keep_rule, generator=generator)
         return t
 
