@@ -127,11 +127,9 @@ def released_threshold_zeros_first(x: torch.Tensor, keep: float) -> float | None
     (no selection at all); with most entries zero but fewer than j it is the
     same order statistic of the nonzero magnitudes alone (the zeros are the
     smallest), selected among those. Otherwise :func:`released_threshold`."""
-    if keep >= 1.0:
-        return None
     n = x.numel()
-    j = int((1.0 - keep) * n + 1e-6)
-    if j <= 0:
+    j = _released_rank(n, keep)
+    if j is None:
         return None
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return released_threshold(x.abs(), keep)
@@ -219,6 +217,15 @@ def magnitude_mask_released(
     return mag >= kth_largest_magnitude(x, n - j + 1)
 
 
+def _released_rank(n: int, keep: float) -> int | None:
+    """``j = int((1 - keep) n)`` (a 1e-6 guard absorbs float error): the released
+    rule's threshold is the j-th smallest magnitude; None when it keeps everything."""
+    if keep >= 1.0:
+        return None
+    j = int((1.0 - keep) * n + 1e-6)
+    return j if j > 0 else None
+
+
 def released_threshold(mag: torch.Tensor, keep: float) -> float | None:
     """The threshold of :func:`magnitude_mask_released` from the magnitudes
     ``mag`` (``|x|``): the mask is ``mag >= threshold``; None
@@ -227,11 +234,9 @@ def released_threshold(mag: torch.Tensor, keep: float) -> float | None:
     non-negative floats) locates the bucket of the wanted order statistic, a
     selection among that bucket's entries gives it (float32 on CPU; otherwise
     ``kthvalue``); torch calls only, no copy of the magnitudes."""
-    if keep >= 1.0:
-        return None
     n = mag.numel()
-    j = int((1.0 - keep) * n + 1e-6)
-    if j <= 0:
+    j = _released_rank(n, keep)
+    if j is None:
         return None
     if mag.dtype != torch.float32 or mag.device.type != "cpu":
         return float(torch.kthvalue(mag.reshape(-1), j).values)
@@ -253,11 +258,9 @@ def released_threshold_of(
     ``|x|`` when the caller has it)."""
     if x.dtype not in _HALF or x.device.type != "cpu":
         return released_threshold(x.abs() if magnitude is None else magnitude, keep)
-    if keep >= 1.0:
-        return None
     n = x.numel()
-    j = int((1.0 - keep) * n + 1e-6)  # the j-th smallest magnitude is the threshold
-    if j <= 0:
+    j = _released_rank(n, keep)  # the j-th smallest magnitude is the threshold
+    if j is None:
         return None
     bits = x.contiguous().reshape(-1).view(torch.int16) & 0x7FFF
     below = torch.bincount(bits, minlength=1 << 15).cumsum(0)  # below[v]: entries with pattern <= v
