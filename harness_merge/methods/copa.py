@@ -96,29 +96,15 @@ def _released_pruned(lora, keep: float, clamp_quantile: float | None):
     float32. The masks without boolean maps: one exact threshold per factor
     (from the stored float16/bfloat16 bits when the factors come as stored)
     and hardshrink just below it (``keep_at_least``) give ``where(mask, x, 0)``;
-    the kept mass of A is the pruned A's ``|.|`` summed. Adapters of one shape
-    and dtype are converted, summed and scaled as one batch (fewer, larger
-    tensor ops; the same values)."""
-    if len({(f.A.shape, f.A.dtype, f.B.shape, f.B.dtype) for f in lora}) > 1:
-        A_t, B_t, scales = [], [], []
-        for f in lora:
-            A, B = f.A.float(), f.B.float()
-            abs_A = A.abs()
-            At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
-            scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), clamp_quantile))
-            A_t.append(At)
-            B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
-        return A_t, B_t, scales
-    A = torch.empty((len(lora), *lora[0].A.shape), dtype=torch.float32)
-    for i, f in enumerate(lora):
-        A[i].copy_(f.A)  # the float32 values, converted while copied
-    abs_A = A.abs()
-    A_t = [
-        keep_at_least(A[i], released_threshold_of(f.A, keep, magnitude=abs_A[i])) for i, f in enumerate(lora)
-    ]
-    kept = torch.stack([At.abs().sum(dim=1) for At in A_t])
-    scales = list(scale_from_sums(abs_A.sum(dim=2), kept, clamp_quantile))
-    B_t = [keep_at_least(f.B.float(), released_threshold_of(f.B, keep)) for f in lora]
+    the kept mass of A is the pruned A's ``|.|`` summed."""
+    A_t, B_t, scales = [], [], []
+    for f in lora:
+        A, B = f.A.float(), f.B.float()
+        abs_A = A.abs()
+        At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
+        scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), clamp_quantile))
+        A_t.append(At)
+        B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
     return A_t, B_t, scales
 
 

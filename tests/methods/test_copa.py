@@ -257,9 +257,9 @@ def test_copa_keep_rules_differ_on_bf16_ties():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_batched_released_pruning_is_the_per_adapter_formula(dtype):
-    """Adapters of one shape are pruned and scaled as a batch; each adapter's
-    A~, B~ and s equal the boolean-mask formula applied to it alone."""
+def test_released_pruning_is_the_boolean_mask_formula(dtype):
+    """The hardshrink pruning from (16-bit) thresholds: each adapter's A~, B~
+    and s equal the boolean-mask formula applied to it alone."""
     from harness_merge.methods._ops import magnitude_mask
     from harness_merge.methods.copa import _released_pruned, complementary_scale
 
