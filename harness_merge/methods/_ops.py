@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 KeepRule = Literal["released", "exact"]
@@ -84,8 +85,6 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     if flat.device.type == "cpu" and flat.dtype == torch.float32:  # flat = |x|: the radix selection
         return torch.tensor(_kth_largest_nonneg_f32(flat, k), dtype=torch.float32)
     if flat.device.type == "cpu" and flat.dtype == torch.float64:
-        import numpy as np
-
         return torch.tensor(np.partition(flat.numpy(), n - k)[n - k], dtype=flat.dtype)
     return torch.kthvalue(flat, n - k + 1).values
 
@@ -189,8 +188,6 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.kthvalue(x.abs().reshape(-1), n - k + 1).values
-    import numpy as np
-
     bits = x.contiguous().numpy().reshape(-1).view(np.int32) & 0x7FFFFFFF
     hi = bits >> 19
     top = np.cumsum(np.bincount(hi, minlength=1 << 12)[::-1])  # top[i]: entries in the i+1 highest buckets
@@ -263,9 +260,17 @@ def released_threshold_of(
     if j is None:
         return None
     bits = x.contiguous().reshape(-1).view(torch.int16) & 0x7FFF
-    below = torch.bincount(bits, minlength=1 << 15).cumsum(0)  # below[v]: entries with pattern <= v
-    pattern = int(torch.searchsorted(below, torch.tensor([j], dtype=below.dtype)))
-    return float(torch.tensor(pattern, dtype=torch.int16).view(x.dtype))
+    # below[v]: entries with pattern <= v (numpy for the 2^15-long scan: fewer small-op costs)
+    below = np.cumsum(torch.bincount(bits, minlength=1 << 15).numpy())
+    pattern = int(np.searchsorted(below, j))
+    return _from_pattern(pattern, x.dtype)
+
+
+def _from_pattern(pattern: int, dtype: torch.dtype) -> float:
+    """The value of a non-negative float16/bfloat16 bit pattern (exact in float32)."""
+    if dtype == torch.float16:
+        return float(np.array(pattern, dtype=np.uint16).view(np.float16))
+    return float(np.array(pattern << 16, dtype=np.uint32).view(np.float32))  # bfloat16: the top half
 
 
 def _kth_largest_nonneg_f32(mag: torch.Tensor, k: int) -> float:
@@ -288,6 +293,13 @@ def keep_at_least(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
     (a copy)."""
     if threshold is None:
         return x.clone()
-    t = torch.tensor(threshold, dtype=x.dtype)
-    lam = float(torch.nextafter(t, torch.zeros((), dtype=x.dtype)))
+    np_dtype = _NP_FLOATS.get(x.dtype)
+    if np_dtype is not None:  # a scalar op: numpy's costs less than a torch call
+        lam = float(np.nextafter(np_dtype(threshold), np_dtype(0)))
+    else:
+        t = torch.tensor(threshold, dtype=x.dtype)
+        lam = float(torch.nextafter(t, torch.zeros((), dtype=x.dtype)))
     return torch.nn.functional.hardshrink(x, lam)
+
+
+_NP_FLOATS = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

@@ -97,14 +97,21 @@ def _released_pruned(lora, keep: float, clamp_quantile: float | None):
     (from the stored float16/bfloat16 bits when the factors come as stored)
     and hardshrink just below it (``keep_at_least``) give ``where(mask, x, 0)``;
     the kept mass of A is the pruned A's ``|.|`` summed."""
-    A_t, B_t, scales = [], [], []
+    A_t, B_t, totals, kept = [], [], [], []
     for f in lora:
         A, B = f.A.float(), f.B.float()
         abs_A = A.abs()
         At = keep_at_least(A, released_threshold_of(f.A, keep, magnitude=abs_A))
-        scales.append(scale_from_sums(abs_A.sum(dim=1), At.abs().sum(dim=1), clamp_quantile))
+        totals.append(abs_A.sum(dim=1))
+        kept.append(At.abs().sum(dim=1))
         A_t.append(At)
         B_t.append(keep_at_least(B, released_threshold_of(f.B, keep)))
+    if len({t.numel() for t in totals}) == 1:
+        # one (N, r) call: each row on its own, the same values as N calls, without
+        # the per-call cost of a dozen small ops (~15% of copa on 7B shapes)
+        scales = list(scale_from_sums(torch.stack(totals), torch.stack(kept), clamp_quantile).unbind(0))
+    else:
+        scales = [scale_from_sums(t, k, clamp_quantile) for t, k in zip(totals, kept)]
     return A_t, B_t, scales
 
 
