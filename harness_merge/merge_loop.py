@@ -90,15 +90,13 @@ def collect_stats(inputs, passes, names: list[str], *, progress: bool = True) ->
     return stats
 
 
-def merge_threads() -> int:
+def merge_threads(default: int = 1) -> int:
     """Modules merged at once by :func:`iter_merged` (and input files hashed at
-    once): ``HARNESS_MERGE_THREADS`` (default 1). Torch releases the GIL in its
-    kernels, so with more the modules' reads and methods overlap on free
-    cores; on the shared 2-core benchmark machine 2 threads were no faster
-    (README, Benchmarks), hence the default."""
+    once): ``HARNESS_MERGE_THREADS``, else ``default`` (1; :func:`factor_threads`
+    for merges of LoRA factors that stay factors)."""
     env = os.environ.get("HARNESS_MERGE_THREADS", "").strip()
     if not env:
-        return 1
+        return default
     try:
         n = int(env)
     except ValueError:
@@ -106,6 +104,25 @@ def merge_threads() -> int:
     if n < 1:
         raise MethodParamError(f"HARNESS_MERGE_THREADS must be a whole number >= 1, got {env!r}")
     return n
+
+
+FACTOR_THREADS = 8  # factor_threads' cap: past it the reads, not the cores, bound such a merge
+
+
+def factor_threads() -> int:
+    """The default module threads of a factor-space LoRA merge (the method's
+    result stays low-rank and the consumer only casts it): one per usable core,
+    at most :data:`FACTOR_THREADS`. Such a merge runs torch on one intra-op
+    thread (:func:`_drive`): factor-sized tensors gain little from splitting an
+    op and much from merging modules side by side (README, Benchmarks). Every
+    other merge keeps one module at a time with torch's own threads (a module
+    of a checkpoint holds N full tensors; a dense result is factored by SVD in
+    the writer's thread)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, FACTOR_THREADS))
 
 
 def _ordered_map(fn, items: list, workers: int) -> Iterator:
@@ -155,6 +172,8 @@ def iter_merged(
     the same numbers as the whole tensor. Such blocks are computed when the
     consumer asks for them (in its thread, whatever ``threads``)."""
     read_stored = stored_dtype and spec.stored_dtype and inputs.kind == "lora"
+    # factor space end to end: module threads on one intra-op thread each (factor_threads)
+    factor_space = stored_dtype and inputs.kind == "lora" and spec.returns_lowrank(params)
     seed = int(getattr(params, "seed", 0))
     names = list(inputs.module_names if names is None else names)
     extra = {}
@@ -193,7 +212,7 @@ def iter_merged(
                 return spec.fn(mi, params, generator=module_generator(seed, key), **extra)
             return Dense(torch.stack(mi.task_vectors).mean(dim=0), info={"policy": "average"})
 
-    yield from _drive(one, names, spec, progress, threads)
+    yield from _drive(one, names, spec, progress, threads, factor_space)
 
 
 def iter_merged_base_free(
@@ -272,7 +291,9 @@ def _average(mi: ModuleInputs) -> torch.Tensor:
     return (torch.stack(mi.task_vectors) if whole is None else whole).mean(dim=0)
 
 
-def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> Iterator:
+def _drive(
+    one, names: list[str], spec: MethodSpec, progress: bool, threads, factor_space: bool = False
+) -> Iterator:
     # On stderr from the first module on: the bar names the module whose result
     # is awaited, so a slow module shows which it is.
     bar = tqdm(
@@ -284,7 +305,13 @@ def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> 
         file=sys.stderr,
         mininterval=0.5,
     )
-    workers = merge_threads() if threads is None else int(threads)
+    workers = int(threads) if threads is not None else merge_threads(factor_threads() if factor_space else 1)
+    # Factor space: one intra-op thread for every module, whatever the number of module
+    # threads, so a result does not depend on HARNESS_MERGE_THREADS or the core count
+    # (torch splits reductions by its thread count); restored when the loop ends.
+    intra_op = torch.get_num_threads()
+    if factor_space:
+        torch.set_num_threads(1)
     results = _ordered_map(one, names, workers)
     try:
         for name in names:
@@ -295,3 +322,5 @@ def _drive(one, names: list[str], spec: MethodSpec, progress: bool, threads) -> 
     finally:
         results.close()
         bar.close()
+        if factor_space:
+            torch.set_num_threads(intra_op)

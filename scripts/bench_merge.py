@@ -212,9 +212,9 @@ def main(argv=None) -> None:
     print(
         f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)"
     )
-    from harness_merge.merge_loop import merge_threads
+    from harness_merge.merge_loop import factor_threads, merge_threads
 
-    threads = args.threads or sorted({1, 2, merge_threads()})
+    threads = args.threads or sorted({1, 2, merge_threads(factor_threads())})
     for m in args.methods:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"

@@ -59,19 +59,21 @@ class Provenance:
         ``base_free``: a merge that never reads the base, which then has no hash)
         and collect the fields; ``inputs`` is an opened input set, ``mspec`` /
         ``params`` the method and its validated parameters. Inputs are hashed on
-        ``merge_threads()`` threads (the hashes release the GIL), with the
+        ``merge_threads(factor_threads())`` threads (the hashes release the GIL), with the
         hasher's algorithm."""
         from concurrent.futures import ThreadPoolExecutor
 
         from .. import __version__
         from ..inputs import resolve_ref
-        from ..merge_loop import merge_threads
+        from ..merge_loop import factor_threads, merge_threads
 
         base_files = None
         if base is not None and (fmt == "full" or inputs.kind == "dense") and not base_free:
             base_dir = Path(resolve_ref(base))
             base_files = sorted(p for p in base_dir.iterdir() if p.is_file() and p.name != _cache.MANIFEST)
-        with ThreadPoolExecutor(merge_threads(), thread_name_prefix="harness-merge-hash") as ex:
+        with ThreadPoolExecutor(
+            merge_threads(factor_threads()), thread_name_prefix="harness-merge-hash"
+        ) as ex:
             jobs = [ex.submit(hasher.many, files) for files in inputs.files]
             base_job = ex.submit(hasher.many, base_files) if base_files is not None else None
             adapter_hashes = tuple(j.result() for j in jobs)
