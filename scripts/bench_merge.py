@@ -1,7 +1,11 @@
 """Merge benchmark: N random rank-r adapters with LLaVA-1.5-7B's module shapes.
 
 Each method runs once per ``--threads`` value (``HARNESS_MERGE_THREADS``: the
-modules merged at once; the floor is one thread).
+modules merged at once; the floor is one thread); ``--repeat N`` runs every row
+(the floors too) N times and prints the median (a shared machine's noise). A
+method that stays low-rank also gets a "merge only" row: the merge at the
+default threads without hashing, cache or write (``iter_merged`` consumed),
+so the part that is not I/O shows on its own.
 
 Prints, per method, wall time, peak RSS and the ratio to the floor (the time
 to just read every adapter tensor with safetensors), each measured in its own
@@ -135,13 +139,15 @@ elif kind == "peft_cat":
     w = 1.0 if method == "ta" else 1.0 / len(adapters)
     pm.add_weighted_adapter(names, [w] * len(adapters), "merged", combination_type="cat")
     extra = {"rank": sum(pm.peft_config[n].r for n in names), "format": "in memory"}
-else:  # stream: compute every module's merge, discard it (dense methods, no base to add to)
+else:  # stream: compute every module's merge, discard it (dense methods: no base to add to;
+    # low-rank ones: the merge without hashing, cache or write, factors as the LoRA writer takes them)
     from harness_merge import methods
     from harness_merge.inputs import open_inputs
     from harness_merge.merge_loop import iter_merged, validate_plan
     spec = methods.get(method); params = spec.make_params({})
     inputs = open_inputs(adapters); validate_plan(inputs, spec, params)
-    n = sum(1 for _ in iter_merged(inputs, spec, params, progress=False))
+    stored = spec.returns_lowrank(params)
+    n = sum(1 for _ in iter_merged(inputs, spec, params, progress=False, stored_dtype=stored))
     extra = {"modules": n}
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}))
@@ -187,6 +193,12 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--no-peers", action="store_true", help="skip PEFT's add_weighted_adapter (and the mergekit note)"
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every row (the floors too) this many times; print the median wall and the largest peak RSS",
+    )
     args = ap.parse_args(argv)
     if args.hash:
         os.environ["HARNESS_MERGE_HASH"] = args.hash
@@ -205,9 +217,24 @@ def main(argv=None) -> None:
     )
     for a in adapters:  # warm the page cache: every row then reads from memory, the floor too
         (a / "adapter_model.safetensors").read_bytes()
-    floor = run_child("floor", "-", work / "cache", adapters)
+    rep = max(args.repeat, 1)
+
+    def median_of(kind, method, cache_of, extra_args, threads=None):
+        """Run a child ``rep`` times; the median wall, the largest peak RSS, every wall."""
+        runs = [run_child(kind, method, cache_of(), extra_args, threads=threads) for _ in range(rep)]
+        walls = sorted(r["wall"] for r in runs)
+        med = dict(runs[[r["wall"] for r in runs].index(walls[len(walls) // 2])])
+        med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+        med["runs"] = "" if rep == 1 else f"; runs {'/'.join(f'{w:.2f}' for w in walls)} s"
+        return med
+
+    def fresh_cache():
+        return Path(tempfile.mkdtemp(prefix="cache_", dir=work))
+
+    floor = median_of("floor", "-", lambda: work / "cache", adapters)
     print(
-        f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   (load {_load()})"
+        f"{'floor (read all)':24s} {floor['wall']:8.2f} s  {floor['peak_rss_mb']:8.0f} MiB peak RSS   "
+        f"(load {_load()}){floor['runs']}"
     )
     print(
         f"{'method':24s} {'wall':>8s}    {'peak RSS':>8s}      x floor   output  (1-min load average after each)"
@@ -219,27 +246,36 @@ def main(argv=None) -> None:
         spec = methods.get(m)
         kind = "api" if spec.lowrank_on_lora else "stream"
         for t in threads:
-            cache = Path(tempfile.mkdtemp(prefix="cache_", dir=work))
-            r = run_child(kind, m, cache, adapters, threads=t)
+            r = median_of(kind, m, fresh_cache, adapters, threads=t)
             out = (
                 f"LoRA rank {r['rank']}"
                 if kind == "api"
                 else f"{r['modules']} dense deltas (computed, not written)"
             )
             if kind == "api":
-                wf = run_child("write", "-", cache, [r["bytes"]])["wall"]
+                wf = median_of("write", "-", fresh_cache, [r["bytes"]])["wall"]
                 io_floor = floor["wall"] + wf
                 out += f", {r['bytes'] / 2**20:.0f} MiB; I/O floor {io_floor:.2f} s -> {r['wall'] / io_floor:.2f}x"
             label = f"{m} ({t} thread{'s' if t > 1 else ''})"
             print(
                 f"{label:24s} {r['wall']:8.2f} s  {r['peak_rss_mb']:8.0f} MiB  {r['wall'] / floor['wall']:8.2f}x   "
-                f"{out}  (load {_load()})"
+                f"{out}  (load {_load()}){r['runs']}"
             )
         if kind == "api":
-            hit = run_child("api", m, cache, adapters)
+            # the merge itself: no input hashing, cache or write (what is left is the I/O's)
+            t_own = merge_threads(factor_threads())
+            s_ = median_of("stream", m, fresh_cache, adapters, threads=t_own)
+            label = f"{m} (merge only, {t_own}t)"
+            print(
+                f"{label:24s} {s_['wall']:8.2f} s  {s_['peak_rss_mb']:8.0f} MiB  {s_['wall'] / floor['wall']:8.2f}x   "
+                f"computed, not hashed or written  (load {_load()}){s_['runs']}"
+            )
+            cache = fresh_cache()
+            run_child("api", m, cache, adapters)
+            hit = median_of("api", m, lambda c=cache: c, adapters)
             print(
                 f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
-                f"   (load {_load()})"
+                f"   (load {_load()}){hit['runs']}"
             )
         if m in ("ta", "wa") and not args.no_peers:
             shapes = {
