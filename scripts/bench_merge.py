@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,9 +220,16 @@ def main(argv=None) -> None:
         (a / "adapter_model.safetensors").read_bytes()
     rep = max(args.repeat, 1)
 
-    def median_of(kind, method, cache_of, extra_args, threads=None):
-        """Run a child ``rep`` times; the median wall, the largest peak RSS, every wall."""
-        runs = [run_child(kind, method, cache_of(), extra_args, threads=threads) for _ in range(rep)]
+    def median_of(kind, method, cache_of, extra_args, threads=None, keep=False):
+        """Run a child ``rep`` times; the median wall, the largest peak RSS, every wall.
+        Each run's cache folder is removed after it unless ``keep`` (the disk then
+        holds one artifact at a time: a full disk slows every later write)."""
+        runs = []
+        for _ in range(rep):
+            cache = cache_of()
+            runs.append(run_child(kind, method, cache, extra_args, threads=threads))
+            if not keep:
+                shutil.rmtree(cache, ignore_errors=True)
         walls = sorted(r["wall"] for r in runs)
         med = dict(runs[[r["wall"] for r in runs].index(walls[len(walls) // 2])])
         med["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
@@ -272,7 +280,8 @@ def main(argv=None) -> None:
             )
             cache = fresh_cache()
             run_child("api", m, cache, adapters)
-            hit = median_of("api", m, lambda c=cache: c, adapters)
+            hit = median_of("api", m, lambda c=cache: c, adapters, keep=True)
+            shutil.rmtree(cache, ignore_errors=True)
             print(
                 f"{m + ' (cached)':24s} {hit['wall']:8.2f} s  {hit['peak_rss_mb']:8.0f} MiB  {hit['wall'] / floor['wall']:8.2f}x"
                 f"   (load {_load()}){hit['runs']}"
@@ -294,6 +303,8 @@ def main(argv=None) -> None:
             print("mergekit merges full checkpoints only: scripts/bench_checkpoints.py compares with it")
         except ImportError:
             print("mergekit: not installed (optional; not in the main lock) - its comparison is skipped")
+    if not args.workdir:  # the generated adapters too
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
