@@ -63,3 +63,65 @@ def test_prune_magnitude_released_keeps_what_a_sort_keeps(prune):
             t = x.abs().reshape(-1).sort().values[j - 1]  # the j-th smallest magnitude
             want = torch.where(x.abs() >= t, x, 0.0)
         assert torch.equal(prune_magnitude(x, prune, rule="released"), want)
+
+
+def _large_keys():
+    """Keys above the small-array cutoff, as the selection sees them: magnitude bit
+    patterns of float16/bfloat16 (int16) and float32 (int32) factors, with ties,
+    zeros, a sparse array, and arrays built so the strided sample misses."""
+
+    from harness_merge.methods._ops import _sample_step
+
+    g = torch.Generator().manual_seed(3)
+    n = 70001
+    base = {
+        "randn": torch.randn(n, generator=g) * 0.02,
+        "columns of unequal scale": (
+            torch.randn(n // 16 + 1, 16, generator=g) * torch.logspace(-3, 0, 16)
+        ).reshape(-1)[:n],
+        "ties": torch.randint(-3, 4, (n,), generator=g) * 0.5,
+        "zeros": torch.zeros(n),
+        "sparse": torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.1),
+    }
+    for name, x in base.items():
+        for dtype, int_dtype, mask in (
+            (torch.float16, torch.int16, 0x7FFF),
+            (torch.bfloat16, torch.int16, 0x7FFF),
+            (torch.float32, torch.int32, 0x7FFFFFFF),
+        ):
+            keys = x.to(dtype).contiguous().view(int_dtype).numpy() & mask
+            yield f"{name} {dtype}", keys
+            for fill in (0, int(keys.max())):  # every sampled key at one end: the bracket misses
+                bad = keys.copy()
+                bad[:: _sample_step(n)] = fill
+                yield f"{name} {dtype}, sample at {fill}", bad
+
+
+def test_kth_smallest_key_is_the_sorted_value():
+    """Exact on every path (bracket hit, bracket missed either way, counting and
+    partitioning): the oracle is numpy's sort."""
+    from harness_merge.methods._ops import kth_smallest_key
+
+    for name, keys in _large_keys():
+        ordered = sorted(keys.tolist())
+        n = len(ordered)
+        for j in (1, 2, n // 2, int(0.8 * n), n - 1, n):
+            assert kth_smallest_key(keys, j) == ordered[j - 1], (name, j)
+
+
+def test_counting_selection_without_guesses_is_exact():
+    """The counting passes alone (interpolation and bisection from the whole range)."""
+    import numpy as np
+
+    from harness_merge.methods._ops import _smallest_reaching
+
+    rng = np.random.default_rng(0)
+    for keys in (
+        rng.integers(0, 2**15, 9000).astype(np.int16),
+        rng.integers(0, 40, 9000).astype(np.int16),
+        np.sort(rng.integers(0, 2**15, 9000)).astype(np.int16),
+    ):
+        ordered = np.sort(keys)
+        for j in (1, 17, 4500, 8999, 9000):
+            assert _smallest_reaching(keys, j, ()) == ordered[j - 1]
+            assert _smallest_reaching(keys, j, (0, 2**15 - 1, 5)) == ordered[j - 1]
