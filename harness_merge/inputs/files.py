@@ -4,7 +4,6 @@ tensors lazily (safetensors or torch .bin), check values."""
 from __future__ import annotations
 
 import math
-
 import os
 import re
 from pathlib import Path

@@ -82,7 +82,7 @@ def magnitude_mask(
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
-    if flat.device.type == "cpu" and flat.dtype == torch.float32:  # flat = |x|: the radix selection
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:  # flat = |x|: selection on the bit patterns
         return torch.tensor(_kth_largest_nonneg_f32(flat, k), dtype=torch.float32)
     if flat.device.type == "cpu" and flat.dtype == torch.float64:
         return torch.tensor(np.partition(flat.numpy(), n - k)[n - k], dtype=flat.dtype)
