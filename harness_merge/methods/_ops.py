@@ -187,8 +187,7 @@ def kth_largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return torch.kthvalue(x.abs().reshape(-1), n - k + 1).values
     keys = x.contiguous().numpy().reshape(-1).view(np.int32) & 0x7FFFFFFF
-    value = kth_smallest_key(keys, n - k + 1)
-    return torch.from_numpy(np.array([value], dtype=np.int32).view(np.float32)).reshape(())
+    return torch.tensor(_from_pattern(kth_smallest_key(keys, n - k + 1), torch.float32), dtype=torch.float32)
 
 
 def magnitude_mask_released(
@@ -256,7 +255,9 @@ def released_threshold_of(
 
 
 def _from_pattern(pattern: int, dtype: torch.dtype) -> float:
-    """The value of a non-negative float16/bfloat16 bit pattern (exact in float32)."""
+    """The value of a non-negative float16/bfloat16/float32 bit pattern (exact in float32)."""
+    if dtype == torch.float32:
+        return float(np.array(pattern, dtype=np.int32).view(np.float32))
     if dtype == torch.float16:
         return float(np.array(pattern, dtype=np.uint16).view(np.float16))
     return float(np.array(pattern << 16, dtype=np.uint32).view(np.float32))  # bfloat16: the top half
@@ -266,7 +267,7 @@ def _kth_largest_nonneg_f32(mag: torch.Tensor, k: int) -> float:
     """The k-th largest of non-negative float32 ``mag`` (1-based), exactly:
     the bit patterns of non-negative floats order like the values."""
     keys = mag.contiguous().reshape(-1).view(torch.int32).numpy()
-    return float(np.array(kth_smallest_key(keys, keys.size - k + 1), dtype=np.int32).view(np.float32))
+    return _from_pattern(kth_smallest_key(keys, keys.size - k + 1), torch.float32)
 
 
 _SMALL = 4096
@@ -282,7 +283,8 @@ def kth_smallest_key(keys: np.ndarray, j: int) -> int:
     (+-2.5 binomial standard deviations); the exact value comes from the full
     array: 16-bit keys (few distinct values inside a bracket) by counting
     passes ``#(keys <= v)`` - interpolation between the bracket's counts,
-    every other step a bisection, so at most twice the bits - until
+    a bisection after any interpolation that did not halve the interval, so
+    at most about twice the key's bits in passes - until
     ``#(keys <= v - 1) < j <= #(keys <= v)``; 32-bit keys (nearly all
     distinct) by partitioning the bracket's entries. A bracket that misses
     (the sample only steers, it never decides) costs passes, not exactness.
